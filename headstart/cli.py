@@ -1,0 +1,141 @@
+"""The `headstart` command: the front door. Heavy imports happen inside commands, so --help is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from headstart import HeadstartError, __version__
+
+STAGES = ("prepare", "train_head", "evaluate", "export", "register")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except HeadstartError as exc:
+        print(f"headstart: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headstart: interrupted; finished stages keep their artifacts", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="headstart", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"headstart {__version__}")
+    sub = ap.add_subparsers(required=True, metavar="COMMAND")
+
+    def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one param (repeatable)",
+        )
+        return p
+
+    run = with_params(sub.add_parser("run", help="run the training flow (Prefect) end to end"))
+    run.add_argument("--data", help="image folder <class>/<file> (sets prepare.data_dir)")
+    run.set_defaults(func=_run)
+
+    stage = with_params(sub.add_parser("stage", help="run one stage without Prefect (dvc.yaml)"))
+    stage.add_argument("name", choices=STAGES)
+    stage.set_defaults(func=_stage)
+
+    show = with_params(sub.add_parser("params", help="print the resolved params as YAML"))
+    show.set_defaults(func=_params)
+
+    data = sub.add_parser("data", help="built-in data sets").add_subparsers(required=True, metavar="ACTION")
+    pull = data.add_parser("pull", help="materialise a built-in data set as an image folder")
+    pull.add_argument("dataset", choices=("elpv", "lfw"))
+    pull.add_argument("--out", default="data/raw", help="empty or new folder (default data/raw)")
+    pull.add_argument(
+        "--task",
+        default="defect",
+        choices=("defect", "type"),
+        help="elpv only: functional vs defective, or mono vs poly",
+    )
+    pull.add_argument("--per-class", type=int, help="at most N images per class")
+    pull.add_argument("--seed", type=int, default=0, help="which images --per-class picks")
+    pull.set_defaults(func=_pull)
+    return ap
+
+
+def _overrides(args) -> list[str]:
+    return list(args.overrides) + ([f"prepare.data_dir={args.data}"] if getattr(args, "data", None) else [])
+
+
+def _run(args) -> int:
+    from headstart.config import load_params
+    from headstart.data.manifest import preflight
+
+    overrides = _overrides(args)
+    cfg = load_params(args.params, overrides)
+    preflight(cfg.prepare.data_dir, cfg.prepare.extensions)
+    from flows.training import training
+
+    state = training(params_file=args.params, overrides=overrides, return_state=True)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        raise HeadstartError(str(exc) if isinstance(exc, BaseException) else state.message)
+    _summary(state.result())
+    return 0
+
+
+def _summary(r: dict) -> None:
+    reg, ev, ex, th = r["register"], r["evaluate"], r["export"], r["train_head"]
+    art = Path(r["artifacts_dir"])
+    rate, diff = th["extract_images_per_s"], ex["max_abs_logit_diff"]
+    print(f"""
+headstart: done.
+  data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
+  features    {th["features_computed"]} computed{f" at {rate:.1f} img/s" if rate else ""} (rest cached)
+  test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images
+  parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
+  metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
+  onnx        {ex["onnx_path"]}
+  mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})
+  model       {reg["model_uri"]}
+  browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}""")
+
+
+def _stage(args) -> int:
+    import importlib
+
+    from headstart.config import load_params
+
+    cfg = load_params(args.params, _overrides(args))
+    fn = getattr(importlib.import_module(f"tasks.{args.name}"), args.name)
+    print(f"headstart {args.name}: {fn(cfg)}")
+    return 0
+
+
+def _params(args) -> int:
+    import yaml
+
+    from headstart.config import load_params
+
+    cfg = load_params(args.params, _overrides(args))
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _pull(args) -> int:
+    from headstart.data.builtin import pull
+
+    counts = pull(args.dataset, args.out, args.task, args.per_class, args.seed)
+    print(
+        f"headstart: {sum(counts.values())} images into {args.out}: "
+        + ", ".join(f"{c} {n}" for c, n in counts.items())
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Image decoding and the backbone's eval preprocessing, in numpy and Pillow only.
+
+Training, evaluation, export parity and the torch-free runtime all call these functions, so the
+pixels a deployed model sees are computed by the same code that trained it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# A decompression-bomb guard: Pillow warns at ~89 Mpx and raises at twice that; we refuse earlier.
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a backbone expects: the pretrained config, not params.yaml, decides it (as timm does)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    @property
+    def resize_to(self) -> int:
+        return math.floor(self.size / self.crop_pct)  # timm's eval transform
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> InputSpec:
+        d = json.loads(text)
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+def decode(path: str | Path) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied; raises on anything unreadable."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bit, not clip
+            arr = np.asarray(img, dtype=np.float32)
+            img = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1.0))).astype(np.uint8))
+        return img.convert("RGB")
+
+
+def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Resize the shorter side, centre-crop, scale to [0,1], normalise: float32 CHW."""
+    w, h = img.size
+    scale = spec.resize_to / min(w, h)
+    new_w, new_h = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+    img = img.resize((new_w, new_h), _INTERPOLATION[spec.interpolation])
+    left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
+    img = img.crop((left, top, left + spec.size, top + spec.size))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_batch(paths: list[str | Path], spec: InputSpec) -> np.ndarray:
+    """Decode and preprocess a list of images into one NCHW float32 array."""
+    return np.stack([preprocess(decode(p), spec) for p in paths])

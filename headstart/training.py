@@ -1,0 +1,187 @@
+"""The new head, the feature cache and the fit loop: the backbone's forward pass is paid once per image."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from headstart import HeadstartError
+from headstart.atomic import write_bytes
+from headstart.backbones import Backbone, freeze, load_backbone
+from headstart.config import TrainHeadParams
+from headstart.preprocess import InputSpec, load_batch
+
+MODEL_FORMAT = "headstart.model/1"
+
+
+def make_head(num_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(num_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
+
+
+class Classifier(nn.Module):
+    """Frozen feature extractor + trained head: what evaluate measures and export ships."""
+
+    def __init__(self, features: nn.Module, head: nn.Module):
+        super().__init__()
+        self.features, self.head = freeze(features), head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class FeatureCache:
+    """Features on disk, one .npy per image, keyed by the backbone's cache key and the image's sha256."""
+
+    def __init__(self, root: str | Path, key: str):
+        self.dir = Path(root) / "features" / key
+
+    def _path(self, sha: str) -> Path:
+        return self.dir / sha[:2] / f"{sha}.npy"
+
+    def get(self, sha: str) -> np.ndarray | None:
+        path = self._path(sha)
+        if not path.exists():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError):
+            return None  # a damaged entry is recomputed, not trusted
+
+    def put(self, sha: str, vec: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, vec.astype(np.float32), allow_pickle=False)
+        write_bytes(self._path(sha), buf.getvalue())
+
+
+@torch.inference_mode()
+def extract_features(
+    extractor: nn.Module,
+    spec: InputSpec,
+    paths: list[Path],
+    shas: list[str],
+    cache: FeatureCache,
+    batch_size: int = 32,
+    desc: str = "features",
+) -> tuple[np.ndarray, int]:
+    """Features for each image, computing only the ones not cached; returns (features, n_computed)."""
+    found = {s: v for s in dict.fromkeys(shas) if (v := cache.get(s)) is not None}
+    todo = list({s: p for p, s in zip(paths, shas, strict=True) if s not in found}.items())
+    extractor = extractor.to(memory_format=torch.channels_last)
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        tqdm(total=len(todo), desc=desc, unit="img", disable=not todo) as bar,
+    ):
+        # decode the next batch while the backbone runs on this one
+        futures = [pool.submit(load_batch, [p for _, p in b], spec) for b in batches[:1]]
+        for i, batch in enumerate(batches):
+            if i + 1 < len(batches):
+                futures.append(pool.submit(load_batch, [p for _, p in batches[i + 1]], spec))
+            x = torch.from_numpy(futures[i].result()).to(memory_format=torch.channels_last)
+            for (sha, _), vec in zip(batch, extractor(x).float().numpy(), strict=True):
+                cache.put(sha, vec)
+                found[sha] = vec
+            bar.update(len(batch))
+    return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
+
+
+def fit_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    p: TrainHeadParams,
+    seed: int,
+) -> tuple[nn.Sequential, list[dict], int]:
+    """Train the head on cached features; early stopping on validation loss; returns the best head."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    head = make_head(x_train.shape[1], num_classes, p.hidden, p.dropout)
+    opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    xt, yt = torch.tensor(x_train), torch.tensor(y_train).long()
+    xv, yv = (torch.tensor(x_val), torch.tensor(y_val).long()) if len(y_val) else (xt, yt)
+    history, best, best_state, best_epoch, waited = [], float("inf"), None, 0, 0
+    for epoch in (bar := tqdm(range(1, p.max_epochs + 1), desc="train_head", unit="epoch")):
+        head.train()
+        order, total = torch.randperm(len(yt), generator=gen), 0.0
+        for i in range(0, len(yt), p.batch_size):
+            idx = order[i : i + p.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(head(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        val_loss, val_acc = _score(head, xv, yv, loss_fn)
+        history.append(
+            {"epoch": epoch, "train_loss": total / len(yt), "val_loss": val_loss, "val_accuracy": val_acc}
+        )
+        bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}", refresh=False)
+        if val_loss < best - 1e-6:
+            best, best_epoch, waited = val_loss, epoch, 0
+            best_state = {k: v.clone() for k, v in head.state_dict().items()}
+        elif (waited := waited + 1) >= p.patience:
+            break
+    head.load_state_dict(best_state)
+    return head.eval(), history, best_epoch
+
+
+@torch.no_grad()
+def _score(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float]:
+    head.eval()
+    logits = head(x)
+    return loss_fn(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def save_model(
+    path: str | Path, backbone: Backbone, head: nn.Sequential, classes: list[str], p: TrainHeadParams
+) -> None:
+    """A small, safe checkpoint: the head's tensors plus the names needed to rebuild the backbone."""
+    state = {
+        "format": MODEL_FORMAT,
+        "backbone": backbone.name,
+        "weights": str(p.weights) if p.weights else "",
+        "weights_sha256": backbone.weights_sha256,
+        "spec": backbone.spec.to_json(),
+        "classes": list(classes),
+        "hidden": p.hidden,
+        "dropout": p.dropout,
+        "head": head.state_dict(),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(path, buf.getvalue())
+
+
+@dataclass
+class TrainedModel:
+    classifier: Classifier
+    backbone: Backbone
+    classes: list[str]
+
+
+def load_model(path: str | Path) -> TrainedModel:
+    """Rebuild the classifier from save_model's file (weights_only: nothing is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadstartError(f"model file {path} does not exist; run the train_head stage first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise HeadstartError(f"{path}: not a headstart model file")
+    backbone = load_backbone(state["backbone"], state["weights"] or None, state["weights_sha256"])
+    if backbone.weights_sha256 != state["weights_sha256"]:
+        raise HeadstartError(f"{path}: backbone weights changed since training")
+    head = make_head(backbone.num_features, len(state["classes"]), state["hidden"], state["dropout"])
+    head.load_state_dict(state["head"])
+    classifier = Classifier(backbone.feature_extractor(), head.eval()).eval()
+    return TrainedModel(classifier, backbone, list(state["classes"]))

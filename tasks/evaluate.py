@@ -1,0 +1,63 @@
+"""evaluate: test-set metrics of the trained model, a confusion matrix (PNG and DVC plot data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from headstart import HeadstartError
+from headstart.atomic import directory, write_bytes, write_json
+from headstart.config import Params
+from headstart.metrics import classification_metrics, confusion_png
+from headstart.training import FeatureCache, extract_features, load_model
+from tasks import _inputs
+
+
+@dataclass
+class EvaluateResult:
+    accuracy: float
+    macro_f1: float
+    n_test: int
+
+
+def evaluate(cfg: Params) -> EvaluateResult:
+    model = load_model(_inputs.stage_file(cfg, "train_head", "model.pt"))
+    rows, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "test")
+    if rows.empty:
+        raise HeadstartError("the test split is empty; add images or raise prepare.test_fraction")
+    cache = FeatureCache(cfg.project.cache_dir, model.backbone.cache_key)
+    # the backbone is frozen, so its cached features + the head = the full model's logits
+    x, _ = extract_features(
+        model.classifier.features,
+        model.backbone.spec,
+        paths,
+        list(rows["sha256"]),
+        cache,
+        cfg.evaluate.batch_size,
+        "features (test)",
+    )
+    with torch.no_grad():
+        probs = model.classifier.head(torch.from_numpy(x)).softmax(1).numpy()
+    y_true = rows["label"].map(model.classes.index).to_numpy()
+    y_pred = probs.argmax(1)
+    m = classification_metrics(y_true, y_pred, model.classes)
+    predictions = pd.DataFrame(
+        {
+            "path": rows["path"],
+            "actual": rows["label"],
+            "predicted": [model.classes[i] for i in y_pred],
+            "confidence": probs.max(1).round(6),
+        }
+    )
+    with directory(cfg.stage_dir("evaluate")) as out:
+        write_json(out / "metrics.json", {k: v for k, v in m.items() if k != "confusion_matrix"})
+        write_json(out / "confusion.json", {"classes": model.classes, "matrix": m["confusion_matrix"]})
+        write_bytes(
+            out / "confusion.png",
+            confusion_png(np.array(m["confusion_matrix"]), model.classes, "test confusion matrix"),
+        )
+        predictions.to_csv(out / "predictions.csv", index=False)
+    return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"])

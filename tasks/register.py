@@ -1,0 +1,76 @@
+"""register: one MLflow run holding the pipeline's params, metrics, reports and the registered ONNX."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+
+from headstart import HeadstartError
+from headstart.atomic import write_json
+from headstart.config import Params
+from tasks import _inputs
+
+
+@dataclass
+class RegisterResult:
+    run_id: str
+    model_name: str
+    model_version: str
+    model_uri: str
+    tracking_uri: str
+    experiment_id: str
+
+
+def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
+    from headstart.tracking import log_pipeline_run
+
+    parity = _inputs.read_json(cfg, "export", "parity.json")
+    if not parity.get("passed"):
+        raise HeadstartError("export parity did not pass; refusing to register the model")
+    prepare = _inputs.read_json(cfg, "prepare", "report.json")
+    train = _inputs.read_json(cfg, "train_head", "metrics.json")
+    test = _inputs.read_json(cfg, "evaluate", "metrics.json")
+    metrics = {
+        "n_images": prepare["n_images"],
+        "n_skipped": prepare["n_skipped"],
+        **{f"train_head.{k}": v for k, v in train.items() if isinstance(v, int | float)},
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        **{f"test_recall.{c}": v["recall"] for c, v in test["per_class"].items()},
+        "export.max_abs_logit_diff": parity["max_abs_logit_diff"],
+        "export.top1_agreement": parity["top1_agreement"],
+    }
+    all_tags = {
+        "data_hash": prepare["data_hash"],
+        "git_commit": _git_commit(),
+        "backbone": cfg.train_head.backbone,
+        **(tags or {}),
+    }
+    root = cfg.project.artifacts_dir
+    artifacts = {stage: root / stage for stage in ("prepare", "train_head", "evaluate")}
+    artifacts["export"] = root / "export" / "parity.json"
+    ids = log_pipeline_run(
+        cfg, metrics, artifacts, root / "export" / "model.onnx", all_tags, _runtime_requirements()
+    )
+    write_json(cfg.stage_dir("register") / "run.json", ids)
+    return RegisterResult(**ids)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+
+
+def _runtime_requirements() -> list[str]:
+    """What serving the ONNX model needs (headstart.runtime): pinned to what produced it."""
+    return [f"{name}=={metadata.version(name)}" for name in ("onnxruntime-gpu", "numpy", "pillow")]

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny images made in tmp_path, a tiny timm backbone with weights in a local file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart.config import Params, load_params
+
+TINY_BACKBONE = "test_efficientnet"  # timm's 0.36M-parameter test network, 160 px input
+
+# one distinct colour per class, so that even a random backbone separates them
+COLOURS = [(200, 40, 40), (40, 180, 60), (40, 60, 200), (200, 200, 40)]
+
+
+def make_image(path: Path, colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (40, 32)):
+    """A small RGB image: a class colour plus seeded noise (so every file has its own hash)."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def make_folder(root: Path, per_class: int = 12, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            make_image(root / name / f"{name}_{i:03d}.png", COLOURS[c], seed=1000 * c + i)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> tuple[Path, str]:
+    """Seeded random weights for the tiny backbone, saved as a plain state_dict file."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_BACKBONE, pretrained=False)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tiny_overrides(root: Path, data: Path, weights: tuple[Path, str]) -> list[str]:
+    """Params for a fast pipeline in `root`: tiny backbone, few epochs, MLflow in root."""
+    return [
+        f"project.artifacts_dir={root / 'artifacts'}",
+        f"project.cache_dir={root / 'cache'}",
+        f"prepare.data_dir={data}",
+        f"train_head.backbone={TINY_BACKBONE}",
+        f"train_head.weights={weights[0]}",
+        f"train_head.weights_sha256={weights[1]}",
+        "train_head.max_epochs=60",
+        "train_head.patience=10",
+        "train_head.lr=0.02",  # the random tiny backbone's features are ~1e-3 in scale
+        "train_head.hidden=32",
+        "export.opset=18",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        f"mlflow.artifact_location={root / 'mlruns'}",
+        "register.model_name=tiny",
+    ]
+
+
+@pytest.fixture
+def tiny_params(tmp_path, image_folder, tiny_weights) -> Params:
+    return load_params(None, tiny_overrides(tmp_path, image_folder, tiny_weights))
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_mlflow(monkeypatch):
+    """A developer's MLFLOW_TRACKING_URI never receives test runs, and no test leaks one to the next."""
+    import os
+    import sys
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

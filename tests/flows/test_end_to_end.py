@@ -1,0 +1,135 @@
+"""The training flow under Prefect and the same pipeline under `dvc repro`, on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_folder, make_image, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _write_params(path: Path, overrides: list[str]) -> Path:
+    from headstart.config import load_params
+
+    raw = load_params(None, overrides).model_dump(mode="json")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory, tiny_weights, prefect_harness):
+    from flows.training import training
+
+    root = tmp_path_factory.mktemp("flow")
+    data = make_folder(root / "data", per_class=12)
+    params = _write_params(root / "params.yaml", tiny_overrides(root, data, tiny_weights))
+    return root, params, training(params_file=str(params))
+
+
+def test_flow_runs_every_stage_and_tags_the_mlflow_run(flow_run):
+    import mlflow
+
+    root, _, result = flow_run
+    assert set(result) >= {"prepare", "train_head", "evaluate", "export", "register"}
+    assert result["export"]["top1_agreement"] == 1.0
+    run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(result["register"]["run_id"])
+    assert run.data.tags["prefect.flow_run_id"] not in ("", "None")
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result["evaluate"]["accuracy"])
+
+
+def test_flow_again_reuses_cached_features_and_registers_a_new_version(flow_run):
+    from flows.training import training
+
+    _, params, first = flow_run
+    second = training(params_file=str(params))
+    assert second["train_head"]["features_computed"] == 0
+    assert int(second["register"]["model_version"]) == int(first["register"]["model_version"]) + 1
+    assert second["evaluate"] == first["evaluate"]  # same data, same params, same seed
+
+
+def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([Path(sys.executable).parent / "dvc", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory, tiny_weights, flow_run):
+    """A copy of the project with the flow test's data and params, as a git + DVC repository."""
+    proj = tmp_path_factory.mktemp("dvcproj")
+    for name in ("headstart", "tasks", "flows"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", proj)
+    (proj / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", proj / ".dvc")
+    shutil.copy(ROOT / ".dvc" / ".gitignore", proj / ".dvc")
+    flow_root = flow_run[0]
+    shutil.copytree(flow_root / "data", proj / "data" / "raw")
+    overrides = tiny_overrides(Path("."), Path("data/raw"), tiny_weights)
+    overrides = [o.replace("sqlite:///./", "sqlite:///") for o in overrides]
+    _write_params(proj / "params.yaml", overrides)
+    _git(proj, "init", "-q")
+    _git(proj, "add", "-A")
+    _git(proj, "commit", "-qm", "init")
+    first = _dvc(proj, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    return proj, first
+
+
+def test_dvc_repro_produces_the_flows_artifacts(dvc_project, flow_run):
+    proj, _ = dvc_project
+    flow_root = flow_run[0]
+    for stage, name in (("evaluate", "metrics.json"), ("evaluate", "confusion.json"),
+                        ("prepare", "report.json")):
+        ours = json.loads((proj / "artifacts" / stage / name).read_text())
+        theirs = json.loads((flow_root / "artifacts" / stage / name).read_text())
+        if stage == "prepare":  # the data folder's path differs, nothing else
+            ours.pop("data_dir"), theirs.pop("data_dir")
+        assert ours == theirs, f"{stage}/{name} differs between dvc repro and the Prefect flow"
+    assert (proj / "artifacts" / "export" / "model.onnx").exists()
+    assert json.loads((proj / "artifacts" / "register" / "run.json").read_text())["model_version"] == "1"
+
+
+def test_second_dvc_repro_does_no_work(dvc_project):
+    proj, _ = dvc_project
+    again = _dvc(proj, "repro")
+    assert again.returncode == 0, again.stderr
+    assert "Running stage" not in again.stdout
+    assert "up to date" in again.stdout
+
+
+def test_dvc_metrics_show_and_params_diff(dvc_project):
+    proj, _ = dvc_project
+    shown = _dvc(proj, "metrics", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert "accuracy" in shown.stdout and "top1_agreement" in shown.stdout
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train_head"]["hidden"] = 16
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    diff = _dvc(proj, "params", "diff")
+    assert diff.returncode == 0, diff.stderr
+    assert "train_head.hidden" in diff.stdout and "16" in diff.stdout
+    status = _dvc(proj, "status")
+    assert "train_head" in status.stdout and "prepare" not in status.stdout.split("train_head")[0]
+
+
+def test_dvc_repro_after_adding_an_image_reruns_from_prepare(dvc_project):
+    proj, _ = dvc_project
+    make_image(proj / "data" / "raw" / "cat" / "new.png", (200, 40, 40), seed=999)
+    status = _dvc(proj, "status")
+    assert "prepare" in status.stdout

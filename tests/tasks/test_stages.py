@@ -1,0 +1,155 @@
+"""Each stage on a few tiny images in tmp_path, in pipeline order, plus its failure modes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from headstart import HeadstartError
+from headstart.config import load_params
+from tasks.evaluate import evaluate
+from tasks.export import export
+from tasks.prepare import prepare
+from tasks.register import register
+from tasks.train_head import train_head
+from tests.conftest import make_folder, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_weights):
+    """Run every stage once; the tests below read what they wrote."""
+    root = tmp_path_factory.mktemp("stages")
+    data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
+    (data / "cat" / "broken.png").write_bytes(b"not an image")
+    cfg = load_params(None, tiny_overrides(root, data, tiny_weights))
+    results = {"prepare": prepare(cfg), "train_head": train_head(cfg), "evaluate": evaluate(cfg)}
+    results["export"] = export(cfg)
+    results["register"] = register(cfg, tags={"origin": "test"})
+    return cfg, results
+
+
+def test_prepare_writes_manifest_and_lists_the_unreadable_file(pipeline):
+    cfg, r = pipeline
+    out = cfg.stage_dir("prepare")
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert r["prepare"].n_images == len(manifest) == 42
+    assert set(manifest.columns) >= {"path", "label", "sha256", "width", "height", "mode", "bytes", "split"}
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert list(skipped["path"]) == ["cat/broken.png"]
+    assert "not a readable image" in skipped["reason"][0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes"] == ["cat", "dog", "owl"] and report["data_hash"] == r["prepare"].data_hash
+
+
+def test_train_head_writes_model_history_metrics(pipeline):
+    cfg, r = pipeline
+    out = cfg.stage_dir("train_head")
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert (out / "model.pt").stat().st_size > 0
+    assert metrics["n_train"] + metrics["n_val"] + r["evaluate"].n_test == 42
+    assert metrics["features_computed"] == metrics["n_train"] + metrics["n_val"]
+    assert len(history) == metrics["epochs_run"] and 1 <= metrics["best_epoch"] <= len(history)
+    assert metrics["val_accuracy"] >= 0.9  # class colours are trivially separable
+
+
+def test_train_head_again_uses_the_feature_cache(pipeline):
+    cfg, _ = pipeline
+    assert train_head(cfg).features_computed == 0
+
+
+def test_evaluate_metrics_and_confusion(pipeline):
+    cfg, r = pipeline
+    out = cfg.stage_dir("evaluate")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] == r["evaluate"].accuracy >= 0.9
+    assert set(metrics["per_class"]) == {"cat", "dog", "owl"}
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    cm = json.loads((out / "confusion.json").read_text())["matrix"]
+    assert sum(map(sum, cm)) == metrics["n"]
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == metrics["n"] and set(preds.columns) >= {"path", "actual", "predicted"}
+
+
+def test_export_parity_on_real_test_images(pipeline):
+    cfg, r = pipeline
+    parity = json.loads((cfg.stage_dir("export") / "parity.json").read_text())
+    assert parity["passed"] and parity["top1_agreement"] == 1.0
+    assert parity["max_abs_logit_diff"] < 1e-3 and parity["n_images"] == r["evaluate"].n_test
+    assert "CPUExecutionProvider" in parity["providers"]
+
+
+def test_register_logs_one_run_with_everything(pipeline):
+    import mlflow
+
+    cfg, r = pipeline
+    reg = r["register"]
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(reg.run_id)
+    assert run.data.params["train_head.backbone"] == "test_efficientnet"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(r["evaluate"].accuracy)
+    assert run.data.metrics["export.top1_agreement"] == 1.0
+    assert run.data.tags["origin"] == "test" and run.data.tags["data_hash"] == r["prepare"].data_hash
+    artifacts = {a.path for a in client.list_artifacts(reg.run_id, "evaluate")}
+    assert "evaluate/confusion.png" in artifacts
+    version = client.get_model_version("tiny", reg.model_version)
+    assert version.run_id == reg.run_id
+    run_json = json.loads((cfg.stage_dir("register") / "run.json").read_text())
+    assert run_json["model_uri"] == "models:/tiny/1"
+
+
+def test_registered_model_loads_and_predicts(pipeline):
+    import mlflow.onnx
+
+    from headstart.runtime import Predictor
+
+    cfg, r = pipeline
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    proto = mlflow.onnx.load_model(r["register"].model_uri)
+    mlflow.set_tracking_uri(None)
+    path = cfg.project.artifacts_dir.parent / "from_registry.onnx"
+    path.write_bytes(proto.SerializeToString())
+    probs = Predictor(path).predict([cfg.prepare.data_dir / "dog" / "dog_000.png"])
+    assert probs.shape == (1, 3) and probs[0].argmax() == 1
+
+
+def test_no_temporary_folders_left(pipeline):
+    cfg, _ = pipeline
+    leftovers = [p.name for p in cfg.project.artifacts_dir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_failed_parity_gate_stops_registration(pipeline, tmp_path):
+    cfg, _ = pipeline
+    strict = cfg.model_copy(update={"export": cfg.export.model_copy(update={"max_abs_diff": 1e-30})})
+    with pytest.raises(HeadstartError, match="parity failed"):
+        export(strict)
+    assert json.loads((cfg.stage_dir("export") / "parity.json").read_text())["passed"] is False
+    with pytest.raises(HeadstartError, match="refusing to register"):
+        register(cfg)
+    export(cfg)  # leave the module's artifacts as they were
+
+
+def test_stage_before_its_inputs_names_the_missing_file(tiny_params):
+    with pytest.raises(HeadstartError, match="run the prepare stage first"):
+        train_head(tiny_params)
+
+
+def test_prepare_on_bad_folders(tmp_path, tiny_params):
+    def with_data(path):
+        return tiny_params.model_copy(
+            update={"prepare": tiny_params.prepare.model_copy(update={"data_dir": path})}
+        )
+
+    with pytest.raises(HeadstartError, match="does not exist"):
+        prepare(with_data(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HeadstartError, match="no readable images"):
+        prepare(with_data(tmp_path / "empty"))
+    one = make_folder(tmp_path / "one", per_class=3, classes=("cat",))
+    with pytest.raises(HeadstartError, match="one class"):
+        prepare(with_data(one))
+    assert not tiny_params.stage_dir("prepare").exists()  # nothing half-written

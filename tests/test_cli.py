@@ -1,0 +1,77 @@
+"""The front door: --help stays light, bad input gives one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from headstart.cli import main
+from tests.conftest import make_folder
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "headstart.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_does_not_import_torch_or_prefect():
+    code = ("import sys; from headstart.cli import _parser; _parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "one_class", "only_text"])
+def test_run_on_a_bad_data_folder_fails_in_one_line(tmp_path, layout):
+    data = tmp_path / "data"
+    if layout == "empty":
+        data.mkdir()
+    elif layout == "one_class":
+        make_folder(data, per_class=3, classes=("cat",))
+    elif layout == "only_text":
+        (data / "cat").mkdir(parents=True)
+        (data / "cat" / "notes.txt").write_text("hello")
+    out = _run("run", "--data", str(data), "--set", f"project.artifacts_dir={tmp_path / 'art'}")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("headstart: error:") and str(data) in lines[0]
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "art").exists()
+
+
+def test_bad_param_names_the_key(capsys):
+    assert main(["params", "--set", "train_head.lrr=0.1"]) == 2
+    assert "train_head.lrr: unknown key" in capsys.readouterr().err
+    assert main(["params", "--set", "train_head.hidden=-3"]) == 2
+    assert "train_head.hidden" in capsys.readouterr().err
+
+
+def test_params_prints_resolved_overrides(capsys):
+    assert main(["params", "--set", "train_head.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+
+
+def test_missing_params_file_is_named(capsys, tmp_path):
+    assert main(["params", "--params", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml does not exist" in capsys.readouterr().err
+
+
+def test_data_pull_then_stage_prepare(tmp_path, capsys):
+    out = tmp_path / "lfw"
+    assert main(["data", "pull", "lfw", "--out", str(out), "--per-class", "4"]) == 0
+    assert "8 images" in capsys.readouterr().out
+    (out / "face" / "broken.png").write_bytes(b"")
+    art = tmp_path / "art"
+    assert main(["stage", "prepare", "--set", f"prepare.data_dir={out}",
+                 "--set", f"project.artifacts_dir={art}"]) == 0
+    printed = capsys.readouterr().out
+    assert "broken.png: empty file" in printed and (art / "prepare" / "manifest.parquet").exists()
+    assert main(["data", "pull", "lfw", "--out", str(out)]) == 2  # not empty any more
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_stage_without_inputs_fails_cleanly(tmp_path, capsys):
+    assert main(["stage", "evaluate", "--set", f"project.artifacts_dir={tmp_path}"]) == 2
+    assert "run the train_head stage first" in capsys.readouterr().err

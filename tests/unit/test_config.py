@@ -1,0 +1,135 @@
+"""headstart.config: defaults, params.yaml, overrides and the errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from headstart import HeadstartError
+from headstart.config import Params, flatten, load_params
+
+REPO_PARAMS = Path(__file__).parents[2] / "params.yaml"
+
+
+def test_defaults_load_without_a_file():
+    params = load_params(None)
+    assert params == Params()
+    assert params.train_head.backbone == "efficientnet_lite0"
+    assert params.prepare.val_fraction == pytest.approx(0.15)
+    assert params.stage_dir("prepare") == Path("artifacts") / "prepare"
+
+
+def test_repo_params_yaml_loads():
+    assert REPO_PARAMS.is_file()
+    params = load_params(REPO_PARAMS)
+    assert params.train_head.lr == pytest.approx(1e-3)
+    assert params.export.opset >= 17
+    assert params.project.seed == 0
+    assert ".png" in params.prepare.extensions
+
+
+def test_override_parses_float():
+    params = load_params(None, ["train_head.lr=0.01"])
+    assert isinstance(params.train_head.lr, float)
+    assert params.train_head.lr == pytest.approx(0.01)
+
+
+def test_override_scientific_notation_and_null():
+    params = load_params(None, ["train_head.lr=1e-2", "train_head.weights="])
+    assert params.train_head.lr == pytest.approx(0.01)
+    assert params.train_head.weights is None
+
+
+def test_override_wins_over_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train_head:\n  hidden: 64\n")
+    params = load_params(f, ["train_head.hidden=8"])
+    assert params.train_head.hidden == 8
+    assert load_params(f).train_head.hidden == 64
+
+
+def test_unknown_section_raises():
+    with pytest.raises(HeadstartError, match="trian_head"):
+        load_params(None, ["trian_head.lr=0.1"])
+
+
+def test_unknown_key_raises_with_key_name():
+    with pytest.raises(HeadstartError, match=r"train_head\.lrr") as exc:
+        load_params(None, ["train_head.lrr=1"])
+    assert "unknown key" in str(exc.value)
+
+
+def test_unknown_key_in_file_raises_with_key_name(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("prepare:\n  data_dri: x\n")
+    with pytest.raises(HeadstartError, match=r"prepare\.data_dri"):
+        load_params(f)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train_head.hidden=-1", "train_head.hidden"),
+        ("train_head.hidden=0", "train_head.hidden"),
+        ("prepare.test_fraction=abc", "prepare.test_fraction"),
+        ("train_head.dropout=1.5", "train_head.dropout"),
+        ("export.opset=12", "export.opset"),
+    ],
+)
+def test_bad_value_raises_with_key_name(override, key):
+    with pytest.raises(HeadstartError) as exc:
+        load_params(None, [override])
+    assert key in str(exc.value)
+
+
+@pytest.mark.parametrize("override", ["train_head.lr", "train_head", "lr=0.1", ".lr=0.1", "a.b.c=1"])
+def test_malformed_override_raises(override):
+    with pytest.raises(HeadstartError, match="section.key=value"):
+        load_params(None, [override])
+
+
+def test_val_plus_test_fractions_too_large():
+    with pytest.raises(HeadstartError, match="test_fraction"):
+        load_params(None, ["prepare.val_fraction=0.5", "prepare.test_fraction=0.45"])
+    # just below the limit is fine
+    params = load_params(None, ["prepare.val_fraction=0.4", "prepare.test_fraction=0.45"])
+    assert params.prepare.test_fraction == pytest.approx(0.45)
+
+
+def test_missing_explicit_params_file_raises(tmp_path):
+    with pytest.raises(HeadstartError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_raises(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train_head: [unclosed\n")
+    with pytest.raises(HeadstartError, match="not valid YAML"):
+        load_params(f)
+
+
+def test_non_mapping_yaml_raises(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(HeadstartError, match="mapping"):
+        load_params(f)
+
+
+def test_params_are_frozen():
+    params = load_params(None)
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError on frozen models
+        params.train_head.lr = 1.0
+
+
+def test_flatten_gives_section_dot_key():
+    flat = flatten(load_params(None, ["train_head.lr=0.01"]))
+    assert all(k.count(".") == 1 for k in flat)
+    assert flat["train_head.lr"] == "0.01"
+    assert flat["project.seed"] == "0"
+    assert flat["register.model_name"] == "headstart-demo"
+    assert all(isinstance(v, str) for v in flat.values())
+    sections = {k.split(".")[0] for k in flat}
+    assert sections == set(Params.model_fields)
+    n_keys = sum(len(type(getattr(Params(), s)).model_fields) for s in Params.model_fields)
+    assert len(flat) == n_keys
