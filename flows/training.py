@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from headstart import HeadstartError
 from headstart.config import load_params
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.prepare import prepare
 from tasks.register import register
 from tasks.train_head import train_head
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """A HeadstartError (bad data, bad params, a failed gate) is logged as its message, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HeadstartError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_NoTracebackForUserErrors())
 
 
 def _stage(fn):

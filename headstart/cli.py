@@ -92,10 +92,11 @@ def _summary(r: dict) -> None:
     reg, ev, ex, th = r["register"], r["evaluate"], r["export"], r["train_head"]
     art = Path(r["artifacts_dir"])
     rate, diff = th["extract_images_per_s"], ex["max_abs_logit_diff"]
+    speed = f" at {rate:.1f} img/s" if rate else ""
     print(f"""
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
-  features    {th["features_computed"]} computed{f" at {rate:.1f} img/s" if rate else ""} (rest cached)
+  features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
   test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})

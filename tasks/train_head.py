@@ -20,6 +20,7 @@ class TrainHeadResult:
     best_epoch: int
     val_accuracy: float
     features_computed: int
+    features_cached: int
     extract_images_per_s: float | None
 
 
@@ -66,4 +67,4 @@ def train_head(cfg: Params) -> TrainHeadResult:
         save_model(out / "model.pt", backbone, head, classes, p)
         write_json(out / "history.json", history)
         write_json(out / "metrics.json", metrics)
-    return TrainHeadResult(best_epoch, best["val_accuracy"], computed, rate)
+    return TrainHeadResult(best_epoch, best["val_accuracy"], computed, metrics["features_cached"], rate)

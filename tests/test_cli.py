@@ -12,13 +12,16 @@ from tests.conftest import make_folder
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "headstart.cli", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "headstart.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_does_not_import_torch_or_prefect():
-    code = ("import sys; from headstart.cli import _parser; _parser().format_help(); "
-            "print(sorted(m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules))")
+    code = (
+        "import sys; from headstart.cli import _parser; _parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]"
 
@@ -64,8 +67,12 @@ def test_data_pull_then_stage_prepare(tmp_path, capsys):
     assert "8 images" in capsys.readouterr().out
     (out / "face" / "broken.png").write_bytes(b"")
     art = tmp_path / "art"
-    assert main(["stage", "prepare", "--set", f"prepare.data_dir={out}",
-                 "--set", f"project.artifacts_dir={art}"]) == 0
+    assert (
+        main(
+            ["stage", "prepare", "--set", f"prepare.data_dir={out}", "--set", f"project.artifacts_dir={art}"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "broken.png: empty file" in printed and (art / "prepare" / "manifest.parquet").exists()
     assert main(["data", "pull", "lfw", "--out", str(out)]) == 2  # not empty any more

@@ -57,15 +57,41 @@ def test_flow_again_reuses_cached_features_and_registers_a_new_version(flow_run)
     assert second["evaluate"] == first["evaluate"]  # same data, same params, same seed
 
 
+def test_flow_stops_before_register_when_the_parity_gate_fails(flow_run, caplog):
+    from flows.training import training
+    from headstart import HeadstartError
+
+    root, params, _ = flow_run
+    art = root / "failing"
+    state = training(
+        params_file=str(params),
+        return_state=True,
+        overrides=[f"project.artifacts_dir={art}", "export.max_abs_diff=1e-30"],
+    )
+    assert state.is_failed()
+    assert isinstance(state.result(raise_on_failure=False), HeadstartError)
+    assert not (art / "register").exists()
+    assert json.loads((art / "export" / "parity.json").read_text())["passed"] is False
+    assert "parity failed" in caplog.text  # the failure is logged...
+    assert "Traceback" not in caplog.text  # ...as a message, not a crash
+
+
 def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([Path(sys.executable).parent / "dvc", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [Path(sys.executable).parent / "dvc", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +120,11 @@ def dvc_project(tmp_path_factory, tiny_weights, flow_run):
 def test_dvc_repro_produces_the_flows_artifacts(dvc_project, flow_run):
     proj, _ = dvc_project
     flow_root = flow_run[0]
-    for stage, name in (("evaluate", "metrics.json"), ("evaluate", "confusion.json"),
-                        ("prepare", "report.json")):
+    for stage, name in (
+        ("evaluate", "metrics.json"),
+        ("evaluate", "confusion.json"),
+        ("prepare", "report.json"),
+    ):
         ours = json.loads((proj / "artifacts" / stage / name).read_text())
         theirs = json.loads((flow_root / "artifacts" / stage / name).read_text())
         if stage == "prepare":  # the data folder's path differs, nothing else
