@@ -88,8 +88,8 @@ def load_backbone(
     name: str, weights: str | Path | None = None, weights_sha256: str | None = None
 ) -> Backbone:
     """Build a backbone by registry name, timm name or `tv/<torchvision name>`, with its weights."""
-    if name in BUILTIN and weights is None:
-        return _builtin(name)
+    if name in BUILTIN:
+        return _builtin(name, weights, weights_sha256)
     if name.startswith("tv/"):
         return _torchvision(name, weights, weights_sha256)
     return _timm(name, weights, weights_sha256)
@@ -102,22 +102,26 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _builtin(name: str) -> Backbone:
+def _builtin(name: str, weights: str | Path | None, sha: str | None) -> Backbone:
+    """timm's architecture; the packaged weights (or a file in the same layout), mapped in order."""
     import timm
 
-    arch, package, sha = BUILTIN[name]
-    files = sorted((resources.files(package) / "models").glob("*.pth"))
-    if not files:
-        raise HeadstartError(f"backbone {name}: no weights file in package {package}")
-    source = load_state_dict(Path(str(files[0])), sha)
+    arch, package, packaged_sha = BUILTIN[name]
+    if weights is None:
+        files = sorted((resources.files(package) / "models").glob("*.pth"))
+        if not files:
+            raise HeadstartError(f"backbone {name}: no weights file in package {package}")
+        weights, sha = Path(str(files[0])), packaged_sha
+    source = load_state_dict(weights, sha)
     model = timm.create_model(arch, pretrained=False)
     target = model.state_dict()
     if len(source) != len(target) or any(
         s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)
     ):
-        raise HeadstartError(f"backbone {name}: weights in {package} do not match timm's {arch}")
+        raise HeadstartError(f"backbone {name}: weights {weights} do not match timm's {arch}")
     model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)))
-    return Backbone(name, freeze(model), _timm_spec(model), model.num_features, sha)
+    digest = sha or sha256_file(weights)
+    return Backbone(name, freeze(model), _timm_spec(model), model.num_features, digest)
 
 
 def _timm(name: str, weights: str | Path | None, sha: str | None) -> Backbone:

@@ -53,9 +53,10 @@ def decode(path: str | Path) -> Image.Image:
     """Open an image file as RGB with its EXIF orientation applied; raises on anything unreadable."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bit, not clip
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: rescale, not clip
             arr = np.asarray(img, dtype=np.float32)
-            img = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1.0))).astype(np.uint8))
+            arr = arr - arr.min()
+            img = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1e-12))).astype(np.uint8))
         return img.convert("RGB")
 
 

@@ -132,6 +132,8 @@ def fit_head(
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
         elif (waited := waited + 1) >= p.patience:
             break
+    if best_state is None:
+        raise HeadstartError("train_head diverged: the validation loss was never finite; lower train_head.lr")
     head.load_state_dict(best_state)
     return head.eval(), history, best_epoch
 
@@ -175,7 +177,10 @@ def load_model(path: str | Path) -> TrainedModel:
     path = Path(path)
     if not path.is_file():
         raise HeadstartError(f"model file {path} does not exist; run the train_head stage first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise HeadstartError(f"{path}: not a headstart model file ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise HeadstartError(f"{path}: not a headstart model file")
     backbone = load_backbone(state["backbone"], state["weights"] or None, state["weights_sha256"])

@@ -115,9 +115,9 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
             continue
         for name, fraction in (("test", test_fraction), ("val", val_fraction)):
             if fraction > 0 and not (split[idx] == name).any():
-                train = [i for i in idx if split[i] == "train"]
-                if len(train) > 1:
-                    split[min(train, key=lambda i: u[i])] = name
+                train = {manifest.at[i, "sha256"]: u[i] for i in idx if split[i] == "train"}
+                if len(train) > 1:  # lend by content, so every copy of a file moves together
+                    split[manifest["sha256"] == min(train, key=train.get)] = name
     return split
 
 
@@ -143,7 +143,9 @@ def preflight(root: str | Path, extensions: list[str]) -> dict[str, int]:
         )
     exts = {e.lower() for e in extensions}
     counts = {
-        d.name: sum(1 for f in d.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+        d.name: sum(
+            1 for f in d.rglob("*") if f.is_file() and f.suffix.lower() in exts and not f.name.startswith(".")
+        )
         for d in root.iterdir()
         if d.is_dir() and not d.name.startswith(".")
     }

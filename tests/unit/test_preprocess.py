@@ -123,3 +123,13 @@ def test_load_batch_stacks(tmp_path):
     batch = load_batch(paths, SPEC)
     assert batch.shape == (3, 3, 64, 64) and batch.dtype == np.float32
     assert batch[0, 0, 0, 0] < batch[1, 0, 0, 0] < batch[2, 0, 0, 0]
+
+
+def test_decode_float_image_with_negative_values_is_rescaled(tmp_path):
+    arr = np.linspace(-5.0, 5.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+    path = tmp_path / "float.tif"
+    Image.fromarray(arr).save(path)  # float32 -> mode F
+    rgb = np.asarray(decode(path))
+    assert rgb.shape == (64, 64, 3)
+    assert rgb.min() == 0 and rgb.max() >= 254  # the full range survives, nothing wraps around
+    assert rgb[0, 0, 0] < rgb[-1, -1, 0]

@@ -1,0 +1,263 @@
+"""headstart.training: the head's fit loop, the feature cache, and the model file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from headstart import HeadstartError
+from headstart.backbones import load_backbone
+from headstart.config import TrainHeadParams
+from headstart.data.manifest import scan
+from headstart.training import (
+    Classifier,
+    FeatureCache,
+    extract_features,
+    fit_head,
+    load_model,
+    make_head,
+    save_model,
+)
+from tests.conftest import TINY_BACKBONE, make_folder
+
+EXTS = [".png"]
+
+
+def _blobs(n_per_class: int, n_classes: int, dim: int, seed: int):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1.5, (n_classes, dim))
+    x = np.concatenate([c + rng.normal(0, 1.0, (n_per_class, dim)) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    x, y = _blobs(30, 3, 16, seed=0)
+    rng = np.random.default_rng(1)
+    idx = rng.permutation(len(y))
+    val, train = idx[:18], idx[18:]
+    return x[train], y[train], x[val], y[val]
+
+
+PARAMS = TrainHeadParams(hidden=16, lr=0.01, max_epochs=40, patience=5, batch_size=16)
+
+
+def test_fit_head_separates_blobs(blobs):
+    xt, yt, xv, yv = blobs
+    head, history, best_epoch = fit_head(xt, yt, xv, yv, 3, PARAMS, seed=0)
+    assert not head.training
+    assert 1 <= len(history) <= PARAMS.max_epochs
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert set(history[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy"}
+    assert 1 <= best_epoch <= len(history)
+    best = history[best_epoch - 1]
+    # the best epoch is the lowest validation loss (fit_head ignores gains below 1e-6)
+    assert best["val_loss"] <= min(h["val_loss"] for h in history) + 1e-6
+    with torch.no_grad():
+        pred = head(torch.from_numpy(xv)).argmax(1).numpy()
+    assert (pred == yv).mean() >= 0.9
+    assert best["val_accuracy"] >= 0.9
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_fit_head_returns_best_not_last(blobs):
+    xt, yt, xv, yv = blobs
+    head, history, best_epoch = fit_head(xt, yt, xv, yv, 3, PARAMS, seed=0)
+    loss = torch.nn.CrossEntropyLoss()
+    with torch.no_grad():
+        val_loss = loss(head(torch.from_numpy(xv)), torch.from_numpy(yv).long()).item()
+    assert val_loss == pytest.approx(history[best_epoch - 1]["val_loss"], rel=1e-5)
+
+
+def test_fit_head_early_stops():
+    # labels are noise: validation loss stops improving quickly, patience ends the run
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    y = rng.integers(0, 2, 60)
+    p = TrainHeadParams(hidden=8, lr=0.05, max_epochs=300, patience=3, batch_size=16)
+    _, history, best_epoch = fit_head(x[:40], y[:40], x[40:], y[40:], 2, p, seed=0)
+    assert len(history) < 300
+    assert len(history) - best_epoch == 3
+
+
+def test_fit_head_without_val_uses_train(blobs):
+    xt, yt, _, _ = blobs
+    empty_x, empty_y = np.zeros((0, xt.shape[1]), np.float32), np.zeros(0, np.int64)
+    _, history, _ = fit_head(xt, yt, empty_x, empty_y, 3, PARAMS, seed=0)
+    assert history and np.isfinite(history[-1]["val_loss"])
+
+
+def test_fit_head_deterministic(blobs):
+    xt, yt, xv, yv = blobs
+    a, hist_a, _ = fit_head(xt, yt, xv, yv, 3, PARAMS, seed=5)
+    b, hist_b, _ = fit_head(xt, yt, xv, yv, 3, PARAMS, seed=5)
+    assert hist_a == hist_b
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb
+        assert torch.equal(va, vb)
+    c, _, _ = fit_head(xt, yt, xv, yv, 3, PARAMS, seed=6)
+    assert not torch.equal(a[0].weight, c[0].weight)
+
+
+def test_make_head_shapes():
+    head = make_head(256, 4, 32, 0.1)
+    assert head(torch.zeros(5, 256)).shape == (5, 4)
+
+
+# --- feature cache ----------------------------------------------------------------------------------
+
+
+def test_feature_cache_roundtrip(tmp_path):
+    cache = FeatureCache(tmp_path, "key-1")
+    sha = "ab" + "0" * 62
+    assert cache.get(sha) is None
+    vec = np.arange(8, dtype=np.float64) / 3
+    cache.put(sha, vec)
+    got = cache.get(sha)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, vec.astype(np.float32))
+    assert (tmp_path / "features" / "key-1" / "ab" / f"{sha}.npy").is_file()
+    # another key is another cache
+    assert FeatureCache(tmp_path, "key-2").get(sha) is None
+
+
+def test_feature_cache_corrupt_entry_is_none(tmp_path):
+    cache = FeatureCache(tmp_path, "k")
+    sha = "cd" + "1" * 62
+    cache.put(sha, np.ones(4, np.float32))
+    path = tmp_path / "features" / "k" / "cd" / f"{sha}.npy"
+    path.write_bytes(b"garbage, not npy")
+    assert cache.get(sha) is None
+    path.write_bytes(path.read_bytes()[:3])
+    assert cache.get(sha) is None
+
+
+def test_feature_cache_refuses_pickled_object_array(tmp_path):
+    cache = FeatureCache(tmp_path, "k")
+    sha = "ef" + "2" * 62
+    path = tmp_path / "features" / "k" / "ef" / f"{sha}.npy"
+    path.parent.mkdir(parents=True)
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert cache.get(sha) is None
+
+
+# --- with the tiny backbone -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_weights):
+    return load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tiny_weights):
+    return TrainHeadParams(
+        backbone=TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1], hidden=8
+    )
+
+
+def test_extract_features_uses_cache(tmp_path, tiny):
+    root = make_folder(tmp_path / "data", per_class=5)
+    m = scan(root, EXTS).manifest
+    paths = [root / p for p in m["path"]]
+    shas = list(m["sha256"])
+    cache = FeatureCache(tmp_path / "cache", tiny.cache_key)
+    fx = tiny.feature_extractor()
+
+    first, n1 = extract_features(fx, tiny.spec, paths, shas, cache, batch_size=4)
+    assert n1 == 10
+    assert first.shape == (10, 256) and first.dtype == np.float32
+    assert np.isfinite(first).all()
+    second, n2 = extract_features(fx, tiny.spec, paths, shas, cache, batch_size=4)
+    assert n2 == 0
+    np.testing.assert_array_equal(first, second)
+
+    # the features are the backbone's, in the manifest's order
+    from headstart.preprocess import load_batch
+
+    with torch.no_grad():
+        direct = fx(torch.from_numpy(load_batch(paths[:2], tiny.spec))).numpy()
+    np.testing.assert_allclose(first[:2], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_extract_features_duplicates_and_partial_cache(tmp_path, tiny):
+    root = make_folder(tmp_path / "data", per_class=3)
+    m = scan(root, EXTS).manifest
+    paths = [root / p for p in m["path"]]
+    shas = list(m["sha256"])
+    cache = FeatureCache(tmp_path / "cache", tiny.cache_key)
+    fx = tiny.feature_extractor()
+    _, n = extract_features(fx, tiny.spec, paths[:2], shas[:2], cache, batch_size=4)
+    assert n == 2
+    # the same image twice is computed once; the two cached ones are not recomputed
+    feats, n = extract_features(fx, tiny.spec, paths + paths[:1], shas + shas[:1], cache, batch_size=4)
+    assert n == len(paths) - 2
+    assert feats.shape[0] == len(paths) + 1
+    np.testing.assert_array_equal(feats[0], feats[-1])
+
+
+def test_save_load_model_roundtrip(tmp_path, tiny, tiny_params):
+    torch.manual_seed(0)
+    head = make_head(tiny.num_features, 3, tiny_params.hidden, tiny_params.dropout).eval()
+    classes = ["a", "b", "c"]
+    path = tmp_path / "model" / "head.pt"
+    save_model(path, tiny, head, classes, tiny_params)
+    assert path.is_file()
+
+    loaded = load_model(path)
+    assert loaded.classes == classes
+    assert loaded.backbone.name == TINY_BACKBONE
+    assert loaded.backbone.weights_sha256 == tiny.weights_sha256
+    assert loaded.backbone.spec == tiny.spec
+    assert not loaded.classifier.training
+
+    x = torch.randn(2, 3, tiny.spec.size, tiny.spec.size)
+    original = Classifier(tiny.feature_extractor(), head).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.classifier(x), original(x), rtol=0, atol=0)
+
+
+def test_load_model_missing_file(tmp_path):
+    with pytest.raises(HeadstartError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+
+
+def test_load_model_wrong_format(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"format": "something/else"}, path)
+    with pytest.raises(HeadstartError, match="not a headstart model"):
+        load_model(path)
+
+
+def test_load_model_detects_changed_backbone_weights(tmp_path, tiny_params, tiny):
+    import shutil
+
+    import timm
+
+    weights = tmp_path / "w.pth"
+    shutil.copy(tiny_params.weights, weights)
+    p = tiny_params.model_copy(update={"weights": weights})
+    head = make_head(tiny.num_features, 2, p.hidden, p.dropout)
+    path = tmp_path / "head.pt"
+    save_model(path, tiny, head, ["x", "y"], p)
+    torch.manual_seed(123)
+    torch.save(timm.create_model(TINY_BACKBONE).state_dict(), weights)
+    with pytest.raises(HeadstartError, match="sha256"):
+        load_model(path)
+
+
+def test_fit_head_that_never_has_a_finite_loss_fails_clearly(blobs):
+    xt, yt, xv, yv = blobs
+    xt, xv = np.full_like(xt, np.nan), np.full_like(xv, np.nan)
+    with pytest.raises(HeadstartError, match="diverged"):
+        fit_head(xt, yt, xv, yv, 3, TrainHeadParams(max_epochs=3, patience=2), seed=0)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_load_model_on_a_garbage_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(HeadstartError, match="not a headstart model file"):
+        load_model(path)
