@@ -86,14 +86,17 @@ def test_scan_skips_bad_files_with_reasons(tmp_path):
     assert set(result.manifest["label"]) == {"cat", "dog"}
 
 
+def _link(target, link):
+    try:
+        os.symlink(target, link)
+    except OSError:
+        pytest.skip("symlinks not supported here")
+
+
 def test_scan_skips_symlink_outside_root(tmp_path):
     root = make_folder(tmp_path / "data", per_class=3)
     outside = make_image(tmp_path / "elsewhere" / "secret.png", COLOURS[0], seed=900)
-    link = root / "cat" / "link.png"
-    try:
-        os.symlink(outside, link)
-    except OSError:
-        pytest.skip("symlinks not supported here")
+    _link(outside, root / "cat" / "link.png")
     result = scan(root, EXTS)
     skipped = _skipped(result)
     assert "outside" in skipped["cat/link.png"]
@@ -102,12 +105,7 @@ def test_scan_skips_symlink_outside_root(tmp_path):
 
 def test_scan_keeps_symlink_inside_root(tmp_path):
     root = make_folder(tmp_path / "data", per_class=3)
-    target = root / "cat" / "cat_000.png"
-    link = root / "dog" / "alias.png"
-    try:
-        os.symlink(target, link)
-    except OSError:
-        pytest.skip("symlinks not supported here")
+    _link(root / "cat" / "cat_000.png", root / "dog" / "alias.png")
     result = scan(root, EXTS)
     assert "dog/alias.png" in set(result.manifest["path"])
 

@@ -158,13 +158,16 @@ def tiny_params(tiny_weights):
     )
 
 
-def test_extract_features_uses_cache(tmp_path, tiny):
-    root = make_folder(tmp_path / "data", per_class=5)
+def _folder_features(tmp_path, tiny, per_class):
+    """A tiny image folder's paths and hashes, an empty feature cache and the frozen extractor."""
+    root = make_folder(tmp_path / "data", per_class=per_class)
     m = scan(root, EXTS).manifest
-    paths = [root / p for p in m["path"]]
-    shas = list(m["sha256"])
     cache = FeatureCache(tmp_path / "cache", tiny.cache_key)
-    fx = tiny.feature_extractor()
+    return [root / p for p in m["path"]], list(m["sha256"]), cache, tiny.feature_extractor()
+
+
+def test_extract_features_uses_cache(tmp_path, tiny):
+    paths, shas, cache, fx = _folder_features(tmp_path, tiny, per_class=5)
 
     first, n1 = extract_features(fx, tiny.spec, paths, shas, cache, batch_size=4)
     assert n1 == 10
@@ -183,12 +186,7 @@ def test_extract_features_uses_cache(tmp_path, tiny):
 
 
 def test_extract_features_duplicates_and_partial_cache(tmp_path, tiny):
-    root = make_folder(tmp_path / "data", per_class=3)
-    m = scan(root, EXTS).manifest
-    paths = [root / p for p in m["path"]]
-    shas = list(m["sha256"])
-    cache = FeatureCache(tmp_path / "cache", tiny.cache_key)
-    fx = tiny.feature_extractor()
+    paths, shas, cache, fx = _folder_features(tmp_path, tiny, per_class=3)
     _, n = extract_features(fx, tiny.spec, paths[:2], shas[:2], cache, batch_size=4)
     assert n == 2
     # the same image twice is computed once; the two cached ones are not recomputed
