@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true GX_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 \
        PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: run test venv data repro lint clean
+.PHONY: run test venv data repro bench lint clean
 
 run: venv data  ## the demo: train, evaluate, export and register a model on the built-in data
 	$(BIN)/headstart run --data $(DATA)
@@ -37,8 +37,11 @@ data: venv  ## materialise the built-in demo data set when the data folder is em
 repro: venv data  ## the same pipeline through DVC
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
+bench: venv  ## benchmarks (not tests): print JSON reports
+	$(BIN)/python -m benchmarks.manifest
+
 lint: venv
-	$(BIN)/ruff check headstart tasks flows tests
+	$(BIN)/ruff check headstart tasks flows tests benchmarks
 
 clean:  ## remove outputs (keeps .venv, data and the MLflow store)
 	rm -rf artifacts .cache/headstart

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -13,8 +14,9 @@ from headstart.config import load_params
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.prepare import prepare
-from tasks.register import register
+from tasks.register import record_failure, register
 from tasks.train_head import train_head
+from tasks.validate import validate
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -37,24 +39,51 @@ def _stage(fn):
 
 @flow(name="training", log_prints=True)
 def training(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """prepare -> [validate] -> [domain] -> train_head -> [finetune] -> evaluate -> export -> register."""
+    """prepare -> validate -> [domain] -> train_head -> [finetune] -> evaluate -> export -> register."""
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
-    prepared = _stage(prepare)(cfg)
-    log.info(
-        "prepare: %d images (%d skipped), classes %s", prepared.n_images, prepared.n_skipped, prepared.classes
-    )
-    # validate (Great Expectations gate) and domain (pretraining-statistics check) slot in here
-    trained = _stage(train_head)(cfg)
-    # finetune, gated on dataset size, slots in here
-    evaluated = _stage(evaluate)(cfg)
-    exported = _stage(export)(cfg)
-    registered = _stage(register)(cfg, tags={"prefect.flow_run_id": str(flow_run.id)})
-    return {
-        "prepare": prepared.__dict__,
-        "train_head": trained.__dict__,
-        "evaluate": evaluated.__dict__,
-        "export": exported.__dict__,
-        "register": registered.__dict__,
-        "artifacts_dir": str(cfg.project.artifacts_dir),
-    }
+    tags = {"prefect.flow_run_id": str(flow_run.id)}
+    results, stage = {}, "prepare"
+    try:
+        results["prepare"] = _stage(prepare)(cfg)
+        log.info(
+            "prepare: %d files, %d readable images", results["prepare"].n_files, results["prepare"].n_images
+        )
+        stage = "validate"
+        try:
+            results["validate"] = _stage(validate)(cfg)
+        finally:
+            _publish_validation(cfg)
+        # domain (the new images vs the backbone's pretraining statistics) slots in here
+        stage = "train_head"
+        results["train_head"] = _stage(train_head)(cfg)
+        # finetune, gated on dataset size, slots in here
+        for stage, fn in (("evaluate", evaluate), ("export", export)):
+            results[stage] = _stage(fn)(cfg)
+        stage = "register"
+        results["register"] = _stage(register)(cfg, tags=tags)
+    except Exception as exc:
+        if stage != "register":  # register's own failure has no run to mark
+            _record(cfg, stage, exc, tags)
+        raise
+    return {**{k: v.__dict__ for k, v in results.items()}, "artifacts_dir": str(cfg.project.artifacts_dir)}
+
+
+def _record(cfg, stage: str, exc: Exception, tags: dict[str, str]) -> None:
+    """Mark the failure in MLflow; a tracking store that is down must not hide the original error."""
+    log = get_run_logger()
+    error = str(exc) if isinstance(exc, HeadstartError) else f"{type(exc).__name__}: {exc}"
+    try:
+        run_id = _stage(record_failure)(cfg, stage, error, tags)
+        log.error("stage %s failed; MLflow run %s marked FAILED", stage, run_id)
+    except Exception as tracking_error:
+        log.warning("stage %s failed and MLflow could not record it: %s", stage, tracking_error)
+
+
+def _publish_validation(cfg) -> None:
+    """The validation summary as a Prefect markdown artifact, so the UI tells the story."""
+    summary = cfg.stage_dir("validate") / "summary.md"
+    if summary.exists():
+        create_markdown_artifact(
+            markdown=summary.read_text(), key="data-validation", description="headstart data validation"
+        )

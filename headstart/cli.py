@@ -8,7 +8,7 @@ from pathlib import Path
 
 from headstart import HeadstartError, __version__
 
-STAGES = ("prepare", "train_head", "evaluate", "export", "register")
+STAGES = ("prepare", "validate", "train_head", "evaluate", "export", "register")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     run = with_params(sub.add_parser("run", help="run the training flow (Prefect) end to end"))
     run.add_argument("--data", help="image folder <class>/<file> (sets prepare.data_dir)")
     run.set_defaults(func=_run)
+
+    check = with_params(sub.add_parser("validate", help="prepare + validate a data folder; exit 0 or 1"))
+    check.add_argument("--data", help="image folder <class>/<file> (sets prepare.data_dir)")
+    check.set_defaults(func=_validate)
 
     stage = with_params(sub.add_parser("stage", help="run one stage without Prefect (dvc.yaml)"))
     stage.add_argument("name", choices=STAGES)
@@ -88,14 +92,34 @@ def _run(args) -> int:
     return 0
 
 
+def _validate(args) -> int:
+    from headstart.config import load_params
+    from headstart.validation import ValidationFailed
+    from tasks.prepare import prepare
+    from tasks.validate import validate
+
+    cfg = load_params(args.params, _overrides(args))
+    prepare(cfg)
+    try:
+        validate(cfg)
+        code = 0
+    except ValidationFailed as exc:
+        print(f"headstart: {exc}", file=sys.stderr)
+        code = 1
+    print(f"\n{(cfg.stage_dir('validate') / 'summary.md').read_text()}")
+    print(f"Data Docs: {cfg.stage_dir('validate') / 'data_docs' / 'index.html'}")
+    return code
+
+
 def _summary(r: dict) -> None:
-    reg, ev, ex, th = r["register"], r["evaluate"], r["export"], r["train_head"]
+    reg, ev, ex, th, va = r["register"], r["evaluate"], r["export"], r["train_head"], r["validate"]
     art = Path(r["artifacts_dir"])
     rate, diff = th["extract_images_per_s"], ex["max_abs_logit_diff"]
     speed = f" at {rate:.1f} img/s" if rate else ""
     print(f"""
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
+  validation  {va["n_quarantined"]} files quarantined, warnings: {", ".join(va["warnings"]) or "none"}
   features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
   test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}

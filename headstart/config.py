@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,7 +26,7 @@ class PrepareParams(Section):
     data_dir: Path = Path("data/raw")
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"]
+    extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"]
 
     @field_validator("test_fraction")
     @classmethod
@@ -34,6 +34,66 @@ class PrepareParams(Section):
         if v + info.data.get("val_fraction", 0.0) >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
         return v
+
+
+Level = Literal["fail", "warn"]
+
+
+class ValidateLevels(Section):
+    """What each expectation does when it fails: `fail` stops before training, `warn` records it."""
+
+    every_file_is_a_readable_image: Level = "warn"
+    no_empty_files: Level = "warn"
+    paths_inside_data_root: Level = "warn"
+    format_allowed: Level = "warn"
+    mode_allowed: Level = "warn"
+    width_in_bounds: Level = "warn"
+    height_in_bounds: Level = "warn"
+    labels_as_declared: Level = "fail"
+    enough_classes: Level = "fail"
+    min_per_class_per_split: Level = "fail"
+    imbalance_below_warn_ratio: Level = "warn"
+    imbalance_below_fail_ratio: Level = "fail"
+    no_duplicates_across_splits: Level = "fail"
+    no_near_duplicates_across_splits: Level = "warn"
+    no_duplicates_across_classes: Level = "warn"
+    no_near_duplicates_across_classes: Level = "warn"
+
+
+class MinPerSplit(Section):
+    train: int = Field(5, ge=0)
+    val: int = Field(1, ge=0)
+    test: int = Field(1, ge=0)
+
+
+class ValidateParams(Section):
+    formats: list[str] = ["PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"]
+    modes: list[str] = [
+        "1",
+        "L",
+        "LA",
+        "P",
+        "PA",
+        "RGB",
+        "RGBA",
+        "CMYK",
+        "YCbCr",
+        "I",
+        "I;16",
+        "I;16B",
+        "I;16L",
+        "F",
+    ]
+    min_size: int = Field(16, ge=1)
+    max_size: int = Field(8000, ge=1)
+    classes: list[str] | None = None
+    min_classes: int = Field(2, ge=2)
+    min_per_class: MinPerSplit = MinPerSplit()
+    imbalance_warn_ratio: float = Field(3.0, ge=1.0)
+    imbalance_fail_ratio: float = Field(20.0, ge=1.0)
+    near_duplicate_distance: int = Field(2, ge=0, le=64)
+    max_examples: int = Field(5, ge=1)
+    levels: ValidateLevels = ValidateLevels()
 
 
 class TrainHeadParams(Section):
@@ -71,13 +131,14 @@ class MlflowParams(Section):
     experiment: str = "headstart"
 
 
-# `register` is a stage name; it shadows ABCMeta.register, which nothing here uses
-warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+# stage names `validate` and `register` shadow BaseModel.validate and ABCMeta.register, unused here
+warnings.filterwarnings("ignore", message='Field name "(validate|register)"', category=UserWarning)
 
 
 class Params(Section):
     project: ProjectParams = ProjectParams()
     prepare: PrepareParams = PrepareParams()
+    validate: ValidateParams = ValidateParams()
     train_head: TrainHeadParams = TrainHeadParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
@@ -89,18 +150,19 @@ class Params(Section):
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Apply one `section.key=value` to the raw params; the value is parsed as YAML (1e-3, true, [a])."""
+    """Apply one `section.key[.sub]=value` to the raw params; the value is parsed as YAML (1e-3, [a])."""
     key, sep, value = override.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if not sep or len(parts) < 2 or not all(parts):
         raise HeadstartError(f"override {override!r}: expected section.key=value")
-    section, name = parts
-    if section not in Params.model_fields:
-        raise HeadstartError(f"override {override!r}: unknown section {section!r}")
-    raw.setdefault(section, {})
-    if not isinstance(raw[section], dict):
-        raise HeadstartError(f"params section {section!r} must be a mapping")
-    raw[section][name] = yaml.safe_load(value) if value.strip() else None
+    if parts[0] not in Params.model_fields:
+        raise HeadstartError(f"override {override!r}: unknown section {parts[0]!r}")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise HeadstartError(f"params key {'.'.join(parts[: depth + 1])!r} must be a mapping")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -133,9 +195,13 @@ def _describe(exc: ValidationError) -> str:
 
 
 def flatten(params: Params) -> dict[str, str]:
-    """`section.key -> str(value)` for logging params to MLflow."""
-    return {
-        f"{section}.{key}": str(value)
-        for section, values in params.model_dump(mode="json").items()
-        for key, value in values.items()
-    }
+    """`section.key[.sub] -> str(value)` for logging params to MLflow."""
+
+    def walk(prefix: str, value: Any):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            yield prefix, str(value)
+
+    return dict(walk("", params.model_dump(mode="json")))

@@ -49,27 +49,12 @@ def _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri) -> 
     import mlflow.onnx
     import onnx
 
-    try:
-        exp = mlflow.get_experiment_by_name(params.mlflow.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else mlflow.create_experiment(
-                params.mlflow.experiment,
-                artifact_location=params.mlflow.artifact_location.resolve().as_uri(),
-            )
-        )
-    except Exception as exc:
-        raise HeadstartError(f"MLflow tracking store {uri} is not usable: {exc}") from None
+    exp_id = _experiment(params, uri)
     with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_params(flatten(params))
         mlflow.log_metrics(metrics)
         mlflow.set_tags(tags)
-        for dest, path in artifacts.items():
-            if path.is_dir():
-                mlflow.log_artifacts(str(path), artifact_path=dest)
-            elif path.exists():
-                mlflow.log_artifact(str(path), artifact_path=dest)
+        _log_artifacts(artifacts)
         info = mlflow.onnx.log_model(
             onnx.load(onnx_path),
             name="model",
@@ -84,3 +69,44 @@ def _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri) -> 
         "model_version": str(info.registered_model_version),
         "model_uri": f"models:/{params.register.model_name}/{info.registered_model_version}",
     }
+
+
+def _experiment(params: Params, uri: str) -> str:
+    import mlflow
+
+    try:
+        exp = mlflow.get_experiment_by_name(params.mlflow.experiment)
+        if exp:
+            return exp.experiment_id
+        return mlflow.create_experiment(
+            params.mlflow.experiment, artifact_location=params.mlflow.artifact_location.resolve().as_uri()
+        )
+    except Exception as exc:
+        raise HeadstartError(f"MLflow tracking store {uri} is not usable: {exc}") from None
+
+
+def _log_artifacts(artifacts: dict[str, Path]) -> None:
+    import mlflow
+
+    for dest, path in artifacts.items():
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=dest)
+        elif path.exists():
+            mlflow.log_artifact(str(path), artifact_path=dest)
+
+
+def log_failed_run(
+    params: Params, stage: str, error: str, artifacts: dict[str, Path], tags: dict[str, str]
+) -> str:
+    """A run marked FAILED that says which stage failed and why, with the reports it left."""
+    import mlflow
+
+    uri = tracking_uri(params)
+    with _using(uri):
+        exp_id = _experiment(params, uri)
+        with mlflow.start_run(experiment_id=exp_id) as run:
+            mlflow.log_params(flatten(params))
+            mlflow.set_tags({**tags, "failed_stage": stage, "error": error[:5000]})
+            _log_artifacts(artifacts)
+            mlflow.end_run(status="FAILED")
+        return run.info.run_id

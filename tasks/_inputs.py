@@ -22,8 +22,14 @@ def read_json(cfg: Params, stage: str, name: str) -> dict:
     return json.loads(stage_file(cfg, stage, name).read_text())
 
 
-def manifest(cfg: Params) -> pd.DataFrame:
+def prepared_manifest(cfg: Params) -> pd.DataFrame:
+    """Every file found, with what decoding it found (prepare's output)."""
     return pd.read_parquet(stage_file(cfg, "prepare", "manifest.parquet"))
+
+
+def manifest(cfg: Params) -> pd.DataFrame:
+    """The images that passed validation, with their splits: what every training stage uses."""
+    return pd.read_parquet(stage_file(cfg, "validate", "manifest.parquet"))
 
 
 def split_paths(cfg: Params, frame: pd.DataFrame, split: str) -> tuple[pd.DataFrame, list[Path]]:

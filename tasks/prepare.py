@@ -1,4 +1,4 @@
-"""prepare: scan the image folder into a manifest with content hashes, and split it by hash."""
+"""prepare: scan the image folder into a manifest (each file decoded once), split it by content hash."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from headstart.data.manifest import assign_splits, data_hash, scan
 
 @dataclass
 class PrepareResult:
+    n_files: int
     n_images: int
-    n_skipped: int
+    n_unreadable: int
     classes: list[str]
     split_counts: dict[str, dict[str, int]]
     data_hash: str
@@ -20,23 +21,24 @@ class PrepareResult:
 
 def prepare(cfg: Params) -> PrepareResult:
     p = cfg.prepare
-    found = scan(p.data_dir, p.extensions)
-    manifest = found.manifest
-    manifest["split"] = assign_splits(manifest, p.val_fraction, p.test_fraction, cfg.project.seed)
+    manifest = scan(p.data_dir, p.extensions, cfg.project.cache_dir)
+    ok = manifest["readable"]
+    manifest["split"] = ""
+    manifest.loc[ok, "split"] = assign_splits(manifest[ok], p.val_fraction, p.test_fraction, cfg.project.seed)
+    images = manifest[ok]
     counts = {
         split: {c: int(n) for c, n in g["label"].value_counts().sort_index().items()}
-        for split, g in manifest.groupby("split")
+        for split, g in images.groupby("split")
     }
     result = PrepareResult(
-        len(manifest), len(found.skipped), sorted(manifest["label"].unique()), counts, data_hash(manifest)
+        len(manifest),
+        len(images),
+        int((~ok).sum()),
+        sorted(images["label"].unique()),
+        counts,
+        data_hash(manifest),
     )
     with directory(cfg.stage_dir("prepare")) as out:
         manifest.to_parquet(out / "manifest.parquet", index=False)
-        found.skipped.to_csv(out / "skipped.csv", index=False)
-        write_json(
-            out / "report.json",
-            {"data_dir": str(p.data_dir), **result.__dict__, "skipped": found.skipped.to_dict("records")},
-        )
-    for row in found.skipped.itertuples():
-        print(f"skipped {p.data_dir / row.path}: {row.reason}")
+        write_json(out / "report.json", {"data_dir": str(p.data_dir), **result.__dict__})
     return result

@@ -29,11 +29,14 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
     if not parity.get("passed"):
         raise HeadstartError("export parity did not pass; refusing to register the model")
     prepare = _inputs.read_json(cfg, "prepare", "report.json")
+    validation = _inputs.read_json(cfg, "validate", "report.json")
     train = _inputs.read_json(cfg, "train_head", "metrics.json")
     test = _inputs.read_json(cfg, "evaluate", "metrics.json")
     metrics = {
-        "n_images": prepare["n_images"],
-        "n_skipped": prepare["n_skipped"],
+        "n_files": prepare["n_files"],
+        "n_images": validation["n_images"],
+        "n_quarantined": validation["n_quarantined"],
+        "validate.n_warnings": len(validation["warnings"]),
         **{f"train_head.{k}": v for k, v in train.items() if isinstance(v, int | float)},
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
@@ -48,13 +51,31 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         **(tags or {}),
     }
     root = cfg.project.artifacts_dir
-    artifacts = {stage: root / stage for stage in ("prepare", "train_head", "evaluate")}
+    artifacts = _stage_artifacts(cfg)
     artifacts["export"] = root / "export" / "parity.json"
     ids = log_pipeline_run(
         cfg, metrics, artifacts, root / "export" / "model.onnx", all_tags, _runtime_requirements()
     )
     write_json(cfg.stage_dir("register") / "run.json", ids)
     return RegisterResult(**ids)
+
+
+def record_failure(cfg: Params, stage: str, error: str, tags: dict[str, str] | None = None) -> str:
+    """An MLflow run marked FAILED: the failing stage, the error, and the reports written so far."""
+    from headstart.tracking import log_failed_run
+
+    all_tags = {"git_commit": _git_commit(), "backbone": cfg.train_head.backbone, **(tags or {})}
+    return log_failed_run(cfg, stage, error, _stage_artifacts(cfg), all_tags)
+
+
+def _stage_artifacts(cfg: Params) -> dict:
+    """Each stage's reports, small enough to keep with every run (models and ONNX are logged apart)."""
+    root = cfg.project.artifacts_dir
+    return {
+        stage: root / stage
+        for stage in ("prepare", "validate", "train_head", "evaluate")
+        if (root / stage).is_dir()
+    }
 
 
 def _git_commit() -> str:

@@ -61,20 +61,25 @@ def test_missing_params_file_is_named(capsys, tmp_path):
     assert "nope.yaml does not exist" in capsys.readouterr().err
 
 
-def test_data_pull_then_stage_prepare(tmp_path, capsys):
+def test_data_pull_then_validate_exits_0_then_1(tmp_path, capsys):
     out = tmp_path / "lfw"
-    assert main(["data", "pull", "lfw", "--out", str(out), "--per-class", "4"]) == 0
-    assert "8 images" in capsys.readouterr().out
+    assert main(["data", "pull", "lfw", "--out", str(out), "--per-class", "12"]) == 0
+    assert "24 images" in capsys.readouterr().out
     (out / "face" / "broken.png").write_bytes(b"")
-    art = tmp_path / "art"
-    assert (
-        main(
-            ["stage", "prepare", "--set", f"prepare.data_dir={out}", "--set", f"project.artifacts_dir={art}"]
-        )
-        == 0
-    )
-    printed = capsys.readouterr().out
-    assert "broken.png: empty file" in printed and (art / "prepare" / "manifest.parquet").exists()
+    sets = [
+        "--set",
+        f"project.artifacts_dir={tmp_path / 'art'}",
+        "--set",
+        f"project.cache_dir={tmp_path}/c",
+        "--set",
+        "validate.min_size=16",
+    ]  # lfw crops are 25x25
+    assert main(["validate", "--data", str(out), *sets]) == 0
+    printed = capsys.readouterr()
+    assert "quarantined" in printed.out and "broken.png: empty file" in printed.out
+    assert "Data Docs:" in printed.out
+    assert main(["validate", "--data", str(out), *sets, "--set", "validate.classes=[face, cat]"]) == 1
+    assert "labels_as_declared" in capsys.readouterr().err
     assert main(["data", "pull", "lfw", "--out", str(out)]) == 2  # not empty any more
     assert "not empty" in capsys.readouterr().err
 

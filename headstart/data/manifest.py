@@ -3,76 +3,55 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from headstart import HeadstartError
-from headstart.preprocess import MAX_PIXELS, decode
+from headstart.data.probe import FIELDS, ProbeCache, probe_files
 
-COLUMNS = ["path", "label", "sha256", "width", "height", "mode", "bytes"]
-
-
-@dataclass
-class Scan:
-    manifest: pd.DataFrame  # one row per readable image, COLUMNS
-    skipped: pd.DataFrame  # path, reason: every file that is not in the manifest, and why
+PATH_COLUMNS = ["path", "label", "sha256", "bytes"]
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def scan(root: str | Path, extensions: list[str], cache_dir: str | Path) -> pd.DataFrame:
+    """One row per file under root: where it is, its hash, and what decoding it found (probe.FIELDS).
 
-
-def probe(path: Path) -> dict:
-    """Read one file fully (a truncated image fails here, not in training); raise ValueError if bad."""
-    data = path.read_bytes()
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with Image.open(path) as img:
-            width, height, mode = img.width, img.height, img.mode
-        if width * height > MAX_PIXELS:
-            raise ValueError(f"{width}x{height} exceeds the {MAX_PIXELS} pixel limit")
-        decode(path)
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"not a readable image ({type(exc).__name__}: {exc})") from None
-    return {"sha256": sha256_bytes(data), "width": width, "height": height, "mode": mode, "bytes": len(data)}
-
-
-def scan(root: str | Path, extensions: list[str]) -> Scan:
-    """List every file under root; readable images in class folders go to the manifest."""
+    Files that are not candidate images (outside a class folder, hidden, another extension, a link
+    out of the root) are listed with the reason and never read; the rest are decoded once, in
+    parallel, and remembered by content hash so a re-run only decodes new or changed files.
+    """
     root = Path(root)
     if not root.is_dir():
         raise HeadstartError(
             f"data folder {root} does not exist: put images in {root}/<class>/ "
             f"or run `headstart data pull elpv --out {root}`"
         )
-    real_root = root.resolve()
-    rows, skipped = [], []
-    exts = {e.lower() for e in extensions}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
-        rel = path.relative_to(root).as_posix()
-        reason = _skip_reason(path, rel, real_root, exts)
+    real_root, exts = root.resolve(), {e.lower() for e in extensions}
+    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    if not files:
+        raise HeadstartError(f"data folder {root} is empty: put images in {root}/<class>/")
+    rels = [f.relative_to(root).as_posix() for f in files]
+    reasons = [_skip_reason(f, rel, real_root, exts) for f, rel in zip(files, rels, strict=True)]
+    candidates = [f for f, r in zip(files, reasons, strict=True) if r is None]
+    probed = iter(probe_files(candidates, ProbeCache(cache_dir)))
+    blank = {k: t() for k, t in FIELDS.items()}
+    rows = []
+    for f, rel, reason in zip(files, rels, reasons, strict=True):
+        label = rel.split("/")[0] if "/" in rel else ""
         if reason is None:
-            try:
-                rows.append({"path": rel, "label": rel.split("/")[0], **probe(path)})
-                continue
-            except (ValueError, OSError) as exc:
-                reason = str(exc)
-        skipped.append({"path": rel, "reason": reason})
-    manifest = pd.DataFrame(rows, columns=COLUMNS)
-    _check_usable(root, manifest, skipped)
-    return Scan(manifest, pd.DataFrame(skipped, columns=["path", "reason"]))
+            rows.append({"path": rel, "label": label, **next(probed)})
+        else:
+            size = f.lstat().st_size
+            rows.append({"path": rel, "label": label, "sha256": "", "bytes": size, **blank, "reason": reason})
+    return pd.DataFrame(rows, columns=PATH_COLUMNS + list(FIELDS))
 
 
 def _skip_reason(path: Path, rel: str, real_root: Path, exts: set[str]) -> str | None:
     if "/" not in rel:
         return "not in a class folder"
+    if not path.exists():
+        return "broken link"
     if not path.resolve().is_relative_to(real_root):
         return "resolves outside the data folder"
     if any(part.startswith(".") for part in rel.split("/")):
@@ -80,21 +59,6 @@ def _skip_reason(path: Path, rel: str, real_root: Path, exts: set[str]) -> str |
     if path.suffix.lower() not in exts:
         return f"extension {path.suffix or '(none)'} not in prepare.extensions"
     return None
-
-
-def _check_usable(root: Path, manifest: pd.DataFrame, skipped: list[dict]) -> None:
-    if manifest.empty:
-        hint = (
-            f" ({len(skipped)} files skipped, first: {skipped[0]['path']}: {skipped[0]['reason']})"
-            if skipped
-            else ""
-        )
-        raise HeadstartError(f"data folder {root} has no readable images in class folders{hint}")
-    classes = sorted(manifest["label"].unique())
-    if len(classes) < 2:
-        raise HeadstartError(
-            f"data folder {root} has one class ({classes[0]}); a classifier needs at least 2 class folders"
-        )
 
 
 def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:

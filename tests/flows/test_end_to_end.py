@@ -57,23 +57,50 @@ def test_flow_again_reuses_cached_features_and_registers_a_new_version(flow_run)
     assert second["evaluate"] == first["evaluate"]  # same data, same params, same seed
 
 
-def test_flow_stops_before_register_when_the_parity_gate_fails(flow_run, caplog):
+def _failing_run(flow_run, folder: str, override: str):
+    """The flow on the flow test's data with its own artifacts folder and one override; its state."""
     from flows.training import training
-    from headstart import HeadstartError
 
     root, params, _ = flow_run
-    art = root / "failing"
+    art = root / folder
     state = training(
-        params_file=str(params),
-        return_state=True,
-        overrides=[f"project.artifacts_dir={art}", "export.max_abs_diff=1e-30"],
+        params_file=str(params), return_state=True, overrides=[f"project.artifacts_dir={art}", override]
     )
     assert state.is_failed()
+    return root, art, state
+
+
+def test_flow_stops_before_register_when_the_parity_gate_fails(flow_run, caplog):
+    from headstart import HeadstartError
+
+    _, art, state = _failing_run(flow_run, "failing", "export.max_abs_diff=1e-30")
     assert isinstance(state.result(raise_on_failure=False), HeadstartError)
     assert not (art / "register").exists()
     assert json.loads((art / "export" / "parity.json").read_text())["passed"] is False
     assert "parity failed" in caplog.text  # the failure is logged...
     assert "Traceback" not in caplog.text  # ...as a message, not a crash
+
+
+def test_failed_validation_marks_an_mlflow_run_failed_with_the_report(flow_run):
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    from headstart.validation import ValidationFailed
+
+    root, art, state = _failing_run(flow_run, "invalid", "validate.min_per_class.train=1000")
+    assert isinstance(state.result(raise_on_failure=False), ValidationFailed)
+    assert not (art / "train_head").exists()  # stopped before training
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("headstart").experiment_id],
+        filter_string="tags.failed_stage = 'validate'",
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "min_per_class_per_split" in runs[0].data.tags["error"]
+    assert "validate/report.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "validate")}
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts()
+    assert any(a.key == "data-validation" and "FAILED" in (a.data or "") for a in artifacts)
 
 
 def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from tasks.export import export
 from tasks.prepare import prepare
 from tasks.register import register
 from tasks.train_head import train_head
+from tasks.validate import validate
 from tests.conftest import make_folder, tiny_overrides
 
 
@@ -24,24 +25,67 @@ def pipeline(tmp_path_factory, tiny_weights):
     data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
     (data / "cat" / "broken.png").write_bytes(b"not an image")
     cfg = load_params(None, tiny_overrides(root, data, tiny_weights))
-    results = {"prepare": prepare(cfg), "train_head": train_head(cfg), "evaluate": evaluate(cfg)}
+    results = {"prepare": prepare(cfg), "validate": validate(cfg), "train_head": train_head(cfg)}
+    results["evaluate"] = evaluate(cfg)
     results["export"] = export(cfg)
     results["register"] = register(cfg, tags={"origin": "test"})
     return cfg, results
 
 
-def test_prepare_writes_manifest_and_lists_the_unreadable_file(pipeline):
+def test_prepare_writes_manifest_with_every_file(pipeline):
     cfg, r = pipeline
     out = cfg.stage_dir("prepare")
     manifest = pd.read_parquet(out / "manifest.parquet")
-    assert r["prepare"].n_images == len(manifest) == 42
-    assert set(manifest.columns) >= {"path", "label", "sha256", "width", "height", "mode", "bytes", "split"}
-    assert set(manifest["split"]) == {"train", "val", "test"}
-    skipped = pd.read_csv(out / "skipped.csv")
-    assert list(skipped["path"]) == ["cat/broken.png"]
-    assert "not a readable image" in skipped["reason"][0]
+    assert r["prepare"].n_files == len(manifest) == 43 and r["prepare"].n_images == 42
+    assert set(manifest.columns) >= {
+        "path",
+        "label",
+        "sha256",
+        "width",
+        "height",
+        "mode",
+        "bytes",
+        "readable",
+        "reason",
+        "phash",
+        "mean_r",
+        "std_r",
+        "split",
+    }
+    broken = manifest.set_index("path").loc["cat/broken.png"]
+    assert not broken["readable"] and "not a readable image" in broken["reason"] and broken["split"] == ""
+    assert set(manifest.loc[manifest["readable"], "split"]) == {"train", "val", "test"}
     report = json.loads((out / "report.json").read_text())
     assert report["classes"] == ["cat", "dog", "owl"] and report["data_hash"] == r["prepare"].data_hash
+
+
+def test_validate_quarantines_the_unreadable_file_and_passes(pipeline):
+    cfg, r = pipeline
+    out = cfg.stage_dir("validate")
+    quarantine = pd.read_csv(out / "quarantine.csv")
+    assert list(quarantine["path"]) == ["cat/broken.png"]
+    clean = pd.read_parquet(out / "manifest.parquet")
+    assert len(clean) == r["validate"].n_images == 42 and "cat/broken.png" not in set(clean["path"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["success"] and report["n_quarantined"] == 1
+    assert "every_file_is_a_readable_image" in report["warnings"]
+    assert (out / "data_docs" / "index.html").exists()
+    assert "every_file_is_a_readable_image" in (out / "summary.md").read_text()
+
+
+def test_validate_failure_stops_with_the_expectation_named(pipeline, tmp_path):
+    cfg, _ = pipeline
+    strict = cfg.model_copy(
+        update={
+            "project": cfg.project.model_copy(update={"artifacts_dir": tmp_path / "art"}),
+            "validate": cfg.validate.model_copy(update={"classes": ["cat", "dog"]}),
+        }
+    )
+    prepare(strict)
+    with pytest.raises(HeadstartError, match="labels_as_declared"):
+        validate(strict)
+    report = json.loads((tmp_path / "art" / "validate" / "report.json").read_text())
+    assert report["success"] is False and report["failed"] == ["labels_as_declared"]
 
 
 def test_train_head_writes_model_history_metrics(pipeline):
@@ -50,7 +94,7 @@ def test_train_head_writes_model_history_metrics(pipeline):
     metrics = json.loads((out / "metrics.json").read_text())
     history = json.loads((out / "history.json").read_text())
     assert (out / "model.pt").stat().st_size > 0
-    assert metrics["n_train"] + metrics["n_val"] + r["evaluate"].n_test == 42
+    assert metrics["n_train"] + metrics["n_val"] + r["evaluate"].n_test == 42  # the broken file is out
     assert metrics["features_computed"] == metrics["n_train"] + metrics["n_val"]
     assert len(history) == metrics["epochs_run"] and 1 <= metrics["best_epoch"] <= len(history)
     assert metrics["val_accuracy"] >= 0.9  # class colours are trivially separable
@@ -95,6 +139,9 @@ def test_register_logs_one_run_with_everything(pipeline):
     assert run.data.tags["origin"] == "test" and run.data.tags["data_hash"] == r["prepare"].data_hash
     artifacts = {a.path for a in client.list_artifacts(reg.run_id, "evaluate")}
     assert "evaluate/confusion.png" in artifacts
+    validation = {a.path for a in client.list_artifacts(reg.run_id, "validate")}
+    assert {"validate/report.json", "validate/quarantine.csv", "validate/data_docs"} <= validation
+    assert run.data.metrics["n_quarantined"] == 1
     version = client.get_model_version("tiny", reg.model_version)
     assert version.run_id == reg.run_id
     run_json = json.loads((cfg.stage_dir("register") / "run.json").read_text())
@@ -134,8 +181,10 @@ def test_failed_parity_gate_stops_registration(pipeline, tmp_path):
 
 
 def test_stage_before_its_inputs_names_the_missing_file(tiny_params):
-    with pytest.raises(HeadstartError, match="run the prepare stage first"):
+    with pytest.raises(HeadstartError, match="run the validate stage first"):
         train_head(tiny_params)
+    with pytest.raises(HeadstartError, match="run the prepare stage first"):
+        validate(tiny_params)
 
 
 def test_prepare_on_bad_folders(tmp_path, tiny_params):
@@ -147,9 +196,14 @@ def test_prepare_on_bad_folders(tmp_path, tiny_params):
     with pytest.raises(HeadstartError, match="does not exist"):
         prepare(with_data(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(HeadstartError, match="no readable images"):
+    with pytest.raises(HeadstartError, match="is empty"):
         prepare(with_data(tmp_path / "empty"))
-    one = make_folder(tmp_path / "one", per_class=3, classes=("cat",))
-    with pytest.raises(HeadstartError, match="one class"):
-        prepare(with_data(one))
     assert not tiny_params.stage_dir("prepare").exists()  # nothing half-written
+
+
+def test_one_class_passes_prepare_and_fails_validation(tmp_path, tiny_params):
+    one = make_folder(tmp_path / "one", per_class=8, classes=("cat",))
+    cfg = tiny_params.model_copy(update={"prepare": tiny_params.prepare.model_copy(update={"data_dir": one})})
+    assert prepare(cfg).classes == ["cat"]
+    with pytest.raises(HeadstartError, match="enough_classes"):
+        validate(cfg)

@@ -34,8 +34,9 @@ def test_pull_lfw(tmp_path):
             with Image.open(p) as img:
                 assert img.format == "PNG" and img.size == (25, 25)
     # the folder is a valid headstart data folder
-    assert len(scan(out, PrepareParams().extensions).manifest) == 6
     assert [p.name for p in tmp_path.iterdir()] == ["lfw"]  # no temp folder left
+    m = scan(out, PrepareParams().extensions, tmp_path / "cache")
+    assert len(m) == 6 and m["readable"].all()
 
 
 def test_pull_lfw_is_deterministic(tmp_path):
@@ -57,7 +58,8 @@ def test_pull_elpv_defect(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["defective", "functional"]
     for cls in ("defective", "functional"):
         assert len(list((out / cls).glob("*.png"))) == 4
-    assert len(scan(out, PrepareParams().extensions).manifest) == 8
+    m = scan(out, PrepareParams().extensions, tmp_path / "cache")
+    assert len(m) == 8 and m["readable"].all()
 
 
 def test_pull_elpv_type(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from headstart import HeadstartError
 from headstart.config import Params, flatten, load_params
@@ -83,10 +84,53 @@ def test_bad_value_raises_with_key_name(override, key):
     assert key in str(exc.value)
 
 
-@pytest.mark.parametrize("override", ["train_head.lr", "train_head", "lr=0.1", ".lr=0.1", "a.b.c=1"])
+@pytest.mark.parametrize("override", ["train_head.lr", "train_head", "lr=0.1", ".lr=0.1", "train_head..lr=1"])
 def test_malformed_override_raises(override):
     with pytest.raises(HeadstartError, match="section.key=value"):
         load_params(None, [override])
+
+
+@pytest.mark.parametrize("override", ["a.b.c=1", "trian_head.lr=0.1"])
+def test_override_of_unknown_section_raises(override):
+    with pytest.raises(HeadstartError, match="unknown section") as exc:
+        load_params(None, [override])
+    assert override.split(".")[0] in str(exc.value)
+
+
+def test_nested_override():
+    params = load_params(None, ["validate.levels.enough_classes=warn", "validate.min_per_class.train=2"])
+    assert params.validate.levels.enough_classes == "warn"
+    assert params.validate.min_per_class.train == 2
+    assert params.validate.min_per_class.val == 1  # siblings keep their defaults
+    assert params.validate.levels.min_per_class_per_split == "fail"
+
+
+def test_nested_override_merges_with_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("validate:\n  levels:\n    width_in_bounds: fail\n")
+    params = load_params(f, ["validate.levels.enough_classes=warn"])
+    assert params.validate.levels.width_in_bounds == "fail"
+    assert params.validate.levels.enough_classes == "warn"
+
+
+def test_nested_override_typo_names_the_key():
+    with pytest.raises(HeadstartError, match=r"validate\.levels\.enough_clases") as exc:
+        load_params(None, ["validate.levels.enough_clases=warn"])
+    assert "unknown key" in str(exc.value)
+
+
+def test_nested_override_bad_level_names_the_key():
+    with pytest.raises(HeadstartError, match=r"validate\.levels\.enough_classes"):
+        load_params(None, ["validate.levels.enough_classes=maybe"])
+
+
+def test_override_below_a_scalar_raises(tmp_path):
+    with pytest.raises(HeadstartError, match=r"train_head\.lr"):
+        load_params(None, ["train_head.lr.x=1"])
+    f = tmp_path / "p.yaml"
+    f.write_text("train_head:\n  lr: 0.1\n")
+    with pytest.raises(HeadstartError, match=r"'train_head\.lr' must be a mapping"):
+        load_params(f, ["train_head.lr.x=1"])
 
 
 def test_val_plus_test_fractions_too_large():
@@ -123,13 +167,21 @@ def test_params_are_frozen():
 
 
 def test_flatten_gives_section_dot_key():
-    flat = flatten(load_params(None, ["train_head.lr=0.01"]))
-    assert all(k.count(".") == 1 for k in flat)
+    flat = flatten(load_params(None, ["train_head.lr=0.01", "validate.levels.enough_classes=warn"]))
     assert flat["train_head.lr"] == "0.01"
     assert flat["project.seed"] == "0"
     assert flat["register.model_name"] == "headstart-demo"
+    assert flat["validate.levels.enough_classes"] == "warn"
+    assert flat["validate.min_per_class.train"] == "5"
+    assert "validate.levels" not in flat and "validate.min_per_class" not in flat
     assert all(isinstance(v, str) for v in flat.values())
     sections = {k.split(".")[0] for k in flat}
     assert sections == set(Params.model_fields)
-    n_keys = sum(len(type(getattr(Params(), s)).model_fields) for s in Params.model_fields)
-    assert len(flat) == n_keys
+
+    def n_leaves(model) -> int:
+        return sum(
+            n_leaves(v) if isinstance(v, BaseModel) else 1
+            for v in (getattr(model, f) for f in type(model).model_fields)
+        )
+
+    assert len(flat) == n_leaves(Params())

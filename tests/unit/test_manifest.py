@@ -11,7 +11,8 @@ import pytest
 
 from headstart import HeadstartError
 from headstart.config import PrepareParams
-from headstart.data.manifest import COLUMNS, assign_splits, data_hash, preflight, scan
+from headstart.data.manifest import PATH_COLUMNS, assign_splits, data_hash, preflight, scan
+from headstart.data.probe import FIELDS
 from tests.conftest import COLOURS, make_folder, make_image
 
 EXTS = PrepareParams().extensions
@@ -21,8 +22,19 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _skipped(result) -> dict[str, str]:
-    return dict(zip(result.skipped["path"], result.skipped["reason"], strict=True))
+def _scan(root, tmp_path) -> pd.DataFrame:
+    return scan(root, EXTS, tmp_path / "cache")
+
+
+def _images(root, tmp_path) -> pd.DataFrame:
+    """The readable rows, as assign_splits sees them in tasks/prepare.py."""
+    m = _scan(root, tmp_path)
+    return m[m["readable"]].reset_index(drop=True)
+
+
+def _reasons(m: pd.DataFrame) -> dict[str, str]:
+    bad = m[~m["readable"]]
+    return dict(zip(bad["path"], bad["reason"], strict=True))
 
 
 # --- scan -------------------------------------------------------------------------------------------
@@ -30,34 +42,44 @@ def _skipped(result) -> dict[str, str]:
 
 def test_scan_rows_labels_and_hashes(tmp_path):
     root = make_folder(tmp_path / "data", per_class=5, classes=("cat", "dog", "owl"))
-    result = scan(root, EXTS)
-    m = result.manifest
-    assert list(m.columns) == COLUMNS
+    m = _scan(root, tmp_path)
+    assert list(m.columns) == PATH_COLUMNS + list(FIELDS)
     assert len(m) == 15
-    assert result.skipped.empty
+    assert m["readable"].all() and (m["reason"] == "").all()
     assert m["label"].value_counts().to_dict() == {"cat": 5, "dog": 5, "owl": 5}
     assert m["path"].is_unique
     for row in m.itertuples(index=False):
         assert row.path.split("/")[0] == row.label
         assert row.sha256 == _sha(root / row.path)
-        assert (row.width, row.height, row.mode) == (40, 32, "RGB")
+        assert (row.width, row.height, row.mode, row.format) == (40, 32, "RGB", "PNG")
         assert row.bytes == (root / row.path).stat().st_size
+        assert len(row.phash) == 16
     assert list(m["path"]) == sorted(m["path"])  # stable order
+
+
+def test_scan_column_types(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=2)
+    (root / "cat" / "empty.png").write_bytes(b"")
+    m = _scan(root, tmp_path)
+    for name, kind in FIELDS.items():
+        values = m[name].tolist()
+        assert all(isinstance(v, kind) or (kind is float and isinstance(v, int)) for v in values), name
 
 
 def test_scan_accepts_nested_files_and_uppercase_extension(tmp_path):
     root = make_folder(tmp_path / "data", per_class=2)
     make_image(root / "cat" / "sub" / "deep.PNG", COLOURS[0], seed=77)
-    m = scan(root, EXTS).manifest
+    m = _scan(root, tmp_path)
     row = m[m["path"] == "cat/sub/deep.PNG"]
-    assert len(row) == 1 and row["label"].item() == "cat"
+    assert len(row) == 1 and row["label"].item() == "cat" and row["readable"].item()
 
 
-def test_scan_skips_bad_files_with_reasons(tmp_path):
+def test_scan_lists_bad_files_with_reasons(tmp_path):
     root = make_folder(tmp_path / "data", per_class=3)
     (root / "cat" / "fake.png").write_bytes(b"not an image")
     (root / "cat" / "empty.png").write_bytes(b"")
     (root / "dog" / "notes.txt").write_text("hello")
+    (root / "dog" / "noext").write_text("hello")
     make_image(root / "stray.png", COLOURS[0], seed=500)
     make_image(root / "dog" / ".hidden.png", COLOURS[1], seed=501)
     make_image(root / ".thumbs" / "x.png", COLOURS[1], seed=502)
@@ -65,25 +87,29 @@ def test_scan_skips_bad_files_with_reasons(tmp_path):
     good = make_image(tmp_path / "whole.png", COLOURS[0], seed=503, size=(200, 200))
     (root / "cat" / "truncated.png").write_bytes(good.read_bytes()[:300])
 
-    result = scan(root, EXTS)
-    skipped = _skipped(result)
-    manifest_paths = set(result.manifest["path"])
-
+    m = _scan(root, tmp_path)
+    reasons = _reasons(m)
     expected = {
         "cat/fake.png": "not a readable image",
         "cat/empty.png": "empty file",
-        "dog/notes.txt": "extension .txt",
+        "dog/notes.txt": "extension .txt not in prepare.extensions",
+        "dog/noext": "extension (none)",
         "stray.png": "not in a class folder",
         "dog/.hidden.png": "hidden file",
         ".thumbs/x.png": "hidden file",
         "cat/truncated.png": "not a readable image",
     }
+    assert set(reasons) == set(expected)
     for path, reason in expected.items():
-        assert path in skipped, path
-        assert reason in skipped[path], (path, skipped[path])
-        assert path not in manifest_paths
-    assert len(result.manifest) == 6
-    assert set(result.manifest["label"]) == {"cat", "dog"}
+        assert reason in reasons[path], (path, reasons[path])
+    assert m["readable"].sum() == 6
+    assert set(m.loc[m["readable"], "label"]) == {"cat", "dog"}
+    assert m.set_index("path").at["stray.png", "label"] == ""
+    # files never decoded have no hash but keep their size; empty and undecodable ones are hashed
+    rows = m.set_index("path")
+    assert rows.at["dog/notes.txt", "sha256"] == "" and rows.at["dog/notes.txt", "bytes"] == 5
+    assert rows.at["cat/empty.png", "bytes"] == 0
+    assert rows.at["cat/fake.png", "sha256"] == _sha(root / "cat" / "fake.png")
 
 
 def _link(target, link):
@@ -93,49 +119,69 @@ def _link(target, link):
         pytest.skip("symlinks not supported here")
 
 
-def test_scan_skips_symlink_outside_root(tmp_path):
+def test_scan_never_reads_symlink_outside_root(tmp_path):
     root = make_folder(tmp_path / "data", per_class=3)
     outside = make_image(tmp_path / "elsewhere" / "secret.png", COLOURS[0], seed=900)
     _link(outside, root / "cat" / "link.png")
-    result = scan(root, EXTS)
-    skipped = _skipped(result)
-    assert "outside" in skipped["cat/link.png"]
-    assert "cat/link.png" not in set(result.manifest["path"])
+    m = _scan(root, tmp_path)
+    row = m.set_index("path").loc["cat/link.png"]
+    assert not row["readable"] and "outside" in row["reason"]
+    assert row["sha256"] == "" and row["width"] == 0
+    assert _sha(outside) not in set(m["sha256"])
+
+
+def test_scan_lists_broken_symlink(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=2)
+    _link(tmp_path / "gone.png", root / "cat" / "dangling.png")
+    reasons = _reasons(_scan(root, tmp_path))
+    assert reasons == {"cat/dangling.png": "broken link"}
 
 
 def test_scan_keeps_symlink_inside_root(tmp_path):
     root = make_folder(tmp_path / "data", per_class=3)
     _link(root / "cat" / "cat_000.png", root / "dog" / "alias.png")
-    result = scan(root, EXTS)
-    assert "dog/alias.png" in set(result.manifest["path"])
+    m = _scan(root, tmp_path).set_index("path")
+    assert m.at["dog/alias.png", "readable"]
+    assert m.at["dog/alias.png", "sha256"] == m.at["cat/cat_000.png", "sha256"]
 
 
 def test_scan_missing_folder(tmp_path):
     with pytest.raises(HeadstartError, match="nowhere"):
-        scan(tmp_path / "nowhere", EXTS)
+        _scan(tmp_path / "nowhere", tmp_path)
 
 
 def test_scan_empty_folder(tmp_path):
-    (tmp_path / "hollow").mkdir()
+    (tmp_path / "hollow" / "cat").mkdir(parents=True)  # an empty class folder is still no files
     with pytest.raises(HeadstartError, match="hollow") as exc:
-        scan(tmp_path / "hollow", EXTS)
-    assert "no readable images" in str(exc.value)
+        _scan(tmp_path / "hollow", tmp_path)
+    assert "empty" in str(exc.value)
 
 
-def test_scan_only_bad_files_names_first_skipped(tmp_path):
+def test_scan_only_bad_files_returns_rows(tmp_path):
+    # no longer an error here: validation quarantines them and names the failed expectations
     root = tmp_path / "junk"
     (root / "a").mkdir(parents=True)
     (root / "a" / "x.png").write_bytes(b"not an image")
-    with pytest.raises(HeadstartError, match="junk") as exc:
-        scan(root, EXTS)
-    assert "a/x.png" in str(exc.value)
+    m = _scan(root, tmp_path)
+    assert len(m) == 1 and not m["readable"].any()
+    assert "not a readable image" in m["reason"].item()
 
 
-def test_scan_single_class(tmp_path):
+def test_scan_single_class_returns_rows(tmp_path):
     root = make_folder(tmp_path / "solo", per_class=3, classes=("cat",))
-    with pytest.raises(HeadstartError, match="solo") as exc:
-        scan(root, EXTS)
-    assert "one class" in str(exc.value) and "cat" in str(exc.value)
+    m = _scan(root, tmp_path)
+    assert len(m) == 3 and set(m["label"]) == {"cat"}
+
+
+def test_scan_reuses_cache_and_sees_changes(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=3)
+    first = _scan(root, tmp_path)
+    assert (tmp_path / "cache" / "probe").is_dir()
+    pd.testing.assert_frame_equal(first, _scan(root, tmp_path))
+    make_image(root / "cat" / "cat_000.png", COLOURS[0], seed=4242, size=(50, 60))
+    row = _scan(root, tmp_path).set_index("path").loc["cat/cat_000.png"]
+    assert (row["width"], row["height"]) == (50, 60)
+    assert row["sha256"] == _sha(root / "cat" / "cat_000.png")
 
 
 # --- preflight --------------------------------------------------------------------------------------
@@ -174,8 +220,8 @@ def big_folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("big") / "data", per_class=40)
 
 
-def test_assign_splits_deterministic_and_complete(big_folder):
-    m = scan(big_folder, EXTS).manifest
+def test_assign_splits_deterministic_and_complete(big_folder, tmp_path):
+    m = _images(big_folder, tmp_path)
     a = assign_splits(m, 0.15, 0.2, seed=0)
     b = assign_splits(m, 0.15, 0.2, seed=0)
     pd.testing.assert_series_equal(a, b)
@@ -192,13 +238,13 @@ def test_assign_splits_deterministic_and_complete(big_folder):
 def test_adding_images_never_moves_existing_ones(big_folder, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(big_folder, root)
-    before_m = scan(root, EXTS).manifest
+    before_m = _images(root, tmp_path)
     before = dict(zip(before_m["path"], assign_splits(before_m, 0.15, 0.2, seed=0), strict=True))
 
     for c, name in enumerate(("cat", "dog")):
         for i in range(10):
             make_image(root / name / f"new_{i:03d}.png", COLOURS[c], seed=50_000 + 100 * c + i)
-    after_m = scan(root, EXTS).manifest
+    after_m = _images(root, tmp_path)
     assert len(after_m) == len(before_m) + 20
     after = dict(zip(after_m["path"], assign_splits(after_m, 0.15, 0.2, seed=0), strict=True))
     moved = {p: (s, after[p]) for p, s in before.items() if after[p] != s}
@@ -210,7 +256,7 @@ def test_duplicate_content_gets_same_split(big_folder, tmp_path):
     shutil.copytree(big_folder, root)
     for i in range(10):
         shutil.copy(root / "cat" / f"cat_{i:03d}.png", root / "cat" / f"copy_{i:03d}.png")
-    m = scan(root, EXTS).manifest
+    m = _images(root, tmp_path)
     split = dict(zip(m["path"], assign_splits(m, 0.15, 0.2, seed=0), strict=True))
     for i in range(10):
         assert split[f"cat/copy_{i:03d}.png"] == split[f"cat/cat_{i:03d}.png"]
@@ -218,7 +264,7 @@ def test_duplicate_content_gets_same_split(big_folder, tmp_path):
 
 def test_small_class_still_gets_val_and_test(tmp_path):
     root = make_folder(tmp_path / "data", per_class=4)
-    m = scan(root, EXTS).manifest
+    m = _images(root, tmp_path)
     for seed in range(5):
         split = assign_splits(m, 0.15, 0.2, seed=seed)
         for label in ("cat", "dog"):
@@ -243,7 +289,7 @@ def test_duplicate_content_same_split_in_small_class():
 
 def test_data_hash_ignores_order_and_tracks_content(tmp_path):
     root = make_folder(tmp_path / "data", per_class=4)
-    m = scan(root, EXTS).manifest
+    m = _images(root, tmp_path)
     h = data_hash(m)
     assert len(h) == 64
     shuffled = m.sample(frac=1.0, random_state=3).reset_index(drop=True)
@@ -251,13 +297,13 @@ def test_data_hash_ignores_order_and_tracks_content(tmp_path):
     assert data_hash(shuffled) == h
 
     make_image(root / "cat" / "cat_000.png", COLOURS[0], seed=99_999)  # new content, same name
-    m2 = scan(root, EXTS).manifest
+    m2 = _images(root, tmp_path)
     assert data_hash(m2) != h
 
 
 def test_data_hash_tracks_relabel(tmp_path):
     root = make_folder(tmp_path / "data", per_class=4)
-    m = scan(root, EXTS).manifest
+    m = _images(root, tmp_path)
     relabelled = m.copy()
     relabelled.loc[0, "label"] = "dog"
     assert data_hash(relabelled) != data_hash(m)

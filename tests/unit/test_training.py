@@ -161,7 +161,7 @@ def tiny_params(tiny_weights):
 def _folder_features(tmp_path, tiny, per_class):
     """A tiny image folder's paths and hashes, an empty feature cache and the frozen extractor."""
     root = make_folder(tmp_path / "data", per_class=per_class)
-    m = scan(root, EXTS).manifest
+    m = scan(root, EXTS, tmp_path / "probe_cache")
     cache = FeatureCache(tmp_path / "cache", tiny.cache_key)
     return [root / p for p in m["path"]], list(m["sha256"]), cache, tiny.feature_extractor()
 

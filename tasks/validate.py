@@ -1,0 +1,43 @@
+"""validate: the Great Expectations suite over the manifest; quarantine; the gate before training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from headstart.atomic import directory, write_json, write_text
+from headstart.config import Params
+from headstart.data.manifest import assign_splits
+from headstart.validation import ValidationFailed, failure_message, to_markdown, validate_manifest
+from tasks import _inputs
+
+
+@dataclass
+class ValidateResult:
+    success: bool
+    n_images: int
+    n_quarantined: int
+    failed: list[str]
+    warnings: list[str]
+
+
+def validate(cfg: Params) -> ValidateResult:
+    manifest = _inputs.prepared_manifest(cfg)
+    final = cfg.stage_dir("validate")
+    with directory(final) as out:
+        pp, seed = cfg.prepare, cfg.project.seed
+        v = validate_manifest(
+            manifest,
+            cfg.validate,
+            out / "data_docs",
+            lambda m: assign_splits(m, pp.val_fraction, pp.test_fraction, seed),
+        )
+        v.clean.to_parquet(out / "manifest.parquet", index=False)
+        v.quarantine.to_csv(out / "quarantine.csv", index=False)
+        write_json(out / "report.json", v.report)
+        write_text(out / "summary.md", to_markdown(v.report))
+    r = v.report
+    for row in v.quarantine.itertuples():
+        print(f"quarantined {cfg.prepare.data_dir / row.path}: {row.reason}")
+    if not r["success"]:  # the report stays for inspection; training never sees failed data
+        raise ValidationFailed(failure_message(r, final / "report.json"))
+    return ValidateResult(True, r["n_images"], r["n_quarantined"], r["failed"], r["warnings"])
