@@ -108,6 +108,7 @@ class TrainHeadParams(Section):
     max_epochs: int = Field(200, gt=0)
     patience: int = Field(15, gt=0)
     extract_batch_size: int = Field(32, gt=0)
+    runtime: Literal["auto", "onnxruntime", "torch", "torch-cuda"] = "auto"
 
 
 class EvaluateParams(Section):

@@ -16,12 +16,10 @@ from headstart.preprocess import InputSpec, load_batch
 from headstart.runtime import Predictor
 
 
-def export_onnx(
-    model: torch.nn.Module, path: str | Path, spec: InputSpec, metadata: dict[str, str], opset: int
-) -> Path:
-    """torch.onnx.export (dynamo) with batch as a dynamic dimension; metadata makes it self-describing."""
+def to_onnx(model: torch.nn.Module, size: int, opset: int, output: str = "logits") -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) of an NCHW image model, with batch as a dynamic dimension."""
     model = model.eval()
-    example = torch.zeros(2, 3, spec.size, spec.size)
+    example = torch.zeros(2, 3, size, size)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         torch.onnx.export(
@@ -32,10 +30,18 @@ def export_onnx(
             opset_version=opset,
             external_data=False,
             input_names=["input"],
-            output_names=["logits"],
+            output_names=[output],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            verbose=False,
         )
-        proto = onnx.load(raw)
+        return onnx.load(raw)
+
+
+def export_onnx(
+    model: torch.nn.Module, path: str | Path, spec: InputSpec, metadata: dict[str, str], opset: int
+) -> Path:
+    """The deployable model: to_onnx plus the preprocessing contract in its metadata."""
+    proto = to_onnx(model, spec.size, opset)
     meta = {
         "headstart.version": __version__,
         "headstart.input_spec": spec.to_json(),

@@ -49,7 +49,9 @@ class Predictor:
         """Class probabilities, one row per image, in `self.classes` order."""
         out = []
         for i in range(0, len(paths), batch_size):
-            x = np.stack([preprocess(decode(p), self.spec) for p in paths[i : i + batch_size]])
+            x = np.stack(
+                [preprocess(decode(p, keep_grey=True), self.spec) for p in paths[i : i + batch_size]]
+            )
             out.append(softmax(self.logits(x)))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from headstart import HeadstartError
 from headstart.atomic import write_bytes
 from headstart.backbones import Backbone, freeze, load_backbone
 from headstart.config import TrainHeadParams
-from headstart.preprocess import InputSpec, load_batch
 
 MODEL_FORMAT = "headstart.model/1"
 
@@ -36,62 +34,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-class FeatureCache:
-    """Features on disk, one .npy per image, keyed by the backbone's cache key and the image's sha256."""
-
-    def __init__(self, root: str | Path, key: str):
-        self.dir = Path(root) / "features" / key
-
-    def _path(self, sha: str) -> Path:
-        return self.dir / sha[:2] / f"{sha}.npy"
-
-    def get(self, sha: str) -> np.ndarray | None:
-        path = self._path(sha)
-        if not path.exists():
-            return None
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError):
-            return None  # a damaged entry is recomputed, not trusted
-
-    def put(self, sha: str, vec: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.save(buf, vec.astype(np.float32), allow_pickle=False)
-        write_bytes(self._path(sha), buf.getvalue())
-
-
-@torch.inference_mode()
-def extract_features(
-    extractor: nn.Module,
-    spec: InputSpec,
-    paths: list[Path],
-    shas: list[str],
-    cache: FeatureCache,
-    batch_size: int = 32,
-    desc: str = "features",
-) -> tuple[np.ndarray, int]:
-    """Features for each image, computing only the ones not cached; returns (features, n_computed)."""
-    found = {s: v for s in dict.fromkeys(shas) if (v := cache.get(s)) is not None}
-    todo = list({s: p for p, s in zip(paths, shas, strict=True) if s not in found}.items())
-    extractor = extractor.to(memory_format=torch.channels_last)
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    with (
-        ThreadPoolExecutor(max_workers=1) as pool,
-        tqdm(total=len(todo), desc=desc, unit="img", disable=not todo) as bar,
-    ):
-        # decode the next batch while the backbone runs on this one
-        futures = [pool.submit(load_batch, [p for _, p in b], spec) for b in batches[:1]]
-        for i, batch in enumerate(batches):
-            if i + 1 < len(batches):
-                futures.append(pool.submit(load_batch, [p for _, p in batches[i + 1]], spec))
-            x = torch.from_numpy(futures[i].result()).to(memory_format=torch.channels_last)
-            for (sha, _), vec in zip(batch, extractor(x).float().numpy(), strict=True):
-                cache.put(sha, vec)
-                found[sha] = vec
-            bar.update(len(batch))
-    return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
 
 
 def fit_head(

@@ -11,8 +11,9 @@ import torch
 from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json
 from headstart.config import Params
+from headstart.features import Features
 from headstart.metrics import classification_metrics, confusion_png
-from headstart.training import FeatureCache, extract_features, load_model
+from headstart.training import load_model
 from tasks import _inputs
 
 
@@ -28,17 +29,11 @@ def evaluate(cfg: Params) -> EvaluateResult:
     rows, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "test")
     if rows.empty:
         raise HeadstartError("the test split is empty; add images or raise prepare.test_fraction")
-    cache = FeatureCache(cfg.project.cache_dir, model.backbone.cache_key)
     # the backbone is frozen, so its cached features + the head = the full model's logits
-    x, _ = extract_features(
-        model.classifier.features,
-        model.backbone.spec,
-        paths,
-        list(rows["sha256"]),
-        cache,
-        cfg.evaluate.batch_size,
-        "features (test)",
+    features = Features(
+        model.backbone, cfg.train_head.runtime, cfg.project.cache_dir, cfg.evaluate.batch_size
     )
+    x, _ = features(paths, list(rows["sha256"]), desc="features (test)")
     with torch.no_grad():
         probs = model.classifier.head(torch.from_numpy(x)).softmax(1).numpy()
     y_true = rows["label"].map(model.classes.index).to_numpy()

@@ -11,7 +11,8 @@ from headstart import HeadstartError
 from headstart.atomic import directory, write_json
 from headstart.backbones import load_backbone
 from headstart.config import Params
-from headstart.training import FeatureCache, extract_features, fit_head, save_model
+from headstart.features import Features
+from headstart.training import fit_head, save_model
 from tasks import _inputs
 
 
@@ -29,23 +30,14 @@ def train_head(cfg: Params) -> TrainHeadResult:
     frame = _inputs.manifest(cfg)
     classes = sorted(frame["label"].unique())
     backbone = load_backbone(p.backbone, p.weights, p.weights_sha256)
-    extractor = backbone.feature_extractor()
-    cache = FeatureCache(cfg.project.cache_dir, backbone.cache_key)
+    features = Features(backbone, p.runtime, cfg.project.cache_dir, p.extract_batch_size)
     data, computed, seconds = {}, 0, 0.0
     for split in ("train", "val"):
         rows, paths = _inputs.split_paths(cfg, frame, split)
         if split == "train" and rows.empty:
             raise HeadstartError("the training split is empty; add images or lower the fractions")
         start = time.perf_counter()
-        x, n = extract_features(
-            extractor,
-            backbone.spec,
-            paths,
-            list(rows["sha256"]),
-            cache,
-            p.extract_batch_size,
-            desc=f"features ({split})",
-        )
+        x, n = features(paths, list(rows["sha256"]), desc=f"features ({split})")
         computed, seconds = computed + n, seconds + (time.perf_counter() - start if n else 0.0)
         data[split] = (x, rows["label"].map(classes.index).to_numpy(np.int64))
     head, history, best_epoch = fit_head(*data["train"], *data["val"], len(classes), p, cfg.project.seed)
@@ -62,6 +54,7 @@ def train_head(cfg: Params) -> TrainHeadResult:
         "features_computed": computed,
         "features_cached": len(data["train"][1]) + len(data["val"][1]) - computed,
         "extract_images_per_s": rate,
+        "runtime": features.runtime,
     }
     with directory(cfg.stage_dir("train_head")) as out:
         save_model(out / "model.pt", backbone, head, classes, p)

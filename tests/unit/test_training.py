@@ -1,4 +1,4 @@
-"""headstart.training: the head's fit loop, the feature cache, and the model file."""
+"""headstart.training: the head's fit loop and the model file."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ import torch
 from headstart import HeadstartError
 from headstart.backbones import load_backbone
 from headstart.config import TrainHeadParams
-from headstart.data.manifest import scan
 from headstart.training import (
     Classifier,
-    FeatureCache,
-    extract_features,
     fit_head,
     load_model,
     make_head,
     save_model,
 )
-from tests.conftest import TINY_BACKBONE, make_folder
+from tests.conftest import TINY_BACKBONE
 
 EXTS = [".png"]
 
@@ -109,43 +106,6 @@ def test_make_head_shapes():
 # --- feature cache ----------------------------------------------------------------------------------
 
 
-def test_feature_cache_roundtrip(tmp_path):
-    cache = FeatureCache(tmp_path, "key-1")
-    sha = "ab" + "0" * 62
-    assert cache.get(sha) is None
-    vec = np.arange(8, dtype=np.float64) / 3
-    cache.put(sha, vec)
-    got = cache.get(sha)
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, vec.astype(np.float32))
-    assert (tmp_path / "features" / "key-1" / "ab" / f"{sha}.npy").is_file()
-    # another key is another cache
-    assert FeatureCache(tmp_path, "key-2").get(sha) is None
-
-
-def test_feature_cache_corrupt_entry_is_none(tmp_path):
-    cache = FeatureCache(tmp_path, "k")
-    sha = "cd" + "1" * 62
-    cache.put(sha, np.ones(4, np.float32))
-    path = tmp_path / "features" / "k" / "cd" / f"{sha}.npy"
-    path.write_bytes(b"garbage, not npy")
-    assert cache.get(sha) is None
-    path.write_bytes(path.read_bytes()[:3])
-    assert cache.get(sha) is None
-
-
-def test_feature_cache_refuses_pickled_object_array(tmp_path):
-    cache = FeatureCache(tmp_path, "k")
-    sha = "ef" + "2" * 62
-    path = tmp_path / "features" / "k" / "ef" / f"{sha}.npy"
-    path.parent.mkdir(parents=True)
-    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    assert cache.get(sha) is None
-
-
-# --- with the tiny backbone -------------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_weights):
     return load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
@@ -156,44 +116,6 @@ def tiny_params(tiny_weights):
     return TrainHeadParams(
         backbone=TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1], hidden=8
     )
-
-
-def _folder_features(tmp_path, tiny, per_class):
-    """A tiny image folder's paths and hashes, an empty feature cache and the frozen extractor."""
-    root = make_folder(tmp_path / "data", per_class=per_class)
-    m = scan(root, EXTS, tmp_path / "probe_cache")
-    cache = FeatureCache(tmp_path / "cache", tiny.cache_key)
-    return [root / p for p in m["path"]], list(m["sha256"]), cache, tiny.feature_extractor()
-
-
-def test_extract_features_uses_cache(tmp_path, tiny):
-    paths, shas, cache, fx = _folder_features(tmp_path, tiny, per_class=5)
-
-    first, n1 = extract_features(fx, tiny.spec, paths, shas, cache, batch_size=4)
-    assert n1 == 10
-    assert first.shape == (10, 256) and first.dtype == np.float32
-    assert np.isfinite(first).all()
-    second, n2 = extract_features(fx, tiny.spec, paths, shas, cache, batch_size=4)
-    assert n2 == 0
-    np.testing.assert_array_equal(first, second)
-
-    # the features are the backbone's, in the manifest's order
-    from headstart.preprocess import load_batch
-
-    with torch.no_grad():
-        direct = fx(torch.from_numpy(load_batch(paths[:2], tiny.spec))).numpy()
-    np.testing.assert_allclose(first[:2], direct, rtol=1e-4, atol=1e-5)
-
-
-def test_extract_features_duplicates_and_partial_cache(tmp_path, tiny):
-    paths, shas, cache, fx = _folder_features(tmp_path, tiny, per_class=3)
-    _, n = extract_features(fx, tiny.spec, paths[:2], shas[:2], cache, batch_size=4)
-    assert n == 2
-    # the same image twice is computed once; the two cached ones are not recomputed
-    feats, n = extract_features(fx, tiny.spec, paths + paths[:1], shas + shas[:1], cache, batch_size=4)
-    assert n == len(paths) - 2
-    assert feats.shape[0] == len(paths) + 1
-    np.testing.assert_array_equal(feats[0], feats[-1])
 
 
 def test_save_load_model_roundtrip(tmp_path, tiny, tiny_params):

@@ -1,0 +1,227 @@
+"""Benchmark (not a test): the frozen backbone's cost, and what the feature cache saves.
+
+    python -m benchmarks.features [--images 256] [--naive-images 64]   # prints one JSON report
+
+- extraction images/s, decoding included: torch eager, torch channels_last, onnxruntime, against a bare
+  onnxruntime session on pre-decoded tensors (the ceiling on this machine);
+- a warm re-run (everything cached): seconds and images/s;
+- head training for 20 epochs on cached features vs the naive loop that runs the backbone every epoch
+  (same images, same seed: the same head, checked);
+- predict images/s end to end through headstart.runtime (decode + ONNX classifier);
+- peak memory of extraction for N and 10N images (it must not grow with the data set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from headstart.backbones import load_backbone
+from headstart.config import TrainHeadParams
+from headstart.features import FeatureCache, OrtEngine, TorchEngine, backbone_onnx, extract_features
+from headstart.preprocess import load_batch
+from headstart.training import fit_head, make_head
+
+BACKBONE = "efficientnet_lite0"
+
+
+def elpv_images(folder: Path, n: int) -> list[Path]:
+    """n real 300x300 solar-cell images from the installed elpv package, as PNG files."""
+    from headstart.data.builtin import pull
+
+    pull("elpv", folder, task="type", per_class=(n + 1) // 2)
+    return sorted(folder.rglob("*.png"))[:n]
+
+
+def extraction(paths: list[Path], tmp: Path) -> dict:
+    lite0 = load_backbone(BACKBONE)
+    onnx_path = backbone_onnx(lite0, tmp / "engines")
+    plain = lite0.feature_extractor()  # torch eager: contiguous NCHW, as most scripts run it
+
+    def eager(x):
+        with torch.inference_mode():
+            return plain(torch.from_numpy(x)).numpy()
+
+    engines = {
+        "torch_eager": eager,
+        "torch_channels_last": TorchEngine(lite0.feature_extractor()),
+        "onnxruntime": OrtEngine(onnx_path),
+    }
+    out = {}
+    for name, engine in engines.items():
+        shas = [f"{name}-{i}" for i in range(len(paths))]
+        start = time.perf_counter()
+        extract_features(engine, lite0.spec, paths, shas, FeatureCache(tmp, name), 32, desc=name)
+        out[f"{name}_images_per_s"] = round(len(paths) / (time.perf_counter() - start), 1)
+    x = load_batch(paths[:32], lite0.spec)
+    ort = OrtEngine(onnx_path)
+    ort(x)  # warm-up
+    start, reps = time.perf_counter(), max(1, len(paths) // 32)
+    for _ in range(reps):
+        ort(x)
+    ceiling = 32 * reps / (time.perf_counter() - start)
+    out["bare_onnxruntime_ceiling_images_per_s"] = round(ceiling, 1)
+    out["onnxruntime_vs_ceiling"] = round(out["onnxruntime_images_per_s"] / ceiling, 3)
+    shas = [f"onnxruntime-{i}" for i in range(len(paths))]
+    start = time.perf_counter()
+    extract_features(engines["onnxruntime"], lite0.spec, paths, shas, FeatureCache(tmp, "onnxruntime"))
+    warm = time.perf_counter() - start
+    out["warm_rerun_s"] = round(warm, 3)
+    out["warm_rerun_images_per_s"] = round(len(paths) / warm, 1)
+    return out
+
+
+def head_training(paths: list[Path], tmp: Path, epochs: int = 20) -> dict:
+    """Cached features + 20 epochs of the head, vs the backbone on every batch of every epoch."""
+    lite0 = load_backbone(BACKBONE)
+    engine = OrtEngine(backbone_onnx(lite0, tmp / "engines"))
+    y = np.array([0 if "mono" in p.parts[-2] else 1 for p in paths])
+    p = TrainHeadParams(max_epochs=epochs, patience=epochs + 1, batch_size=16, hidden=64)
+    start = time.perf_counter()
+    feats, _ = extract_features(
+        engine,
+        lite0.spec,
+        paths,
+        [f"h{i}" for i in range(len(paths))],
+        FeatureCache(tmp, "head"),
+        32,
+        desc="cached",
+    )
+    cached_head, _, _ = fit_head(feats, y, feats, y, 2, p, seed=0)
+    cached_s = time.perf_counter() - start
+    start = time.perf_counter()
+    naive_head = naive_fit(engine, lite0.spec, paths, y, p, epochs)
+    naive_s = time.perf_counter() - start
+    same = all(
+        torch.allclose(a, b, atol=1e-4)
+        for a, b in zip(cached_head.state_dict().values(), naive_head.state_dict().values(), strict=True)
+    )
+    return {
+        "images": len(paths),
+        "epochs": epochs,
+        "cached_s": round(cached_s, 2),
+        "naive_s": round(naive_s, 2),
+        "speedup": round(naive_s / cached_s, 1),
+        "same_head_weights": same,
+    }
+
+
+def naive_fit(engine, spec, paths, y, p: TrainHeadParams, epochs: int):
+    """What most tutorials do: decode and run the frozen backbone for every batch of every epoch.
+    Same seed, order and updates as fit_head, so the result must be the same head."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    head = make_head(1280, 2, p.hidden, p.dropout)
+    opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    yt = torch.tensor(y)
+    for _ in range(epochs):
+        head.train()
+        order = torch.randperm(len(yt), generator=gen)
+        for i in range(0, len(yt), p.batch_size):
+            idx = order[i : i + p.batch_size]
+            x = torch.from_numpy(engine(load_batch([paths[j] for j in idx], spec)))
+            opt.zero_grad()
+            loss_fn(head(x), yt[idx]).backward()
+            opt.step()
+    return head.eval()
+
+
+def predict(paths: list[Path], tmp: Path) -> dict:
+    from headstart.export import export_onnx
+    from headstart.runtime import Predictor
+    from headstart.training import Classifier
+
+    lite0 = load_backbone(BACKBONE)
+    model = Classifier(lite0.feature_extractor(), make_head(1280, 2, 64, 0.0).eval())
+    path = export_onnx(model, tmp / "model.onnx", lite0.spec, {"headstart.classes": '["a", "b"]'}, 18)
+    predictor = Predictor(path, providers=("CPUExecutionProvider",))
+    predictor.predict(paths[:8])
+    start = time.perf_counter()
+    predictor.predict(paths, batch_size=32)
+    return {
+        "images": len(paths),
+        "predict_images_per_s": round(len(paths) / (time.perf_counter() - start), 1),
+        "providers": predictor.providers,
+    }
+
+
+def peak_memory(n: int, tmp: Path) -> dict:
+    """Extraction in a fresh process for n and 10n images: its peak RSS must not scale with n."""
+    out = {}
+    for count in (n, 10 * n):
+        code = (
+            "import resource, sys, json; from pathlib import Path; "
+            "from benchmarks.features import _extract_only; "
+            f"_extract_only(Path({str(tmp)!r}), {count}); "
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))"
+        )
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[f"extract_{count}_images_peak_rss_mb"] = round(int(res.stdout.strip().splitlines()[-1]) / 1024)
+    return out
+
+
+def _extract_only(tmp: Path, count: int) -> None:
+    """Extraction of `count` synthetic 300x300 images through the onnxruntime engine."""
+    folder = tmp / f"mem{count}"
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"{i}.png")
+        if not paths[-1].exists():
+            Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8)).save(paths[-1])
+    lite0 = load_backbone(BACKBONE)
+    engine = OrtEngine(backbone_onnx(lite0, tmp / "engines"))
+    extract_features(
+        engine,
+        lite0.spec,
+        paths,
+        [f"m{count}-{i}" for i in range(count)],
+        FeatureCache(tmp, f"mem{count}"),
+        32,
+        desc=f"{count} images",
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=256, help="images for the extraction figures")
+    ap.add_argument("--naive-images", type=int, default=64, help="images for the naive-loop comparison")
+    ap.add_argument("--memory-images", type=int, default=64, help="N for the N vs 10N memory check")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = elpv_images(tmp / "elpv", args.images)
+        report = {
+            "benchmark": "features",
+            "machine": {
+                "cpus": os.cpu_count(),
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+                "torch_threads": torch.get_num_threads(),
+            },
+            "backbone": BACKBONE,
+            "extraction": extraction(paths, tmp),
+            "head_training": head_training(paths[: args.naive_images], tmp),
+            "predict": predict(paths, tmp),
+            "memory": peak_memory(args.memory_images, tmp),
+            "peak_rss_mb_this_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

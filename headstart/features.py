@@ -1,0 +1,182 @@
+"""The feature engine: each image's frozen-backbone features, computed once, at the fastest runtime here.
+
+Decoding and preprocessing run in a thread pool a few batches ahead of the backbone (Pillow releases
+the GIL), so at most `prefetch` batches of pixels are ever in memory; features go to a disk cache keyed
+by (backbone, weights hash, preprocessing, runtime, image sha256), so a re-run computes only new images.
+Runtimes: `onnxruntime` on the CPU (an ONNX export of the feature extractor, itself cached on disk),
+`torch` (channels_last, inference_mode), `torch-cuda` (fp16 autocast) when a GPU is there.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from headstart import HeadstartError
+from headstart.atomic import write_bytes
+from headstart.backbones import Backbone
+from headstart.preprocess import InputSpec, decode, preprocess
+
+RUNTIMES = ("auto", "onnxruntime", "torch", "torch-cuda")
+
+
+class TorchEngine:
+    """The frozen extractor in torch: channels_last and inference_mode on the CPU, fp16 on CUDA."""
+
+    def __init__(self, extractor: nn.Module, device: str = "cpu"):
+        self.device = device
+        self.name = "torch-cuda" if device.startswith("cuda") else "torch"
+        self.model = extractor.eval().to(device, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).to(self.device, memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.name == "torch-cuda"):
+            return self.model(t).float().cpu().numpy()
+
+
+class OrtEngine:
+    """The frozen extractor exported once to ONNX (cached) and run by onnxruntime on the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        # idle ORT threads spin by default, stealing the cores that decode the next batch
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: x})[0]
+
+
+def resolve_runtime(runtime: str) -> str:
+    """`auto`: torch-cuda with a GPU, else onnxruntime (the fastest CPU runtime here)."""
+    if runtime not in RUNTIMES:
+        raise HeadstartError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        return "torch-cuda" if torch.cuda.is_available() else "onnxruntime"
+    if runtime == "torch-cuda" and not torch.cuda.is_available():
+        raise HeadstartError("runtime torch-cuda asked for, but torch sees no CUDA device")
+    return runtime
+
+
+def make_engine(backbone: Backbone, runtime: str, cache_dir: str | Path) -> TorchEngine | OrtEngine:
+    runtime = resolve_runtime(runtime)
+    if runtime == "onnxruntime":
+        return OrtEngine(backbone_onnx(backbone, cache_dir))
+    return TorchEngine(backbone.feature_extractor(), "cuda" if runtime == "torch-cuda" else "cpu")
+
+
+def backbone_onnx(backbone: Backbone, cache_dir: str | Path, opset: int = 18) -> Path:
+    """The feature extractor as ONNX, exported once per backbone cache key and kept on disk."""
+    path = Path(cache_dir) / "engines" / f"{backbone.cache_key}.onnx"
+    if not path.exists():
+        from headstart.export import to_onnx
+
+        proto = to_onnx(backbone.feature_extractor(), backbone.spec.size, opset, output="features")
+        write_bytes(path, proto.SerializeToString())
+    return path
+
+
+class FeatureCache:
+    """Features on disk, one .npy per image, keyed by the engine's cache key and the image's sha256."""
+
+    def __init__(self, root: str | Path, key: str):
+        self.dir = Path(root) / "features" / key
+
+    def _path(self, sha: str) -> Path:
+        return self.dir / sha[:2] / f"{sha}.npy"
+
+    def get(self, sha: str) -> np.ndarray | None:
+        path = self._path(sha)
+        if not path.exists():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError):
+            return None  # a damaged entry is recomputed, not trusted
+
+    def put(self, sha: str, vec: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, vec.astype(np.float32), allow_pickle=False)
+        write_bytes(self._path(sha), buf.getvalue())
+
+
+class Features:
+    """A backbone's features for any list of images, through its cache; the engine (and the ONNX
+    export it may need) is only built when some image is not cached yet."""
+
+    def __init__(self, backbone: Backbone, runtime: str, cache_dir: str | Path, batch_size: int = 32):
+        self.backbone, self.runtime = backbone, resolve_runtime(runtime)
+        self.cache_dir, self.batch_size, self._engine = Path(cache_dir), batch_size, None
+        # runtimes differ in the last bits: each keeps its own features, so re-runs are exact
+        self.cache = FeatureCache(cache_dir, f"{backbone.cache_key}-{self.runtime}")
+
+    @property
+    def engine(self) -> TorchEngine | OrtEngine:
+        if self._engine is None:
+            self._engine = make_engine(self.backbone, self.runtime, self.cache_dir)
+        return self._engine
+
+    def __call__(self, paths: list[Path], shas: list[str], desc: str = "features") -> tuple[np.ndarray, int]:
+        """(features, how many were computed rather than read from the cache)."""
+        cached = [self.cache.get(s) for s in shas]
+        if all(v is not None for v in cached):
+            width = self.backbone.num_features
+            return (np.stack(cached) if cached else np.zeros((0, width), np.float32)), 0
+        return extract_features(
+            self.engine, self.backbone.spec, paths, shas, self.cache, self.batch_size, desc
+        )
+
+
+def extract_features(
+    engine,
+    spec: InputSpec,
+    paths: list[Path],
+    shas: list[str],
+    cache: FeatureCache,
+    batch_size: int = 32,
+    desc: str = "features",
+    workers: int | None = None,
+    prefetch: int = 2,
+) -> tuple[np.ndarray, int]:
+    """Features for each image, computing only those not cached; returns (features, n_computed)."""
+    if isinstance(engine, nn.Module):
+        engine = TorchEngine(engine)
+    found = {s: v for s in dict.fromkeys(shas) if (v := cache.get(s)) is not None}
+    todo = list({s: p for p, s in zip(paths, shas, strict=True) if s not in found}.items())
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    workers = workers or max(1, (os.cpu_count() or 1))
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(todo), desc=desc, unit="img", disable=not todo) as bar,
+    ):
+        pending: deque = deque()
+        for i, batch in enumerate(batches):
+            while len(pending) <= prefetch and i + len(pending) < len(batches):
+                ahead = batches[i + len(pending)]
+                pending.append([pool.submit(_pixels, p, spec) for _, p in ahead])
+            x = np.stack([f.result() for f in pending.popleft()])
+            for (sha, _), vec in zip(batch, engine(x), strict=True):
+                cache.put(sha, vec)
+                found[sha] = vec
+            bar.update(len(batch))
+    return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
+
+
+def _pixels(path: Path, spec: InputSpec) -> np.ndarray:
+    return preprocess(decode(path, keep_grey=True), spec)
