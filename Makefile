@@ -39,6 +39,8 @@ repro: venv data  ## the same pipeline through DVC
 
 bench: venv  ## benchmarks (not tests): print JSON reports
 	$(BIN)/python -m benchmarks.manifest
+	$(BIN)/python -m benchmarks.features
+	$(BIN)/python -m benchmarks.pipeline
 
 lint: venv
 	$(BIN)/ruff check headstart tasks flows tests benchmarks

@@ -59,10 +59,11 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, paths: list[Path], bat
     if not paths:
         raise HeadstartError("parity check needs at least one image")
     predictor = Predictor(onnx_path, providers=("CPUExecutionProvider",))
+    model = model.eval().to(memory_format=torch.channels_last)  # same math, ~2x faster on a CPU
     diffs, agree = [], 0
     for i in range(0, len(paths), batch_size):
         x = load_batch(paths[i : i + batch_size], predictor.spec)
-        ours = model.eval()(torch.from_numpy(x)).numpy()
+        ours = model(torch.from_numpy(x).to(memory_format=torch.channels_last)).numpy()
         theirs = predictor.logits(x)
         diffs.append(float(np.abs(ours - theirs).max()))
         agree += int((ours.argmax(1) == theirs.argmax(1)).sum())

@@ -1,0 +1,79 @@
+"""Benchmark (not a test): the demo pipeline's wall time and peak memory, stage by stage.
+
+    python -m benchmarks.pipeline [--per-class 400]   # prints one JSON report
+
+Each stage runs as `headstart stage NAME` in its own process (what dvc repro does), so each figure
+includes that process's imports; then the whole Prefect flow (`headstart run`) cold and warm, and the
+fixed cost of the machinery: importing torch, Prefect, MLflow, GX, and `headstart --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.features import measured
+
+STAGES = ("prepare", "validate", "train_head", "evaluate", "export", "register")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-class", type=int, default=400, help="elpv defect images per class (demo: 400)")
+    args = ap.parse_args()
+    bin_dir = Path(sys.executable).parent
+    headstart = str(bin_dir / "headstart")
+    report = {
+        "benchmark": "pipeline",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+        measured(
+            [headstart, "data", "pull", "elpv", "--out", "data/raw", "--per-class", str(args.per_class)],
+            cwd=tmp,
+        )
+        report["images"] = 2 * args.per_class
+        report["stages_cold"] = {s: measured([headstart, "stage", s], cwd=tmp) for s in STAGES}
+        report["stages_warm"] = {s: measured([headstart, "stage", s], cwd=tmp) for s in STAGES}
+        report["flow_warm"] = measured([headstart, "run"], cwd=tmp)
+        more = tmp / "data" / "raw" / "functional"
+        for i, src in enumerate(sorted(more.glob("*.png"))[: args.per_class // 5]):  # +10% images
+            (more / f"copy_{i}.png").write_bytes(_flip(src))
+        report["stages_after_adding_10_percent"] = {
+            s: measured([headstart, "stage", s], cwd=tmp) for s in STAGES
+        }
+    py = sys.executable
+    report["fixed_costs"] = {
+        "import_torch": measured([py, "-c", "import torch"]),
+        "import_prefect": measured([py, "-c", "import prefect"]),
+        "import_mlflow": measured([py, "-c", "import mlflow"]),
+        "import_great_expectations": measured([py, "-c", "import great_expectations"]),
+        "headstart_help": measured([headstart, "--help"]),
+    }
+    print(json.dumps(report, indent=2))
+
+
+def _flip(path: Path) -> bytes:
+    """A new image (mirrored): new content, so the cache cannot know it."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    ImageOps.mirror(Image.open(path)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    main()

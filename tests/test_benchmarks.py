@@ -1,0 +1,25 @@
+"""The benchmarks are not timed tests, but they must keep running: a tiny run of each piece."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_manifest_benchmark_reports_rates():
+    from benchmarks.manifest import run
+
+    result = run("40x32")
+    assert result["images"] == 40 and result["validation_success"]
+    assert result["scan_cold_images_per_s"] > 0 and result["scan_warm_images_per_s"] > 0
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="GNU time is not installed here")
+def test_measured_reads_wall_time_and_peak_memory():
+    from benchmarks.features import measured
+
+    small = measured([sys.executable, "-c", "pass"])
+    big = measured([sys.executable, "-c", "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])"])
+    assert small["s"] > 0 and big["peak_rss_mb"] >= small["peak_rss_mb"] + 250
