@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 
 from headstart import HeadstartError
 from headstart.config import load_params
+from tasks.domain import domain
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.prepare import prepare
@@ -39,7 +40,7 @@ def _stage(fn):
 
 @flow(name="training", log_prints=True)
 def training(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """prepare -> validate -> [domain] -> train_head -> [finetune] -> evaluate -> export -> register."""
+    """prepare -> validate -> domain -> train_head -> [finetune] -> evaluate -> export -> register."""
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
@@ -53,8 +54,12 @@ def training(params_file: str = "params.yaml", overrides: list[str] | None = Non
         try:
             results["validate"] = _stage(validate)(cfg)
         finally:
-            _publish_validation(cfg)
-        # domain (the new images vs the backbone's pretraining statistics) slots in here
+            _publish(cfg, "validate", "data-validation", "headstart data validation")
+        stage = "domain"
+        try:
+            results["domain"] = _stage(domain)(cfg)
+        finally:
+            _publish(cfg, "domain", "domain-check", "headstart domain check")
         stage = "train_head"
         results["train_head"] = _stage(train_head)(cfg)
         # finetune, gated on dataset size, slots in here
@@ -80,10 +85,8 @@ def _record(cfg, stage: str, exc: Exception, tags: dict[str, str]) -> None:
         log.warning("stage %s failed and MLflow could not record it: %s", stage, tracking_error)
 
 
-def _publish_validation(cfg) -> None:
-    """The validation summary as a Prefect markdown artifact, so the UI tells the story."""
-    summary = cfg.stage_dir("validate") / "summary.md"
+def _publish(cfg, stage: str, key: str, description: str) -> None:
+    """A stage's summary as a Prefect markdown artifact, so the UI tells the story."""
+    summary = cfg.stage_dir(stage) / "summary.md"
     if summary.exists():
-        create_markdown_artifact(
-            markdown=summary.read_text(), key="data-validation", description="headstart data validation"
-        )
+        create_markdown_artifact(markdown=summary.read_text(), key=key, description=description)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from headstart import HeadstartError, __version__
 
-STAGES = ("prepare", "validate", "train_head", "evaluate", "export", "register")
+STAGES = ("prepare", "validate", "domain", "train_head", "evaluate", "export", "register")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     check = with_params(sub.add_parser("validate", help="prepare + validate a data folder; exit 0 or 1"))
     check.add_argument("--data", help="image folder <class>/<file> (sets prepare.data_dir)")
     check.set_defaults(func=_validate)
+
+    dom = with_params(sub.add_parser("domain-check", help="prepare + validate + domain; exit 1 on mismatch"))
+    dom.add_argument("--data", help="image folder <class>/<file> (sets prepare.data_dir)")
+    dom.add_argument("--backbone", help="sets train_head.backbone")
+    dom.add_argument("--json", action="store_true", help="print the report as JSON")
+    dom.set_defaults(func=_domain_check)
+
+    cal = sub.add_parser("domain-calibrate", help="measure a backbone's domain thresholds on offline sets")
+    cal.add_argument("--backbone", default="efficientnet_lite0")
+    cal.add_argument("--weights", help="weights file for a non-built-in backbone")
+    cal.add_argument("--out", help="JSON file (default: the package's domain_reference/<backbone>.json)")
+    cal.set_defaults(func=_domain_calibrate)
 
     stage = with_params(sub.add_parser("stage", help="run one stage without Prefect (dvc.yaml)"))
     stage.add_argument("name", choices=STAGES)
@@ -111,6 +123,56 @@ def _validate(args) -> int:
     return code
 
 
+def _domain_check(args) -> int:
+    import json
+
+    from headstart.config import load_params
+    from tasks.domain import domain
+    from tasks.prepare import prepare
+    from tasks.validate import validate
+
+    extra = ["domain.on_mismatch=continue"] + (
+        [f"train_head.backbone={args.backbone}"] if args.backbone else []
+    )
+    cfg = load_params(args.params, _overrides(args) + extra)
+    prepare(cfg)
+    validate(cfg)
+    result = domain(cfg)
+    report = cfg.stage_dir("domain")
+    print(
+        json.dumps(json.loads((report / "report.json").read_text()), indent=2)
+        if args.json
+        else (report / "summary.md").read_text()
+    )
+    return 1 if result.verdict == "mismatch" else 0
+
+
+def _domain_calibrate(args) -> int:
+    import json
+    from importlib import resources
+
+    from headstart.atomic import write_json
+    from headstart.backbones import load_backbone
+    from headstart.domain import calibrate
+
+    backbone = load_backbone(args.backbone, args.weights)
+    ref = {
+        "backbone": backbone.name,
+        "weights_sha256": backbone.weights_sha256,
+        **calibrate(backbone.model, backbone.spec),
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(str(resources.files("headstart") / "domain_reference"))
+        / (backbone.name.replace("/", "_") + ".json")
+    )
+    write_json(out, ref)
+    print(json.dumps({k: ref[k] for k in ("thresholds", "auroc", "table")}, indent=2))
+    print(f"headstart: wrote {out}")
+    return 0
+
+
 def _summary(r: dict) -> None:
     reg, ev, ex, th, va = r["register"], r["evaluate"], r["export"], r["train_head"], r["validate"]
     art = Path(r["artifacts_dir"])
@@ -119,6 +181,7 @@ def _summary(r: dict) -> None:
     print(f"""
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
+  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   validation  {va["n_quarantined"]} files quarantined, warnings: {", ".join(va["warnings"]) or "none"}
   features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
   test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images

@@ -96,6 +96,12 @@ class ValidateParams(Section):
     levels: ValidateLevels = ValidateLevels()
 
 
+class DomainParams(Section):
+    on_mismatch: Literal["fail", "warn", "continue"] = "fail"
+    max_images: int = Field(128, gt=0)
+    batch_size: int = Field(32, gt=0)
+
+
 class TrainHeadParams(Section):
     backbone: str = "efficientnet_lite0"
     weights: Path | None = None
@@ -140,6 +146,7 @@ class Params(Section):
     project: ProjectParams = ProjectParams()
     prepare: PrepareParams = PrepareParams()
     validate: ValidateParams = ValidateParams()
+    domain: DomainParams = DomainParams()
     train_head: TrainHeadParams = TrainHeadParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()

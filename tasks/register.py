@@ -30,6 +30,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         raise HeadstartError("export parity did not pass; refusing to register the model")
     prepare = _inputs.read_json(cfg, "prepare", "report.json")
     validation = _inputs.read_json(cfg, "validate", "report.json")
+    domain = _inputs.read_json(cfg, "domain", "report.json")
     train = _inputs.read_json(cfg, "train_head", "metrics.json")
     test = _inputs.read_json(cfg, "evaluate", "metrics.json")
     metrics = {
@@ -37,6 +38,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         "n_images": validation["n_images"],
         "n_quarantined": validation["n_quarantined"],
         "validate.n_warnings": len(validation["warnings"]),
+        **({"domain.score": domain["score"]} if domain["score"] is not None else {}),
         **{f"train_head.{k}": v for k, v in train.items() if isinstance(v, int | float)},
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
@@ -48,6 +50,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         "data_hash": prepare["data_hash"],
         "git_commit": _git_commit(),
         "backbone": cfg.train_head.backbone,
+        "domain.verdict": domain["verdict"],
         **(tags or {}),
     }
     root = cfg.project.artifacts_dir
@@ -73,7 +76,7 @@ def _stage_artifacts(cfg: Params) -> dict:
     root = cfg.project.artifacts_dir
     return {
         stage: root / stage
-        for stage in ("prepare", "validate", "train_head", "evaluate")
+        for stage in ("prepare", "validate", "domain", "train_head", "evaluate")
         if (root / stage).is_dir()
     }
 

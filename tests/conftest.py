@@ -68,6 +68,8 @@ def tiny_overrides(root: Path, data: Path, weights: tuple[Path, str]) -> list[st
         f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
         f"mlflow.artifact_location={root / 'mlruns'}",
         "register.model_name=tiny",
+        "domain.on_mismatch=warn",  # coloured noise through a random backbone is no photo
+        "domain.max_images=16",
     ]
 
 

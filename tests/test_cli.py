@@ -87,3 +87,16 @@ def test_data_pull_then_validate_exits_0_then_1(tmp_path, capsys):
 def test_stage_without_inputs_fails_cleanly(tmp_path, capsys):
     assert main(["stage", "evaluate", "--set", f"project.artifacts_dir={tmp_path}"]) == 2
     assert "run the train_head stage first" in capsys.readouterr().err
+
+
+def test_domain_check_prints_json_and_exits_1_on_mismatch(tmp_path, capsys, tiny_weights):
+    import json
+
+    from tests.conftest import tiny_overrides
+
+    data = make_folder(tmp_path / "data", per_class=10)
+    sets = [x for o in tiny_overrides(tmp_path, data, tiny_weights) for x in ("--set", o)]
+    code = main(["domain-check", "--data", str(data), "--json", *sets])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (1 if report["verdict"] == "mismatch" else 0)
+    assert report["on_mismatch"] == "continue" and report["n_images"] > 0

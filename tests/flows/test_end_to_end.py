@@ -189,3 +189,20 @@ def test_dvc_repro_after_adding_an_image_reruns_from_prepare(dvc_project):
     make_image(proj / "data" / "raw" / "cat" / "new.png", (200, 40, 40), seed=999)
     status = _dvc(proj, "status")
     assert "prepare" in status.stdout
+
+
+def test_domain_mismatch_with_fail_stops_the_flow_before_training(flow_run):
+    import mlflow
+
+    from tasks.domain import DomainMismatch
+
+    root, art, state = _failing_run(flow_run, "foreign", "domain.on_mismatch=fail")
+    assert json.loads((art / "domain" / "report.json").read_text())["verdict"] == "mismatch"
+    assert isinstance(state.result(raise_on_failure=False), DomainMismatch)
+    assert not (art / "train_head").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("headstart").experiment_id],
+        filter_string="tags.failed_stage = 'domain'",
+    )
+    assert len(runs) == 1 and "choose another backbone" in runs[0].data.tags["error"]

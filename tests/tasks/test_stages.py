@@ -9,6 +9,7 @@ import pytest
 
 from headstart import HeadstartError
 from headstart.config import load_params
+from tasks.domain import DomainMismatch, domain
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.prepare import prepare
@@ -25,7 +26,8 @@ def pipeline(tmp_path_factory, tiny_weights):
     data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
     (data / "cat" / "broken.png").write_bytes(b"not an image")
     cfg = load_params(None, tiny_overrides(root, data, tiny_weights))
-    results = {"prepare": prepare(cfg), "validate": validate(cfg), "train_head": train_head(cfg)}
+    results = {"prepare": prepare(cfg), "validate": validate(cfg), "domain": domain(cfg)}
+    results["train_head"] = train_head(cfg)
     results["evaluate"] = evaluate(cfg)
     results["export"] = export(cfg)
     results["register"] = register(cfg, tags={"origin": "test"})
@@ -88,6 +90,38 @@ def test_validate_failure_stops_with_the_expectation_named(pipeline, tmp_path):
     assert report["success"] is False and report["failed"] == ["labels_as_declared"]
 
 
+def test_domain_writes_a_verdict_with_every_signal(pipeline):
+    cfg, r = pipeline
+    out = cfg.stage_dir("domain")
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == r["domain"].verdict in ("in_domain", "shifted", "mismatch")
+    assert report["n_images"] == 16 and len(report["profile"]) == report["signals"]["bn_layers"] > 0
+    assert {"bn_divergence", "max_softmax", "energy", "input_mean", "grey_fraction"} <= set(report["signals"])
+    assert report["reference"]["borrowed_from"] == "efficientnet_lite0"  # the tiny backbone is uncalibrated
+    assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG" and "Domain check" in (
+        out / "summary.md"
+    ).read_text()
+    assert "NaN" not in (out / "report.json").read_text()
+
+
+def test_domain_mismatch_with_fail_stops_with_advice(pipeline, tmp_path):
+    cfg, r = pipeline
+    art = tmp_path / "art"
+    strict = cfg.model_copy(
+        update={
+            "project": cfg.project.model_copy(update={"artifacts_dir": art}),
+            "domain": cfg.domain.model_copy(update={"on_mismatch": "fail"}),
+        }
+    )
+    prepare(strict)
+    validate(strict)
+    if r["domain"].verdict != "mismatch":
+        pytest.skip("the tiny data did not come out as a mismatch")  # see test_domain_on_real_images
+    with pytest.raises(DomainMismatch, match="train from scratch or choose another backbone"):
+        domain(strict)
+    assert json.loads((art / "domain" / "report.json").read_text())["verdict"] == "mismatch"
+
+
 def test_train_head_writes_model_history_metrics(pipeline):
     cfg, r = pipeline
     out = cfg.stage_dir("train_head")
@@ -142,6 +176,9 @@ def test_register_logs_one_run_with_everything(pipeline):
     validation = {a.path for a in client.list_artifacts(reg.run_id, "validate")}
     assert {"validate/report.json", "validate/quarantine.csv", "validate/data_docs"} <= validation
     assert run.data.metrics["n_quarantined"] == 1
+    assert run.data.tags["domain.verdict"] == r["domain"].verdict
+    assert run.data.metrics["domain.score"] == pytest.approx(r["domain"].score)
+    assert "domain/profile.png" in {a.path for a in client.list_artifacts(reg.run_id, "domain")}
     version = client.get_model_version("tiny", reg.model_version)
     assert version.run_id == reg.run_id
     run_json = json.loads((cfg.stage_dir("register") / "run.json").read_text())
@@ -183,6 +220,8 @@ def test_failed_parity_gate_stops_registration(pipeline, tmp_path):
 def test_stage_before_its_inputs_names_the_missing_file(tiny_params):
     with pytest.raises(HeadstartError, match="run the validate stage first"):
         train_head(tiny_params)
+    with pytest.raises(HeadstartError, match="run the validate stage first"):
+        domain(tiny_params)
     with pytest.raises(HeadstartError, match="run the prepare stage first"):
         validate(tiny_params)
 

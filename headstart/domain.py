@@ -1,0 +1,291 @@
+"""How far new images are from the backbone's pretraining data, from what the backbone itself carries.
+
+No pretraining images are needed: every BatchNorm layer holds the running mean and variance of its
+inputs over the pretraining set. Passing the new images through the frozen backbone and comparing each
+layer's batch statistics with those running statistics (a symmetric KL between per-channel Gaussians)
+gives a per-layer profile: early layers differ when low-level image statistics differ, late layers when
+the content does. The input normalisation and the original classifier's confidence are further signals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+EPS = 1e-5
+
+
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    """Every BatchNorm2d with running statistics (timm's BatchNormAct2d included), in forward order."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
+    ]
+
+
+class BatchStats:
+    """Forward pre-hooks that accumulate each BN layer's per-channel input mean and variance."""
+
+    def __init__(self, layers: list[tuple[str, nn.BatchNorm2d]]):
+        self.layers = layers
+        self.sums = {n: [0.0, 0.0, 0] for n, _ in layers}
+        self._handles = []
+
+    def __enter__(self) -> BatchStats:
+        for name, layer in self.layers:
+            self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0].detach().double()
+            acc = self.sums[name]
+            acc[0] = acc[0] + x.sum(dim=(0, 2, 3))
+            acc[1] = acc[1] + (x * x).sum(dim=(0, 2, 3))
+            acc[2] += x.shape[0] * x.shape[2] * x.shape[3]
+
+        return hook
+
+    def divergence(self) -> list[dict]:
+        """Per layer: mean over channels of log(1 + symmetric KL) between N(batch) and N(running)."""
+        out = []
+        for name, layer in self.layers:
+            s1, s2, n = self.sums[name]
+            if not n:
+                continue
+            mean = (s1 / n).float()
+            var = (s2 / n).float() - mean**2
+            out.append(
+                {"layer": name, "divergence": _sym_kl(mean, var, layer.running_mean, layer.running_var)}
+            )
+        return out
+
+
+def _sym_kl(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor) -> float:
+    v1, v2 = v1.clamp_min(EPS) + EPS, v2.clamp_min(EPS) + EPS  # constant inputs have zero variance
+    kl = 0.5 * (v1 / v2 + v2 / v1) + 0.5 * (m1 - m2) ** 2 * (1 / v1 + 1 / v2) - 1
+    value = float(torch.log1p(kl.clamp_min(0)).mean())
+    return value if math.isfinite(value) else 0.0
+
+
+@torch.inference_mode()
+def analyse(model: nn.Module, batches: Iterable[np.ndarray]) -> dict:
+    """One pass of the batches (NCHW, preprocessed) through the frozen backbone with its original head:
+    input statistics, the BN divergence profile, and the head's max-softmax and energy."""
+    model = model.eval()
+    layers = bn_layers(model)
+    first = last = 0.0
+    s1 = s2 = 0.0
+    n_pix = n_img = 0
+    max_softmax, energy = [], []
+    with BatchStats(layers) as stats:
+        for x in batches:
+            t = torch.from_numpy(x)
+            s1, s2 = s1 + t.double().sum((0, 2, 3)), s2 + (t.double() ** 2).sum((0, 2, 3))
+            n_pix, n_img = n_pix + t.shape[0] * t.shape[2] * t.shape[3], n_img + t.shape[0]
+            logits = model(t).double()
+            max_softmax += logits.softmax(1).max(1).values.tolist()
+            energy += (-torch.logsumexp(logits, 1)).tolist()
+    profile = stats.divergence() if layers else []
+    mean = (s1 / max(n_pix, 1)) if n_img else torch.zeros(3)
+    std = ((s2 / max(n_pix, 1)) - mean**2).clamp_min(0).sqrt() if n_img else torch.zeros(3)
+    values = [p["divergence"] for p in profile]
+    third = max(1, len(values) // 3)
+    first, last = (float(np.mean(values[:third])), float(np.mean(values[-third:]))) if values else (0, 0)
+    return {
+        "n_images": n_img,
+        "input_mean": [round(float(v), 4) for v in mean],  # in normalised units: 0 matches pretraining
+        "input_std": [round(float(v), 4) for v in std],  # 1 matches pretraining
+        "bn_layers": len(layers),
+        "bn_divergence": float(np.mean(values)) if values else None,
+        "bn_divergence_early": first if values else None,
+        "bn_divergence_late": last if values else None,
+        "max_softmax": float(np.mean(max_softmax)) if max_softmax else None,
+        "energy": float(np.mean(energy)) if energy else None,
+        "profile": profile,
+    }
+
+
+VERDICTS = ("in_domain", "shifted", "mismatch")
+
+
+def reference(backbone: str) -> dict:
+    """The calibrated thresholds shipped for a backbone (`headstart domain-calibrate` writes them);
+    an uncalibrated backbone borrows efficientnet_lite0's and says so."""
+    import json
+    from importlib import resources
+
+    folder = resources.files("headstart") / "domain_reference"
+    name = backbone.replace("/", "_")
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        return {
+            **json.loads((folder / "efficientnet_lite0.json").read_text()),
+            "calibrated_for": name,
+            "borrowed_from": "efficientnet_lite0",
+        }
+    return json.loads(path.read_text())
+
+
+def verdict(signals: dict, ref: dict) -> tuple[str, float | None]:
+    """in_domain / shifted / mismatch from the BN divergence and the calibrated thresholds."""
+    score = signals.get("bn_divergence")
+    if score is None:  # no BatchNorm: fall back to the pretrained head's confidence
+        conf, t = signals.get("max_softmax"), ref["max_softmax_thresholds"]
+        if conf is None:
+            return "in_domain", None
+        return (
+            "in_domain"
+            if conf >= t["shifted_below"]
+            else "shifted"
+            if conf >= t["mismatch_below"]
+            else "mismatch"
+        ), conf
+    t = ref["thresholds"]
+    return (
+        "in_domain" if score < t["shifted_at"] else "shifted" if score < t["mismatch_at"] else "mismatch"
+    ), score
+
+
+def auroc(inside: list[float], outside: list[float]) -> float:
+    """P(score of an out-of-domain set > score of an in-domain set), ties counting half."""
+    pairs = [(o > i) + 0.5 * (o == i) for i in inside for o in outside]
+    return float(np.mean(pairs)) if pairs else float("nan")
+
+
+def calibration_sets(seed: int = 0, per_set: int = 16, n_sets: int = 6) -> dict[str, list[list]]:
+    """Offline image sets: natural photo crops (in domain) and clearly foreign images (out)."""
+    from PIL import Image
+    from skimage import data
+    from sklearn.datasets import load_digits, load_sample_images
+
+    rng = np.random.default_rng(seed)
+    names = ("chelsea", "coffee", "astronaut", "rocket", "cat", "immunohistochemistry", "motorcycle_left")
+    photos = [getattr(data, n)() for n in names if hasattr(data, n)] + list(load_sample_images().images)
+
+    def crop(img: np.ndarray) -> Image.Image:
+        size = int(rng.integers(96, min(img.shape[:2])))
+        y, x = (int(rng.integers(0, d - size + 1)) for d in img.shape[:2])
+        return Image.fromarray(np.ascontiguousarray(img[y : y + size, x : x + size, :3]).astype(np.uint8))
+
+    digits = load_digits().images
+    sets: dict[str, list[list]] = {"photos": [], "digits": [], "noise": [], "flat_colour": []}
+    for _ in range(n_sets):
+        sets["photos"].append([crop(photos[int(rng.integers(len(photos)))]) for _ in range(per_set)])
+        sets["digits"].append(
+            [
+                Image.fromarray((digits[int(rng.integers(len(digits)))] * 255 / 16).astype(np.uint8)).convert(
+                    "RGB"
+                )
+                for _ in range(per_set)
+            ]
+        )
+        sets["noise"].append(
+            [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(per_set)]
+        )
+        sets["flat_colour"].append(
+            [
+                Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 256, 3)))
+                for _ in range(per_set)
+            ]
+        )
+    return sets
+
+
+def calibrate(model: nn.Module, spec, seed: int = 0, per_set: int = 16, n_sets: int = 6) -> dict:
+    """Scores of every calibration set; thresholds placed in the gap between in- and out-of-domain."""
+    from headstart.preprocess import preprocess
+
+    table = {}
+    for name, groups in calibration_sets(seed, per_set, n_sets).items():
+        table[name] = []
+        for images in groups:
+            x = np.stack([preprocess(im, spec) for im in images])
+            s = analyse(model, [x])
+            table[name].append({"bn_divergence": s["bn_divergence"], "max_softmax": s["max_softmax"]})
+    inside = [r["bn_divergence"] for r in table["photos"]]
+    outside = [r["bn_divergence"] for k, v in table.items() if k != "photos" for r in v]
+    lo, hi = max(inside), min(outside)
+    conf_in = [r["max_softmax"] for r in table["photos"]]
+    conf_out = [r["max_softmax"] for k, v in table.items() if k != "photos" for r in v]
+    return {
+        "thresholds": {
+            "shifted_at": round(lo + 0.25 * (hi - lo), 4),
+            "mismatch_at": round(hi - 0.1 * (hi - lo), 4),
+        },
+        "max_softmax_thresholds": {
+            "shifted_below": round(min(conf_in), 4),
+            "mismatch_below": round(max(conf_out), 4),
+        },
+        "auroc": round(auroc(inside, outside), 4),
+        "table": {k: [round(r["bn_divergence"], 4) for r in v] for k, v in table.items()},
+        "seed": seed,
+    }
+
+
+def input_summary(manifest_rows, size: int, resize_to: int) -> dict:
+    """From the manifest, no decoding: how many images are grey, how much they get upscaled."""
+    grey = (manifest_rows["channels"] == 1) | (
+        (manifest_rows["mean_r"] == manifest_rows["mean_g"])
+        & (manifest_rows["mean_g"] == manifest_rows["mean_b"])
+    )
+    short = np.minimum(manifest_rows["width"], manifest_rows["height"]).clip(lower=1)
+    return {
+        "grey_fraction": round(float(grey.mean()), 4) if len(grey) else 0.0,
+        "median_upscale": round(float(np.median(resize_to / short)), 3) if len(short) else 1.0,
+        "input_size": size,
+    }
+
+
+def profile_png(profile: list[dict], thresholds: dict, title: str) -> bytes:
+    """Per-layer BN divergence, early layers left, with the calibrated thresholds."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.plot([p["divergence"] for p in profile], marker=".", label="this data")
+    for name, style in (("shifted_at", "--"), ("mismatch_at", ":")):
+        ax.axhline(thresholds[name], color="grey", linestyle=style, label=name)
+    ax.set(xlabel="BatchNorm layer (input side -> output side)", ylabel="log(1 + sym. KL)", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def to_markdown(report: dict) -> str:
+    """The domain check for a Prefect artifact and the MLflow run."""
+    s, t = report["signals"], report["thresholds"]
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [
+        f"# Domain check: {report['verdict']} (score {f(report['score'])})",
+        "",
+        f"BatchNorm divergence {f(s['bn_divergence'])} (early layers {f(s['bn_divergence_early'])}, late "
+        f"{f(s['bn_divergence_late'])}); thresholds: shifted at {t['shifted_at']}, mismatch at "
+        f"{t['mismatch_at']}.",
+        "",
+        f"Pretrained head: max-softmax {f(s['max_softmax'])}, energy {f(s['energy'])}. Inputs (normalised; "
+        f"pretraining = 0 and 1): mean {s['input_mean']}, std {s['input_std']}; "
+        f"{s['grey_fraction']:.0%} grey, median upscale x{s['median_upscale']}.",
+        "",
+        f"Action on mismatch: {report['on_mismatch']}; {report['n_images']} training images checked.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,72 @@
+"""domain: are the training images close enough to the backbone's pretraining data to transfer?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from headstart import HeadstartError
+from headstart.atomic import directory, write_bytes, write_json, write_text
+from headstart.backbones import load_backbone
+from headstart.config import Params
+from headstart.domain import analyse, input_summary, profile_png, reference, to_markdown, verdict
+from headstart.preprocess import load_batch
+from tasks import _inputs
+
+
+class DomainMismatch(HeadstartError):
+    """The verdict is `mismatch` and domain.on_mismatch is `fail`."""
+
+
+@dataclass
+class DomainResult:
+    verdict: str
+    score: float | None
+    n_images: int
+
+
+def domain(cfg: Params) -> DomainResult:
+    p, th = cfg.domain, cfg.train_head
+    rows, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "train")
+    rows = rows.sort_values("sha256").head(p.max_images)  # the same sample every run
+    paths = [cfg.prepare.data_dir / x for x in rows["path"]]
+    backbone = load_backbone(th.backbone, th.weights, th.weights_sha256)
+    batches = (
+        load_batch(paths[i : i + p.batch_size], backbone.spec) for i in range(0, len(paths), p.batch_size)
+    )
+    signals = analyse(backbone.model, batches)
+    signals.update(input_summary(rows, backbone.spec.size, backbone.spec.resize_to))
+    ref = reference(backbone.name)
+    found, score = verdict(signals, ref)
+    report = {
+        "verdict": found,
+        "score": None if score is None else round(score, 4),
+        "on_mismatch": p.on_mismatch,
+        "n_images": signals["n_images"],
+        "backbone": backbone.name,
+        "thresholds": ref["thresholds"],
+        "reference": {k: ref[k] for k in ("auroc", "table") if k in ref}
+        | {"borrowed_from": ref.get("borrowed_from")},
+        "signals": {k: v for k, v in signals.items() if k != "profile"},
+        "profile": signals["profile"],
+    }
+    if signals["bn_layers"] == 0:
+        report["note"] = (
+            f"{backbone.name} has no BatchNorm layers: verdict from the pretrained head's confidence"
+        )
+    final = cfg.stage_dir("domain")
+    with directory(final) as out:
+        write_json(out / "report.json", report)
+        write_text(out / "summary.md", to_markdown(report))
+        if signals["profile"]:
+            write_bytes(
+                out / "profile.png",
+                profile_png(signals["profile"], ref["thresholds"], f"{backbone.name}: {found}"),
+            )
+    if found == "mismatch" and p.on_mismatch == "fail":
+        raise DomainMismatch(
+            f"domain check: the training images are far from {backbone.name}'s pretraining data (score "
+            f"{report['score']} >= mismatch threshold {ref['thresholds']['mismatch_at']}); transfer learning "
+            f"is unlikely to help: train from scratch or choose another backbone, or rerun with "
+            f"--set domain.on_mismatch=warn to go on anyway; see {final / 'report.json'}"
+        )
+    return DomainResult(found, report["score"], signals["n_images"])
