@@ -60,7 +60,13 @@ def domain(cfg: Params) -> DomainResult:
         if signals["profile"]:
             write_bytes(
                 out / "profile.png",
-                profile_png(signals["profile"], ref["thresholds"], f"{backbone.name}: {found}"),
+                profile_png(
+                    signals["profile"],
+                    ref["thresholds"],
+                    f"{backbone.name}: {found}",
+                    signals["input_mean"],
+                    signals["input_std"],
+                ),
             )
     if found == "mismatch" and p.on_mismatch == "fail":
         raise DomainMismatch(
