@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="headstart", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="headstart",
+        description="A folder of labelled images -> a validated, tracked, exported transfer-learning "
+        "classifier. Start with `headstart run --data DIR`.",
+    )
     ap.add_argument("--version", action="version", version=f"headstart {__version__}")
     sub = ap.add_subparsers(required=True, metavar="COMMAND")
 

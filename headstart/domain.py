@@ -81,7 +81,7 @@ def _sym_kl(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tens
 def analyse(model: nn.Module, batches: Iterable[np.ndarray]) -> dict:
     """One pass of the batches (NCHW, preprocessed) through the frozen backbone with its original head:
     input statistics, the BN divergence profile, and the head's max-softmax and energy."""
-    model = model.eval()
+    model = model.eval().to(memory_format=torch.channels_last)  # same statistics, ~2x faster on a CPU
     layers = bn_layers(model)
     first = last = 0.0
     s1 = s2 = 0.0
@@ -89,7 +89,7 @@ def analyse(model: nn.Module, batches: Iterable[np.ndarray]) -> dict:
     max_softmax, energy = [], []
     with BatchStats(layers) as stats:
         for x in batches:
-            t = torch.from_numpy(x)
+            t = torch.from_numpy(x).to(memory_format=torch.channels_last)
             s1, s2 = s1 + t.double().sum((0, 2, 3)), s2 + (t.double() ** 2).sum((0, 2, 3))
             n_pix, n_img = n_pix + t.shape[0] * t.shape[2] * t.shape[3], n_img + t.shape[0]
             logits = model(t).double()
