@@ -102,7 +102,7 @@ def head_training(paths: list[Path], tmp: Path, epochs: int = 20) -> dict:
     cached_head, _, _ = fit_head(feats, y, feats, y, 2, p, seed=0)
     cached_s = time.perf_counter() - start
     start = time.perf_counter()
-    naive_head = naive_fit(engine, lite0.spec, paths, y, p, epochs)
+    naive_head = naive_fit(engine, lite0, paths, y, p, epochs)
     naive_s = time.perf_counter() - start
     same = all(
         torch.allclose(a, b, atol=1e-4)
@@ -118,12 +118,12 @@ def head_training(paths: list[Path], tmp: Path, epochs: int = 20) -> dict:
     }
 
 
-def naive_fit(engine, spec, paths, y, p: TrainHeadParams, epochs: int):
+def naive_fit(engine, backbone, paths, y, p: TrainHeadParams, epochs: int):
     """What most tutorials do: decode and run the frozen backbone for every batch of every epoch.
     Same seed, order and updates as fit_head, so the result must be the same head."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    head = make_head(1280, 2, p.hidden, p.dropout)
+    head = make_head(backbone.num_features, 2, p.hidden, p.dropout)
     opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
     yt = torch.tensor(y)
@@ -132,7 +132,7 @@ def naive_fit(engine, spec, paths, y, p: TrainHeadParams, epochs: int):
         order = torch.randperm(len(yt), generator=gen)
         for i in range(0, len(yt), p.batch_size):
             idx = order[i : i + p.batch_size]
-            x = torch.from_numpy(engine(load_batch([paths[j] for j in idx], spec)))
+            x = torch.from_numpy(engine(load_batch([paths[j] for j in idx], backbone.spec)))
             opt.zero_grad()
             loss_fn(head(x), yt[idx]).backward()
             opt.step()
@@ -145,7 +145,7 @@ def predict(paths: list[Path], tmp: Path) -> dict:
     from headstart.training import Classifier
 
     lite0 = load_backbone(BACKBONE)
-    model = Classifier(lite0.feature_extractor(), make_head(1280, 2, 64, 0.0).eval())
+    model = Classifier(lite0.feature_extractor(), make_head(lite0.num_features, 2, 64, 0.0).eval())
     path = export_onnx(model, tmp / "model.onnx", lite0.spec, {"headstart.classes": '["a", "b"]'}, 18)
     predictor = Predictor(path, providers=("CPUExecutionProvider",))
     predictor.predict(paths[:8])

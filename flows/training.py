@@ -33,6 +33,18 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_NoTracebackForUserErrors())
 
 
+# (stage, function, key of the Prefect markdown artifact made from its summary.md)
+STAGES = (
+    ("prepare", prepare, None),
+    ("validate", validate, "data-validation"),
+    ("domain", domain, "domain-check"),
+    ("train_head", train_head, None),
+    # finetune, gated on dataset size, slots in here
+    ("evaluate", evaluate, None),
+    ("export", export, None),
+)
+
+
 def _stage(fn):
     # caching is DVC's and the feature cache's job; Prefect gives retries, logs, state and the UI
     return task(fn, name=fn.__name__, cache_policy=NO_CACHE)
@@ -44,33 +56,18 @@ def training(params_file: str = "params.yaml", overrides: list[str] | None = Non
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
-    results, stage = {}, "prepare"
-    try:
-        results["prepare"] = _stage(prepare)(cfg)
-        log.info(
-            "prepare: %d files, %d readable images", results["prepare"].n_files, results["prepare"].n_images
-        )
-        stage = "validate"
+    results = {}
+    for stage, fn, artifact in STAGES:
         try:
-            results["validate"] = _stage(validate)(cfg)
-        finally:
-            _publish(cfg, "validate", "data-validation", "headstart data validation")
-        stage = "domain"
-        try:
-            results["domain"] = _stage(domain)(cfg)
-        finally:
-            _publish(cfg, "domain", "domain-check", "headstart domain check")
-        stage = "train_head"
-        results["train_head"] = _stage(train_head)(cfg)
-        # finetune, gated on dataset size, slots in here
-        for stage, fn in (("evaluate", evaluate), ("export", export)):
             results[stage] = _stage(fn)(cfg)
-        stage = "register"
-        results["register"] = _stage(register)(cfg, tags=tags)
-    except Exception as exc:
-        if stage != "register":  # register's own failure has no run to mark
+            log.info("%s: %s", stage, results[stage])
+        except Exception as exc:
             _record(cfg, stage, exc, tags)
-        raise
+            raise
+        finally:
+            if artifact:
+                _publish(cfg, stage, artifact)
+    results["register"] = _stage(register)(cfg, tags=tags)  # its own failure has no run to mark
     return {**{k: v.__dict__ for k, v in results.items()}, "artifacts_dir": str(cfg.project.artifacts_dir)}
 
 
@@ -85,8 +82,8 @@ def _record(cfg, stage: str, exc: Exception, tags: dict[str, str]) -> None:
         log.warning("stage %s failed and MLflow could not record it: %s", stage, tracking_error)
 
 
-def _publish(cfg, stage: str, key: str, description: str) -> None:
+def _publish(cfg, stage: str, key: str) -> None:
     """A stage's summary as a Prefect markdown artifact, so the UI tells the story."""
     summary = cfg.stage_dir(stage) / "summary.md"
     if summary.exists():
-        create_markdown_artifact(markdown=summary.read_text(), key=key, description=description)
+        create_markdown_artifact(markdown=summary.read_text(), key=key, description=f"headstart {stage}")

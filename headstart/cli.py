@@ -185,8 +185,8 @@ def _summary(r: dict) -> None:
     print(f"""
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
-  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   validation  {va["n_quarantined"]} files quarantined, warnings: {", ".join(va["warnings"]) or "none"}
+  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
   test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}

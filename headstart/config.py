@@ -37,6 +37,7 @@ class PrepareParams(Section):
 
 
 Level = Literal["fail", "warn"]
+Runtime = Literal["auto", "onnxruntime", "torch", "torch-cuda"]
 
 
 class ValidateLevels(Section):
@@ -114,7 +115,7 @@ class TrainHeadParams(Section):
     max_epochs: int = Field(200, gt=0)
     patience: int = Field(15, gt=0)
     extract_batch_size: int = Field(32, gt=0)
-    runtime: Literal["auto", "onnxruntime", "torch", "torch-cuda"] = "auto"
+    runtime: Runtime = "auto"
 
 
 class EvaluateParams(Section):

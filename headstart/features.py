@@ -14,6 +14,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -23,9 +24,10 @@ from tqdm.auto import tqdm
 from headstart import HeadstartError
 from headstart.atomic import write_bytes
 from headstart.backbones import Backbone
-from headstart.preprocess import InputSpec, decode, preprocess
+from headstart.config import Runtime
+from headstart.preprocess import InputSpec, load_image
 
-RUNTIMES = ("auto", "onnxruntime", "torch", "torch-cuda")
+RUNTIMES = get_args(Runtime)
 
 
 class TorchEngine:
@@ -134,13 +136,12 @@ class Features:
 
     def __call__(self, paths: list[Path], shas: list[str], desc: str = "features") -> tuple[np.ndarray, int]:
         """(features, how many were computed rather than read from the cache)."""
-        cached = [self.cache.get(s) for s in shas]
-        if all(v is not None for v in cached):
-            width = self.backbone.num_features
-            return (np.stack(cached) if cached else np.zeros((0, width), np.float32)), 0
-        return extract_features(
-            self.engine, self.backbone.spec, paths, shas, self.cache, self.batch_size, desc
-        )
+        if not shas:
+            return np.zeros((0, self.backbone.num_features), np.float32), 0
+        found, todo = _lookup(self.cache, paths, shas)
+        if todo:
+            _compute(self.engine, self.backbone.spec, todo, found, self.cache, self.batch_size, desc)
+        return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
 
 
 def extract_features(
@@ -157,8 +158,29 @@ def extract_features(
     """Features for each image, computing only those not cached; returns (features, n_computed)."""
     if isinstance(engine, nn.Module):
         engine = TorchEngine(engine)
+    found, todo = _lookup(cache, paths, shas)
+    _compute(engine, spec, todo, found, cache, batch_size, desc, workers, prefetch)
+    return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
+
+
+def _lookup(cache: FeatureCache, paths: list[Path], shas: list[str]) -> tuple[dict, list[tuple[str, Path]]]:
+    """(sha -> cached features, [(sha, path)] still to compute, each content once)."""
     found = {s: v for s in dict.fromkeys(shas) if (v := cache.get(s)) is not None}
-    todo = list({s: p for p, s in zip(paths, shas, strict=True) if s not in found}.items())
+    return found, list({s: p for p, s in zip(paths, shas, strict=True) if s not in found}.items())
+
+
+def _compute(
+    engine,
+    spec: InputSpec,
+    todo,
+    found: dict,
+    cache: FeatureCache,
+    batch_size: int,
+    desc: str,
+    workers: int | None = None,
+    prefetch: int = 2,
+) -> None:
+    """Run the engine on `todo`, decoding a few batches ahead in threads; fill `found` and the cache."""
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     workers = workers or max(1, (os.cpu_count() or 1))
     with (
@@ -169,14 +191,9 @@ def extract_features(
         for i, batch in enumerate(batches):
             while len(pending) <= prefetch and i + len(pending) < len(batches):
                 ahead = batches[i + len(pending)]
-                pending.append([pool.submit(_pixels, p, spec) for _, p in ahead])
+                pending.append([pool.submit(load_image, p, spec) for _, p in ahead])
             x = np.stack([f.result() for f in pending.popleft()])
             for (sha, _), vec in zip(batch, engine(x), strict=True):
                 cache.put(sha, vec)
                 found[sha] = vec
             bar.update(len(batch))
-    return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
-
-
-def _pixels(path: Path, spec: InputSpec) -> np.ndarray:
-    return preprocess(decode(path, keep_grey=True), spec)

@@ -73,7 +73,7 @@ def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
     scale = spec.resize_to / min(w, h)
     new_w, new_h = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
     left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
-    img = img.resize((new_w, new_h), _INTERPOLATION[spec.interpolation], box=None).crop(
+    img = img.resize((new_w, new_h), _INTERPOLATION[spec.interpolation]).crop(
         (left, top, left + spec.size, top + spec.size)
     )
     arr = np.asarray(img, dtype=np.float32)
@@ -86,6 +86,11 @@ def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
     return out
 
 
+def load_image(path: str | Path, spec: InputSpec) -> np.ndarray:
+    """One image file as the model's input: float32 CHW."""
+    return preprocess(decode(path, keep_grey=True), spec)
+
+
 def load_batch(paths: list[str | Path], spec: InputSpec) -> np.ndarray:
     """Decode and preprocess a list of images into one NCHW float32 array."""
-    return np.stack([preprocess(decode(p, keep_grey=True), spec) for p in paths])
+    return np.stack([load_image(p, spec) for p in paths])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import HeadstartError
-from headstart.preprocess import InputSpec, decode, preprocess
+from headstart.preprocess import InputSpec, load_batch
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -49,10 +49,7 @@ class Predictor:
         """Class probabilities, one row per image, in `self.classes` order."""
         out = []
         for i in range(0, len(paths), batch_size):
-            x = np.stack(
-                [preprocess(decode(p, keep_grey=True), self.spec) for p in paths[i : i + batch_size]]
-            )
-            out.append(softmax(self.logits(x)))
+            out.append(softmax(self.logits(load_batch(paths[i : i + batch_size], self.spec))))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
 

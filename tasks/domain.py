@@ -26,8 +26,8 @@ class DomainResult:
 
 def domain(cfg: Params) -> DomainResult:
     p, th = cfg.domain, cfg.train_head
-    rows, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "train")
-    rows = rows.sort_values("sha256").head(p.max_images)  # the same sample every run
+    train, _ = _inputs.split_paths(cfg, _inputs.manifest(cfg), "train")
+    rows = train.sort_values("sha256").head(p.max_images)  # the same sample every run
     paths = [cfg.prepare.data_dir / x for x in rows["path"]]
     backbone = load_backbone(th.backbone, th.weights, th.weights_sha256)
     batches = (

@@ -72,7 +72,7 @@ def record_failure(cfg: Params, stage: str, error: str, tags: dict[str, str] | N
 
 
 def _stage_artifacts(cfg: Params) -> dict:
-    """Each stage's reports, small enough to keep with every run (models and ONNX are logged apart)."""
+    """Each finished stage's folder (reports, plots, the head's model.pt); the ONNX is logged as the model."""
     root = cfg.project.artifacts_dir
     return {
         stage: root / stage

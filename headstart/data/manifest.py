@@ -21,12 +21,7 @@ def scan(root: str | Path, extensions: list[str], cache_dir: str | Path) -> pd.D
     out of the root) are listed with the reason and never read; the rest are decoded once, in
     parallel, and remembered by content hash so a re-run only decodes new or changed files.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise HeadstartError(
-            f"data folder {root} does not exist: put images in {root}/<class>/ "
-            f"or run `headstart data pull elpv --out {root}`"
-        )
+    root = _existing_folder(root)
     real_root, exts = root.resolve(), {e.lower() for e in extensions}
     files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
     if not files:
@@ -45,6 +40,16 @@ def scan(root: str | Path, extensions: list[str], cache_dir: str | Path) -> pd.D
             size = f.lstat().st_size
             rows.append({"path": rel, "label": label, "sha256": "", "bytes": size, **blank, "reason": reason})
     return pd.DataFrame(rows, columns=PATH_COLUMNS + list(FIELDS))
+
+
+def _existing_folder(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise HeadstartError(
+            f"data folder {root} does not exist: put images in {root}/<class>/ "
+            f"or run `headstart data pull elpv --out {root}`"
+        )
+    return root
 
 
 def _skip_reason(path: Path, rel: str, real_root: Path, exts: set[str]) -> str | None:
@@ -99,12 +104,7 @@ def data_hash(manifest: pd.DataFrame) -> str:
 
 def preflight(root: str | Path, extensions: list[str]) -> dict[str, int]:
     """The cheap checks (no decoding) that let `headstart run` fail in a second, not after startup."""
-    root = Path(root)
-    if not root.is_dir():
-        raise HeadstartError(
-            f"data folder {root} does not exist: put images in {root}/<class>/ "
-            f"or run `headstart data pull elpv --out {root}`"
-        )
+    root = _existing_folder(root)
     exts = {e.lower() for e in extensions}
     counts = {
         d.name: sum(

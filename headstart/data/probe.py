@@ -97,11 +97,10 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _probe_file(path: str) -> tuple[str, int, dict | None]:
-    try:
-        data = Path(path).read_bytes()
-    except OSError:  # vanished since it was hashed: its row says so below
+    data = _read(Path(path))  # None: vanished since it was hashed; its row says so below
+    if data is None:
         return "", -1, None
-    return hashlib.sha256(data).hexdigest(), len(data), None if not data else probe_bytes(data)
+    return hashlib.sha256(data).hexdigest(), len(data), probe_bytes(data) if data else None
 
 
 class ProbeCache:
@@ -109,23 +108,22 @@ class ProbeCache:
 
     def __init__(self, root: str | Path):
         self.path = Path(root) / "probe" / f"v{PROBE_VERSION}.parquet"
-        self.rows = pd.read_parquet(self.path).set_index("sha256") if self.path.exists() else None
+        frame = pd.read_parquet(self.path) if self.path.exists() else pd.DataFrame(columns=["sha256"])
+        self.entries: dict[str, dict] = {
+            row.pop("sha256"): {k: FIELDS[k](v) for k, v in row.items()} for row in frame.to_dict("records")
+        }
 
     def get(self, sha: str) -> dict | None:
-        if self.rows is None or sha not in self.rows.index:
-            return None
-        return {k: FIELDS[k](v) for k, v in self.rows.loc[sha].items()}
+        return self.entries.get(sha)
 
     def save(self, new: dict[str, dict]) -> None:
         from headstart.atomic import write_bytes
 
         if not new:
             return
-        frame = pd.DataFrame.from_dict(new, orient="index")
-        frame.index.name = "sha256"
-        if self.rows is not None:
-            frame = pd.concat([self.rows, frame[~frame.index.isin(self.rows.index)]])
-        write_bytes(self.path, frame.reset_index().to_parquet(index=False))
+        self.entries.update(new)
+        frame = pd.DataFrame.from_dict(self.entries, orient="index").rename_axis("sha256").reset_index()
+        write_bytes(self.path, frame.to_parquet(index=False))
 
 
 def probe_files(paths: list[Path], cache: ProbeCache, workers: int | None = None) -> list[dict]:
@@ -148,15 +146,19 @@ def probe_files(paths: list[Path], cache: ProbeCache, workers: int | None = None
         if n <= 0:
             info = probe_bytes(b"") if n == 0 else {**probe_bytes(b""), "reason": "cannot be read"}
         else:
-            info = new.get(sha) or cache.get(sha) or {**probe_bytes(b""), "reason": "changed while read"}
+            info = cache.get(sha) or {**probe_bytes(b""), "reason": "changed while read"}
         out.append({"sha256": sha, "bytes": max(n, 0), **info})
     return out
 
 
 def _hash(path: Path) -> tuple[str, int]:
     """Content hash and size; ("", -1) when the file cannot be read at all."""
+    data = _read(path)
+    return ("", -1) if data is None else (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _read(path: Path) -> bytes | None:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError:
-        return "", -1
-    return hashlib.sha256(data).hexdigest(), len(data)
+        return None

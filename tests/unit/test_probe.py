@@ -190,7 +190,7 @@ def test_cache_reprobes_a_changed_file(files, tmp_path, decodes):
     assert decodes == ["a.png"]
     assert (rows[0]["width"], rows[0]["height"]) == (64, 50)
     # the old entry stays (another copy may still have that content) and the new one is added
-    assert len(ProbeCache(tmp_path / "cache").rows) == 5
+    assert len(ProbeCache(tmp_path / "cache").entries) == 5
 
 
 def test_cache_keyed_by_content_not_path(files, tmp_path, decodes):
