@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.features import measured
-
-STAGES = ("prepare", "validate", "train_head", "evaluate", "export", "register")
+from headstart.cli import STAGES  # the stages `headstart stage` runs, in pipeline order
 
 
 def main() -> None:
