@@ -14,6 +14,7 @@ from headstart.config import load_params
 from tasks.domain import domain
 from tasks.evaluate import evaluate
 from tasks.export import export
+from tasks.finetune import finetune
 from tasks.prepare import prepare
 from tasks.register import record_failure, register
 from tasks.train_head import train_head
@@ -39,7 +40,7 @@ STAGES = (
     ("validate", validate, "data-validation"),
     ("domain", domain, "domain-check"),
     ("train_head", train_head, None),
-    # finetune, gated on dataset size, slots in here
+    ("finetune", finetune, "finetune-decision"),
     ("evaluate", evaluate, None),
     ("export", export, None),
 )
@@ -52,7 +53,7 @@ def _stage(fn):
 
 @flow(name="training", log_prints=True)
 def training(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """prepare -> validate -> domain -> train_head -> [finetune] -> evaluate -> export -> register."""
+    """prepare -> validate -> domain -> train_head -> finetune (gated) -> evaluate -> export -> register."""
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}

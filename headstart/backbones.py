@@ -48,7 +48,11 @@ class Backbone:
     model: nn.Module
     spec: InputSpec
     num_features: int
-    weights_sha256: str
+    weights_sha256: str  # of the pretrained weights, or of them plus any fine-tuned tensors
+    base_sha256: str = ""  # of the pretrained weights file: what load_backbone checks
+
+    def __post_init__(self) -> None:
+        self.base_sha256 = self.base_sha256 or self.weights_sha256
 
     @property
     def cache_key(self) -> str:
@@ -59,6 +63,12 @@ class Backbone:
     def feature_extractor(self) -> nn.Module:
         """The network without its classifier: images -> pooled features, frozen, in eval mode."""
         return freeze(_strip_classifier(self.model))
+
+    def classifier(self) -> nn.Module:
+        """The original classifier: pooled features (the extractor's output) -> pretrained logits."""
+        if hasattr(self.model, "get_classifier"):  # timm
+            return self.model.get_classifier()
+        return _last_linear(self.model)[1]
 
 
 def sha256_file(path: str | Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from headstart import HeadstartError, __version__
 
-STAGES = ("prepare", "validate", "domain", "train_head", "evaluate", "export", "register")
+STAGES = ("prepare", "validate", "domain", "train_head", "finetune", "evaluate", "export", "register")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,13 +157,13 @@ def _domain_calibrate(args) -> int:
 
     from headstart.atomic import write_json
     from headstart.backbones import load_backbone
-    from headstart.domain import calibrate
+    from headstart.domain import Probe, calibrate
 
     backbone = load_backbone(args.backbone, args.weights)
     ref = {
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
-        **calibrate(backbone.model, backbone.spec),
+        **calibrate(Probe(backbone), backbone.spec),
     }
     out = (
         Path(args.out)

@@ -116,6 +116,25 @@ class TrainHeadParams(Section):
     patience: int = Field(15, gt=0)
     extract_batch_size: int = Field(32, gt=0)
     runtime: Runtime = "auto"
+    class_balance: Literal["weighted", "sampler", "none"] = "weighted"
+
+
+class FinetuneParams(Section):
+    enabled: bool = True
+    min_train_images: int = Field(1000, ge=0)
+    require_shifted: bool = False
+    unfreeze: int | Literal["all"] = 2
+    lr: float = Field(1e-3, gt=0.0)
+    backbone_lr_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    batch_size: int = Field(32, gt=0)
+    max_epochs: int = Field(12, gt=0)
+    warmup_epochs: int = Field(1, ge=0)
+    patience: int = Field(4, gt=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    margin: float = Field(0.005, ge=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
 
 
 class EvaluateParams(Section):
@@ -149,6 +168,7 @@ class Params(Section):
     validate: ValidateParams = ValidateParams()
     domain: DomainParams = DomainParams()
     train_head: TrainHeadParams = TrainHeadParams()
+    finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     register: RegisterParams = RegisterParams()

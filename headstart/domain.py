@@ -10,7 +10,7 @@ the content does. The input normalisation and the original classifier's confiden
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ EPS = 1e-5
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
-    """Every BatchNorm2d with running statistics (timm's BatchNormAct2d included), in forward order."""
+    """Every BatchNorm2d with running statistics (timm's BatchNormAct2d included), in module order."""
     return [
         (n, m)
         for n, m in model.named_modules()
@@ -28,75 +28,100 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     ]
 
 
-class BatchStats:
-    """Forward pre-hooks that accumulate each BN layer's per-channel input mean and variance."""
+class Probe(nn.Module):
+    """The frozen backbone instrumented for the domain check. One forward pass returns
+    (features, logits, mean_0, meansq_0, mean_1, meansq_1, ...): the pooled features, exactly what the
+    feature extractor computes (so the pass also fills the feature cache), the original classifier's
+    logits, and per image the per-channel mean and mean square of each BatchNorm layer's output
+    before its activation.
 
-    def __init__(self, layers: list[tuple[str, nn.BatchNorm2d]]):
-        self.layers = layers
-        self.sums = {n: [0.0, 0.0, 0] for n, _ in layers}
-        self._handles = []
+    Why the output and not the input the running statistics describe: an ONNX export folds every
+    BatchNorm into the convolution before it, so its input no longer exists there, while its output
+    does. The layer's affine map is known (running mean and variance, weight, bias), and the KL
+    divergence is invariant under it, so `analyse` maps the output statistics back exactly."""
 
-    def __enter__(self) -> BatchStats:
-        for name, layer in self.layers:
-            self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
-        return self
+    def __init__(self, backbone):
+        super().__init__()
+        self.extractor, self.classifier = backbone.feature_extractor(), backbone.classifier().eval()
+        self._seen: list[str] = []
+        for name, layer in bn_layers(self.extractor):
+            act = getattr(layer, "act", None)  # timm's BatchNormAct2d: norm -> drop -> act
+            if isinstance(act, nn.Module):
+                act.register_forward_pre_hook(lambda _m, args, n=name: self._record(n, args[0]))
+            else:
+                layer.register_forward_hook(lambda _m, _a, out, n=name: self._record(n, out))
+        with torch.inference_mode():  # the layers in the order they run, which the outputs follow
+            self.forward(torch.zeros(1, 3, backbone.spec.size, backbone.spec.size))
+        modules = dict(self.extractor.named_modules())
+        self.layers = [_reference(n, modules[n]) for n in self.order]
 
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
+    def _record(self, name: str, y: torch.Tensor) -> None:
+        self._seen.append(name)
+        self._stats += [y.mean((2, 3)), (y * y).mean((2, 3))]
 
-    def _hook(self, name: str):
-        def hook(_module, args):
-            x = args[0].detach().double()
-            acc = self.sums[name]
-            acc[0] = acc[0] + x.sum(dim=(0, 2, 3))
-            acc[1] = acc[1] + (x * x).sum(dim=(0, 2, 3))
-            acc[2] += x.shape[0] * x.shape[2] * x.shape[3]
-
-        return hook
-
-    def divergence(self) -> list[dict]:
-        """Per layer: mean over channels of log(1 + symmetric KL) between N(batch) and N(running)."""
-        out = []
-        for name, layer in self.layers:
-            s1, s2, n = self.sums[name]
-            if not n:
-                continue
-            mean = (s1 / n).float()
-            var = (s2 / n).float() - mean**2
-            out.append(
-                {"layer": name, "divergence": _sym_kl(mean, var, layer.running_mean, layer.running_var)}
-            )
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._seen, self._stats = [], []
+        features = self.extractor(x)
+        out = (features, self.classifier(features), *self._stats)
+        self.order, self._stats = self._seen, []
         return out
 
 
-def _sym_kl(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor) -> float:
-    v1, v2 = v1.clamp_min(EPS) + EPS, v2.clamp_min(EPS) + EPS  # constant inputs have zero variance
-    kl = 0.5 * (v1 / v2 + v2 / v1) + 0.5 * (m1 - m2) ** 2 * (1 / v1 + 1 / v2) - 1
-    value = float(torch.log1p(kl.clamp_min(0)).mean())
-    return value if math.isfinite(value) else 0.0
+def _reference(name: str, layer: nn.BatchNorm2d) -> dict:
+    """What a BN layer carries: the running statistics of its input, and its affine map."""
+    c = layer.running_mean.numel()
+
+    def arr(t):
+        return np.ones(c) if t is None else t.detach().double().cpu().numpy()
+
+    weight, bias = arr(layer.weight), (np.zeros(c) if layer.bias is None else arr(layer.bias))
+    return {
+        "layer": name,
+        "running_mean": arr(layer.running_mean),
+        "running_var": arr(layer.running_var),
+        "weight": weight,
+        "bias": bias,
+        "eps": float(layer.eps),
+    }
 
 
-@torch.inference_mode()
-def analyse(model: nn.Module, batches: Iterable[np.ndarray]) -> dict:
-    """One pass of the batches (NCHW, preprocessed) through the frozen backbone with its original head:
-    input statistics, the BN divergence profile, and the head's max-softmax and energy."""
-    model = model.eval().to(memory_format=torch.channels_last)  # same statistics, ~2x faster on a CPU
-    layers = bn_layers(model)
-    s1 = s2 = 0.0
+def run_probe(probe: Probe, batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """The probe in torch over preprocessed batches: (batch, outputs) for `analyse`."""
+    from headstart.features import TorchEngine
+
+    engine = TorchEngine(probe)
+    for x in batches:
+        yield x, engine(x)
+
+
+def analyse(batches: Iterable[tuple[np.ndarray, list[np.ndarray]]], layers: list[dict]) -> dict:
+    """Signals from a probe pass, given as (preprocessed batch, probe outputs) pairs from any runtime:
+    input statistics, the BN divergence profile, and the original head's max-softmax and energy."""
+    s1 = s2 = np.zeros(3)
     n_pix = n_img = 0
+    sums = [np.zeros((2, len(ref["weight"]))) for ref in layers]
     max_softmax, energy = [], []
-    with BatchStats(layers) as stats:
-        for x in batches:
-            t = torch.from_numpy(x).to(memory_format=torch.channels_last)
-            s1, s2 = s1 + t.double().sum((0, 2, 3)), s2 + (t.double() ** 2).sum((0, 2, 3))
-            n_pix, n_img = n_pix + t.shape[0] * t.shape[2] * t.shape[3], n_img + t.shape[0]
-            logits = model(t).double()
-            max_softmax += logits.softmax(1).max(1).values.tolist()
-            energy += (-torch.logsumexp(logits, 1)).tolist()
-    profile = stats.divergence() if layers else []
-    mean = (s1 / max(n_pix, 1)) if n_img else torch.zeros(3)
-    std = ((s2 / max(n_pix, 1)) - mean**2).clamp_min(0).sqrt() if n_img else torch.zeros(3)
+    for x, (_features, logits, *stats) in batches:
+        x = x.astype(np.float64)
+        s1, s2 = s1 + x.sum((0, 2, 3)), s2 + (x * x).sum((0, 2, 3))
+        n_pix, n_img = n_pix + x.shape[0] * x.shape[2] * x.shape[3], n_img + x.shape[0]
+        z = logits.astype(np.float64)
+        top = z.max(1, keepdims=True)
+        log_sum = top[:, 0] + np.log(np.exp(z - top).sum(1))
+        max_softmax += np.exp(top[:, 0] - log_sum).tolist()
+        energy += (-log_sum).tolist()
+        for acc, mean, meansq in zip(sums, stats[0::2], stats[1::2], strict=True):
+            acc += [mean.astype(np.float64).sum(0), meansq.astype(np.float64).sum(0)]
+    profile = (
+        [
+            {"layer": ref["layer"], "divergence": _divergence(acc / n_img, ref)}
+            for acc, ref in zip(sums, layers, strict=True)
+        ]
+        if n_img
+        else []
+    )
+    mean = s1 / max(n_pix, 1)
+    std = np.sqrt(np.clip(s2 / max(n_pix, 1) - mean**2, 0, None))
     values = [p["divergence"] for p in profile]
     third = max(1, len(values) // 3)
     return {
@@ -111,6 +136,20 @@ def analyse(model: nn.Module, batches: Iterable[np.ndarray]) -> dict:
         "energy": float(np.mean(energy)) if energy else None,
         "profile": profile,
     }
+
+
+def _divergence(moments: np.ndarray, ref: dict) -> float:
+    """Mean over channels of log(1 + symmetric KL) between N(these images) and N(running statistics),
+    for a layer's input, mapped back from the output moments through the layer's affine map."""
+    mean_y, var_y = moments[0], np.clip(moments[1] - moments[0] ** 2, 0, None)
+    w = np.where(np.abs(ref["weight"]) < 1e-8, 1e-8, ref["weight"])  # a dead channel: no information
+    scale = np.sqrt(ref["running_var"] + ref["eps"]) / w
+    mean_x = (mean_y - ref["bias"]) * scale + ref["running_mean"]
+    var_x = var_y * scale**2
+    v1, v2 = np.clip(var_x, EPS, None) + EPS, np.clip(ref["running_var"], EPS, None) + EPS
+    kl = 0.5 * (v1 / v2 + v2 / v1) + 0.5 * (mean_x - ref["running_mean"]) ** 2 * (1 / v1 + 1 / v2) - 1
+    value = float(np.log1p(np.clip(kl, 0, None)).mean())
+    return value if math.isfinite(value) else 0.0
 
 
 def reference(backbone: str) -> dict:
@@ -196,7 +235,7 @@ def calibration_sets(seed: int = 0, per_set: int = 16, n_sets: int = 6) -> dict[
     return sets
 
 
-def calibrate(model: nn.Module, spec, seed: int = 0, per_set: int = 16, n_sets: int = 6) -> dict:
+def calibrate(probe: Probe, spec, seed: int = 0, per_set: int = 16, n_sets: int = 6) -> dict:
     """Scores of every calibration set; thresholds placed in the gap between in- and out-of-domain."""
     from headstart.preprocess import preprocess
 
@@ -205,7 +244,7 @@ def calibrate(model: nn.Module, spec, seed: int = 0, per_set: int = 16, n_sets: 
         table[name] = []
         for images in groups:
             x = np.stack([preprocess(im, spec) for im in images])
-            s = analyse(model, [x])
+            s = analyse(run_probe(probe, [x]), probe.layers)
             table[name].append({"bn_divergence": s["bn_divergence"], "max_softmax": s["max_softmax"]})
     inside = [r["bn_divergence"] for r in table["photos"]]
     outside = [r["bn_divergence"] for k, v in table.items() if k != "photos" for r in v]

@@ -16,7 +16,9 @@ from headstart.preprocess import InputSpec, load_batch
 from headstart.runtime import Predictor
 
 
-def to_onnx(model: torch.nn.Module, size: int, opset: int, output: str = "logits") -> onnx.ModelProto:
+def to_onnx(
+    model: torch.nn.Module, size: int, opset: int, output: str | list[str] = "logits"
+) -> onnx.ModelProto:
     """torch.onnx.export (dynamo) of an NCHW image model, with batch as a dynamic dimension."""
     model = model.eval()
     example = torch.zeros(2, 3, size, size)
@@ -30,7 +32,7 @@ def to_onnx(model: torch.nn.Module, size: int, opset: int, output: str = "logits
             opset_version=opset,
             external_data=False,
             input_names=["input"],
-            output_names=[output],
+            output_names=[output] if isinstance(output, str) else output,
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             verbose=False,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import get_args
@@ -39,10 +40,13 @@ class TorchEngine:
         self.model = extractor.eval().to(device, memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
         t = torch.from_numpy(x).to(self.device, memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.name == "torch-cuda"):
-            return self.model(t).float().cpu().numpy()
+            out = self.model(t)
+        if isinstance(out, tuple):  # the domain probe: features, logits, BN statistics
+            return [o.float().cpu().numpy() for o in out]
+        return out.float().cpu().numpy()
 
 
 class OrtEngine:
@@ -50,19 +54,21 @@ class OrtEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, threads: int = 0):
+    def __init__(self, onnx_path: Path, threads: int = 0, mem_pattern: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        opts.enable_mem_pattern = mem_pattern
         # idle ORT threads spin by default, stealing the cores that decode the next batch
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: x})[0]
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        out = self.session.run(None, {self.input: x})
+        return out if len(out) > 1 else out[0]
 
 
 def resolve_runtime(runtime: str) -> str:
@@ -76,20 +82,33 @@ def resolve_runtime(runtime: str) -> str:
     return runtime
 
 
-def make_engine(backbone: Backbone, runtime: str, cache_dir: str | Path) -> TorchEngine | OrtEngine:
+def make_engine(
+    backbone: Backbone, runtime: str, cache_dir: str | Path, probe: nn.Module | None = None
+) -> TorchEngine | OrtEngine:
+    """The feature extractor on a runtime; or, given `probe` (headstart.domain.Probe, whose first
+    output is the same features), the domain check's instrumented backbone on it."""
     runtime = resolve_runtime(runtime)
     if runtime == "onnxruntime":
-        return OrtEngine(backbone_onnx(backbone, cache_dir))
-    return TorchEngine(backbone.feature_extractor(), "cuda" if runtime == "torch-cuda" else "cpu")
+        # the probe's many outputs make ORT's memory planning cost more than it saves (measured)
+        return OrtEngine(backbone_onnx(backbone, cache_dir, probe=probe), mem_pattern=probe is None)
+    module = backbone.feature_extractor() if probe is None else probe
+    return TorchEngine(module, "cuda" if runtime == "torch-cuda" else "cpu")
 
 
-def backbone_onnx(backbone: Backbone, cache_dir: str | Path, opset: int = 18) -> Path:
-    """The feature extractor as ONNX, exported once per backbone cache key and kept on disk."""
-    path = Path(cache_dir) / "engines" / f"{backbone.cache_key}.onnx"
+def backbone_onnx(
+    backbone: Backbone, cache_dir: str | Path, opset: int = 18, probe: nn.Module | None = None
+) -> Path:
+    """The feature extractor (or the domain probe) as ONNX, exported once per backbone cache key."""
+    path = Path(cache_dir) / "engines" / f"{backbone.cache_key}{'' if probe is None else '-probe'}.onnx"
     if not path.exists():
         from headstart.export import to_onnx
 
-        proto = to_onnx(backbone.feature_extractor(), backbone.spec.size, opset, output="features")
+        if probe is None:
+            module, names = backbone.feature_extractor(), ["features"]
+        else:
+            stats = [f"{r['layer']}.{m}" for r in probe.layers for m in ("mean", "meansq")]
+            module, names = probe, ["features", "logits", *stats]
+        proto = to_onnx(module, backbone.spec.size, opset, output=names)
         write_bytes(path, proto.SerializeToString())
     return path
 
@@ -125,6 +144,7 @@ class Features:
     def __init__(self, backbone: Backbone, runtime: str, cache_dir: str | Path, batch_size: int = 32):
         self.backbone, self.runtime = backbone, resolve_runtime(runtime)
         self.cache_dir, self.batch_size, self._engine = Path(cache_dir), batch_size, None
+        self.shared = 0  # features the domain probe put in the cache
         # runtimes differ in the last bits: each keeps its own features, so re-runs are exact
         self.cache = FeatureCache(cache_dir, f"{backbone.cache_key}-{self.runtime}")
 
@@ -133,6 +153,25 @@ class Features:
         if self._engine is None:
             self._engine = make_engine(self.backbone, self.runtime, self.cache_dir)
         return self._engine
+
+    def probe(
+        self, probe: nn.Module, paths: list[Path], shas: list[str]
+    ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """One pass of the domain probe (headstart.domain.Probe) over the images, yielding each
+        (preprocessed batch, probe outputs). The features it computes on the way fill the cache for
+        images not cached yet, so feature extraction later does not pass them through the backbone
+        again. On onnxruntime the probe graph is fused differently from the extraction graph, so
+        its features may differ from it in the sixth significant digit; cached entries are never
+        overwritten, so a re-run reads the same values."""
+        engine = make_engine(self.backbone, self.runtime, self.cache_dir, probe=probe)
+        items = list(zip(shas, paths, strict=True))
+        for batch, x in decoded(self.backbone.spec, items, self.batch_size, "domain probe"):
+            out = engine(x)
+            for (sha, _), vec in zip(batch, out[0], strict=True):
+                if self.cache.get(sha) is None:
+                    self.cache.put(sha, vec)
+                    self.shared += 1
+            yield x, out
 
     def __call__(self, paths: list[Path], shas: list[str], desc: str = "features") -> tuple[np.ndarray, int]:
         """(features, how many were computed rather than read from the cache)."""
@@ -181,19 +220,26 @@ def _compute(
     prefetch: int = 2,
 ) -> None:
     """Run the engine on `todo`, decoding a few batches ahead in threads; fill `found` and the cache."""
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch, x in decoded(spec, todo, batch_size, desc, workers, prefetch):
+        for (sha, _), vec in zip(batch, engine(x), strict=True):
+            cache.put(sha, vec)
+            found[sha] = vec
+
+
+def decoded(
+    spec: InputSpec, items, batch_size: int, desc: str, workers: int | None = None, prefetch: int = 2
+) -> Iterator[tuple[list, np.ndarray]]:
+    """(batch of (sha, path), preprocessed pixels), decoding `prefetch` batches ahead in threads."""
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     workers = workers or max(1, (os.cpu_count() or 1))
     with (
         ThreadPoolExecutor(workers) as pool,
-        tqdm(total=len(todo), desc=desc, unit="img", disable=not todo) as bar,
+        tqdm(total=len(items), desc=desc, unit="img", disable=not items) as bar,
     ):
         pending: deque = deque()
         for i, batch in enumerate(batches):
             while len(pending) <= prefetch and i + len(pending) < len(batches):
                 ahead = batches[i + len(pending)]
                 pending.append([pool.submit(load_image, p, spec) for _, p in ahead])
-            x = np.stack([f.result() for f in pending.popleft()])
-            for (sha, _), vec in zip(batch, engine(x), strict=True):
-                cache.put(sha, vec)
-                found[sha] = vec
+            yield batch, np.stack([f.result() for f in pending.popleft()])
             bar.update(len(batch))

@@ -23,11 +23,13 @@ def log_pipeline_run(
     onnx_path: Path,
     tags: dict[str, str],
     pip_requirements: list[str],
+    curves: list[tuple[str, float, int]] = (),
 ) -> dict[str, str]:
-    """Log params, metrics, tags and artifacts, register the ONNX model; returns ids and the version."""
+    """Log params, metrics, (key, value, step) curves, tags and artifacts, register the ONNX model;
+    returns ids and the version."""
     uri = tracking_uri(params)
     with _using(uri):
-        return _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri)
+        return _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, curves)
 
 
 @contextmanager
@@ -44,15 +46,22 @@ def _using(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
-def _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri) -> dict[str, str]:
+def _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, curves) -> dict[str, str]:
+    import time
+
     import mlflow
     import mlflow.onnx
     import onnx
+    from mlflow.entities import Metric
 
     exp_id = _experiment(params, uri)
     with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_params(flatten(params))
         mlflow.log_metrics(metrics)
+        now = int(time.time() * 1000)
+        history = [Metric(f"curve.{k}", v, now, step) for k, v, step in curves]
+        for i in range(0, len(history), 1000):  # MLflow's batch limit
+            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=history[i : i + 1000])
         mlflow.set_tags(tags)
         _log_artifacts(artifacts)
         info = mlflow.onnx.log_model(

@@ -36,6 +36,20 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, averaging 1 over the samples: each class weighs the same in the loss."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def balanced_order(y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """An epoch's sample order drawn with replacement so that each class is equally likely."""
+    counts = torch.bincount(y).double()
+    weights = (1.0 / counts)[y]
+    return torch.multinomial(weights, len(y), replacement=True, generator=gen)
+
+
 def fit_head(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -50,13 +64,19 @@ def fit_head(
     gen = torch.Generator().manual_seed(seed)
     head = make_head(x_train.shape[1], num_classes, p.hidden, p.dropout)
     opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    weights = class_weights(y_train, num_classes) if p.class_balance == "weighted" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
     xt, yt = torch.tensor(x_train), torch.tensor(y_train).long()
     xv, yv = (torch.tensor(x_val), torch.tensor(y_val).long()) if len(y_val) else (xt, yt)
     history, best, best_state, best_epoch, waited = [], float("inf"), None, 0, 0
     for epoch in (bar := tqdm(range(1, p.max_epochs + 1), desc="train_head", unit="epoch")):
         head.train()
-        order, total = torch.randperm(len(yt), generator=gen), 0.0
+        order = (
+            balanced_order(yt, gen)
+            if p.class_balance == "sampler"
+            else torch.randperm(len(yt), generator=gen)
+        )
+        total = 0.0
         for i in range(0, len(yt), p.batch_size):
             idx = order[i : i + p.batch_size]
             opt.zero_grad()
@@ -87,31 +107,44 @@ def _score(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[
     return loss_fn(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def save_model(
-    path: str | Path, backbone: Backbone, head: nn.Sequential, classes: list[str], p: TrainHeadParams
-) -> None:
-    """A small, safe checkpoint: the head's tensors plus the names needed to rebuild the backbone."""
+def save_model(path: str | Path, *args, **kwargs) -> None:
+    write_bytes(path, model_bytes(*args, **kwargs))
+
+
+def model_bytes(
+    backbone: Backbone,
+    head: nn.Sequential,
+    classes: list[str],
+    p: TrainHeadParams,
+    backbone_state: dict[str, torch.Tensor] | None = None,
+    extra: dict | None = None,
+) -> bytes:
+    """A small, safe checkpoint: the head's tensors plus the names needed to rebuild the backbone;
+    after fine-tuning, also the tensors of the backbone's unfrozen blocks (`backbone_state`)."""
     state = {
         "format": MODEL_FORMAT,
         "backbone": backbone.name,
         "weights": str(p.weights) if p.weights else "",
-        "weights_sha256": backbone.weights_sha256,
+        "weights_sha256": backbone.base_sha256,
         "spec": backbone.spec.to_json(),
         "classes": list(classes),
         "hidden": p.hidden,
         "dropout": p.dropout,
-        "head": head.state_dict(),
+        "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "backbone_state": {k: v.detach().cpu() for k, v in (backbone_state or {}).items()},
+        **(extra or {}),
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 @dataclass
 class TrainedModel:
     classifier: Classifier
-    backbone: Backbone
+    backbone: Backbone  # fine-tuned blocks applied; its weights_sha256 then covers them too
     classes: list[str]
+    finetuned: bool = False
 
 
 def load_model(path: str | Path) -> TrainedModel:
@@ -128,7 +161,27 @@ def load_model(path: str | Path) -> TrainedModel:
     backbone = load_backbone(state["backbone"], state["weights"] or None, state["weights_sha256"])
     if backbone.weights_sha256 != state["weights_sha256"]:
         raise HeadstartError(f"{path}: backbone weights changed since training")
+    tuned = state.get("backbone_state") or {}
+    if tuned:
+        apply_backbone_state(backbone, tuned, str(path))
     head = make_head(backbone.num_features, len(state["classes"]), state["hidden"], state["dropout"])
     head.load_state_dict(state["head"])
     classifier = Classifier(backbone.feature_extractor(), head.eval()).eval()
-    return TrainedModel(classifier, backbone, list(state["classes"]))
+    return TrainedModel(classifier, backbone, list(state["classes"]), bool(tuned))
+
+
+def apply_backbone_state(backbone: Backbone, tuned: dict[str, torch.Tensor], source: str) -> None:
+    """Load fine-tuned tensors into the backbone; its cache key changes with them, so features of
+    the fine-tuned backbone never mix with the pretrained one's."""
+    import hashlib
+
+    own = backbone.model.state_dict()
+    unknown = [k for k, v in tuned.items() if k not in own or own[k].shape != v.shape]
+    if unknown:
+        raise HeadstartError(f"{source}: fine-tuned tensors do not fit {backbone.name}: {unknown[:5]}")
+    backbone.model.load_state_dict(tuned, strict=False)
+    h = hashlib.sha256(backbone.weights_sha256.encode())
+    for k in sorted(tuned):
+        h.update(k.encode())
+        h.update(tuned[k].detach().cpu().contiguous().numpy().tobytes())
+    backbone.weights_sha256 = h.hexdigest()

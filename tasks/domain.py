@@ -8,8 +8,8 @@ from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.backbones import load_backbone
 from headstart.config import Params
-from headstart.domain import analyse, input_summary, profile_png, reference, to_markdown, verdict
-from headstart.preprocess import load_batch
+from headstart.domain import Probe, analyse, input_summary, profile_png, reference, to_markdown, verdict
+from headstart.features import Features
 from tasks import _inputs
 
 
@@ -30,10 +30,10 @@ def domain(cfg: Params) -> DomainResult:
     rows = train.sort_values("sha256").head(p.max_images)  # the same sample every run
     paths = [cfg.prepare.data_dir / x for x in rows["path"]]
     backbone = load_backbone(th.backbone, th.weights, th.weights_sha256)
-    batches = (
-        load_batch(paths[i : i + p.batch_size], backbone.spec) for i in range(0, len(paths), p.batch_size)
-    )
-    signals = analyse(backbone.model, batches)
+    # the features runtime and cache of train_head: this pass's features are its features
+    features = Features(backbone, th.runtime, cfg.project.cache_dir, p.batch_size)
+    probe = Probe(backbone)
+    signals = analyse(features.probe(probe, paths, list(rows["sha256"])), probe.layers)
     signals.update(input_summary(rows, backbone.spec.size, backbone.spec.resize_to))
     ref = reference(backbone.name)
     found, score = verdict(signals, ref)
@@ -43,6 +43,8 @@ def domain(cfg: Params) -> DomainResult:
         "on_mismatch": p.on_mismatch,
         "n_images": signals["n_images"],
         "backbone": backbone.name,
+        "runtime": features.runtime,
+        "features_shared": features.shared,  # put in the feature cache for train_head
         "thresholds": ref["thresholds"],
         "reference": {k: ref[k] for k in ("auroc", "table") if k in ref}
         | {"borrowed_from": ref.get("borrowed_from")},

@@ -25,11 +25,12 @@ class EvaluateResult:
 
 
 def evaluate(cfg: Params) -> EvaluateResult:
-    model = load_model(_inputs.stage_file(cfg, "train_head", "model.pt"))
+    model = load_model(_inputs.stage_file(cfg, "finetune", "model.pt"))
     rows, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "test")
     if rows.empty:
         raise HeadstartError("the test split is empty; add images or raise prepare.test_fraction")
-    # the backbone is frozen, so its cached features + the head = the full model's logits
+    # features of the backbone as trained (pretrained, or with its fine-tuned blocks: another cache
+    # key) + the head = the full model's logits
     features = Features(
         model.backbone, cfg.train_head.runtime, cfg.project.cache_dir, cfg.evaluate.batch_size
     )

@@ -24,7 +24,7 @@ def export(cfg: Params) -> ExportResult:
     from headstart.training import load_model
 
     p = cfg.export
-    model = load_model(_inputs.stage_file(cfg, "train_head", "model.pt"))
+    model = load_model(_inputs.stage_file(cfg, "finetune", "model.pt"))
     report = _inputs.read_json(cfg, "prepare", "report.json")
     _, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "test")
     final = cfg.stage_dir("export") / "model.onnx"

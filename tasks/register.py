@@ -32,6 +32,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
     validation = _inputs.read_json(cfg, "validate", "report.json")
     domain = _inputs.read_json(cfg, "domain", "report.json")
     train = _inputs.read_json(cfg, "train_head", "metrics.json")
+    tune = _inputs.read_json(cfg, "finetune", "decision.json")
     test = _inputs.read_json(cfg, "evaluate", "metrics.json")
     metrics = {
         "n_files": prepare["n_files"],
@@ -40,6 +41,11 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         "validate.n_warnings": len(validation["warnings"]),
         **({"domain.score": domain["score"]} if domain["score"] is not None else {}),
         **{f"train_head.{k}": v for k, v in train.items() if isinstance(v, int | float)},
+        **{
+            f"finetune.{k}": v
+            for k, v in tune.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
         **{f"test_recall.{c}": v["recall"] for c, v in test["per_class"].items()},
@@ -51,16 +57,36 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         "git_commit": _git_commit(),
         "backbone": cfg.train_head.backbone,
         "domain.verdict": domain["verdict"],
+        "finetune.finetuned": str(tune["finetuned"]).lower(),
+        "finetune.reason": tune["reason"],
         **(tags or {}),
     }
     root = cfg.project.artifacts_dir
     artifacts = _stage_artifacts(cfg)
     artifacts["export"] = root / "export" / "parity.json"
     ids = log_pipeline_run(
-        cfg, metrics, artifacts, root / "export" / "model.onnx", all_tags, _runtime_requirements()
+        cfg,
+        metrics,
+        artifacts,
+        root / "export" / "model.onnx",
+        all_tags,
+        _runtime_requirements(),
+        curves(
+            _inputs.read_json(cfg, "train_head", "history.json"),
+            _inputs.read_json(cfg, "finetune", "history.json"),
+        ),
     )
     write_json(cfg.stage_dir("register") / "run.json", ids)
     return RegisterResult(**ids)
+
+
+def curves(head: list[dict], tune: list[dict]) -> list[tuple[str, float, int]]:
+    """Both phases' learning curves on one step axis: fine-tuning's epochs continue the head's."""
+    out = []
+    for offset, history in ((0, head), (len(head), tune)):
+        for row in history:
+            out += [(k, float(v), offset + row["epoch"]) for k, v in row.items() if k != "epoch"]
+    return out
 
 
 def record_failure(cfg: Params, stage: str, error: str, tags: dict[str, str] | None = None) -> str:
@@ -76,7 +102,7 @@ def _stage_artifacts(cfg: Params) -> dict:
     root = cfg.project.artifacts_dir
     return {
         stage: root / stage
-        for stage in ("prepare", "validate", "domain", "train_head", "evaluate")
+        for stage in ("prepare", "validate", "domain", "train_head", "finetune", "evaluate")
         if (root / stage).is_dir()
     }
 

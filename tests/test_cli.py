@@ -86,7 +86,7 @@ def test_data_pull_then_validate_exits_0_then_1(tmp_path, capsys):
 
 def test_stage_without_inputs_fails_cleanly(tmp_path, capsys):
     assert main(["stage", "evaluate", "--set", f"project.artifacts_dir={tmp_path}"]) == 2
-    assert "run the train_head stage first" in capsys.readouterr().err
+    assert "run the finetune stage first" in capsys.readouterr().err
 
 
 def test_domain_check_prints_json_and_exits_1_on_mismatch(tmp_path, capsys, tiny_weights):

@@ -12,6 +12,7 @@ from headstart.config import load_params
 from tasks.domain import DomainMismatch, domain
 from tasks.evaluate import evaluate
 from tasks.export import export
+from tasks.finetune import finetune
 from tasks.prepare import prepare
 from tasks.register import register
 from tasks.train_head import train_head
@@ -28,6 +29,7 @@ def pipeline(tmp_path_factory, tiny_weights):
     cfg = load_params(None, tiny_overrides(root, data, tiny_weights))
     results = {"prepare": prepare(cfg), "validate": validate(cfg), "domain": domain(cfg)}
     results["train_head"] = train_head(cfg)
+    results["finetune"] = finetune(cfg)  # 29 training images: the gate stays closed
     results["evaluate"] = evaluate(cfg)
     results["export"] = export(cfg)
     results["register"] = register(cfg, tags={"origin": "test"})
@@ -129,7 +131,10 @@ def test_train_head_writes_model_history_metrics(pipeline):
     history = json.loads((out / "history.json").read_text())
     assert (out / "model.pt").stat().st_size > 0
     assert metrics["n_train"] + metrics["n_val"] + r["evaluate"].n_test == 42  # the broken file is out
-    assert metrics["features_computed"] == metrics["n_train"] + metrics["n_val"]
+    # one backbone pass per image: the domain probe's sample is already in the feature cache
+    shared = json.loads((cfg.stage_dir("domain") / "report.json").read_text())["features_shared"]
+    assert shared == 16 and metrics["features_cached"] == shared
+    assert metrics["features_computed"] == metrics["n_train"] + metrics["n_val"] - shared
     assert len(history) == metrics["epochs_run"] and 1 <= metrics["best_epoch"] <= len(history)
     assert metrics["val_accuracy"] >= 0.9  # class colours are trivially separable
 

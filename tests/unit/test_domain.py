@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart.domain import analyse, auroc, calibrate, calibration_sets, reference, verdict
+from headstart.domain import Probe, analyse, auroc, calibrate, calibration_sets, reference, run_probe, verdict
 from headstart.preprocess import preprocess
 
 
@@ -21,7 +21,8 @@ def lite0():
 
 def _score(backbone, images) -> dict:
     x = np.stack([preprocess(im.convert("RGB"), backbone.spec) for im in images])
-    return analyse(backbone.model, [x[i : i + 8] for i in range(0, len(x), 8)])
+    probe = Probe(backbone)
+    return analyse(run_probe(probe, [x[i : i + 8] for i in range(0, len(x), 8)]), probe.layers)
 
 
 def _elpv(n: int, tmp_path) -> list[Image.Image]:
@@ -46,7 +47,7 @@ def test_photos_in_domain_elpv_between_digits_mismatch(lite0, tmp_path):
 
 @pytest.mark.pretrained
 def test_calibration_separates_in_from_out_of_domain(lite0):
-    result = calibrate(lite0.model, lite0.spec, seed=3, per_set=6, n_sets=2)
+    result = calibrate(Probe(lite0), lite0.spec, seed=3, per_set=6, n_sets=2)
     assert result["auroc"] >= 0.95
     t = result["thresholds"]
     assert (
@@ -72,10 +73,13 @@ def test_a_backbone_without_batchnorm_falls_back_to_the_head(tiny_weights):
     import timm
     import torch
 
+    from headstart.backbones import Backbone, _timm_spec
+
     torch.manual_seed(0)
     vit = timm.create_model("test_vit").eval()  # LayerNorm only
+    probe = Probe(Backbone("test_vit", vit, _timm_spec(vit), vit.num_features, "0"))
     x = np.random.default_rng(0).normal(size=(3, 3, 160, 160)).astype(np.float32)
-    s = analyse(vit, [x])
+    s = analyse(run_probe(probe, [x]), probe.layers)
     assert s["bn_layers"] == 0 and s["bn_divergence"] is None and s["profile"] == []
     found, score = verdict(s, reference("test_vit"))
     assert found in ("in_domain", "shifted", "mismatch") and score == pytest.approx(s["max_softmax"])
@@ -93,5 +97,44 @@ def test_verdict_thresholds_and_auroc():
 def test_empty_input_is_not_a_crash():
     import timm
 
-    s = analyse(timm.create_model("test_efficientnet").eval(), [])
+    from headstart.backbones import Backbone, _timm_spec
+
+    model = timm.create_model("test_efficientnet").eval()
+    probe = Probe(Backbone("tiny", model, _timm_spec(model), model.num_features, "0"))
+    s = analyse(run_probe(probe, []), probe.layers)
     assert s["n_images"] == 0 and s["bn_divergence"] is None
+
+
+def test_the_probe_shares_its_pass_with_feature_extraction(tiny_weights, tmp_path):
+    """The probe's first output is the extractor's features, bit for bit in torch; its onnxruntime
+    graph gives the same signals as torch; its pass fills the feature cache, never overwriting."""
+    from headstart.backbones import load_backbone
+    from headstart.features import Features, TorchEngine, backbone_onnx
+    from tests.conftest import TINY_BACKBONE, make_folder
+
+    backbone = load_backbone(TINY_BACKBONE, *tiny_weights)
+    probe = Probe(backbone)
+    size = backbone.spec.size
+    x = np.random.default_rng(1).normal(size=(5, 3, size, size)).astype(np.float32)
+    features = TorchEngine(backbone.feature_extractor())(x)
+    out = TorchEngine(probe)(x)
+    assert np.array_equal(out[0], features) and len(out) == 2 + 2 * len(probe.layers)
+
+    torch_signals = analyse(run_probe(probe, [x]), probe.layers)
+    from headstart.features import OrtEngine
+
+    ort = OrtEngine(backbone_onnx(backbone, tmp_path, probe=probe))
+    ort_signals = analyse([(x, ort(x))], probe.layers)
+    assert ort_signals["bn_divergence"] == pytest.approx(torch_signals["bn_divergence"], rel=1e-4)
+    assert ort_signals["max_softmax"] == pytest.approx(torch_signals["max_softmax"], rel=1e-4)
+
+    data = make_folder(tmp_path / "data", per_class=3, classes=("a", "b"))
+    paths = sorted(data.rglob("*.png"))
+    shas = [f"{i:064x}" for i in range(len(paths))]
+    feats = Features(backbone, "torch", tmp_path / "cache", batch_size=4)
+    feats.cache.put(shas[0], np.full(backbone.num_features, 7.0))  # already cached: left alone
+    passes = list(feats.probe(probe, paths, shas))
+    assert sum(len(xb) for xb, _ in passes) == len(paths) and feats.shared == len(paths) - 1
+    got, computed = feats(paths, shas)
+    assert computed == 0 and np.all(got[0] == 7.0)
+    assert np.array_equal(got[1:], np.concatenate([o[0] for _, o in passes])[1:])

@@ -62,7 +62,9 @@ def test_fit_head_separates_blobs(blobs):
 def test_fit_head_returns_best_not_last(blobs):
     xt, yt, xv, yv = blobs
     head, history, best_epoch = fit_head(xt, yt, xv, yv, 3, PARAMS, seed=0)
-    loss = torch.nn.CrossEntropyLoss()
+    from headstart.training import class_weights
+
+    loss = torch.nn.CrossEntropyLoss(weight=class_weights(yt, 3))  # class_balance: weighted (default)
     with torch.no_grad():
         val_loss = loss(head(torch.from_numpy(xv)), torch.from_numpy(yv).long()).item()
     assert val_loss == pytest.approx(history[best_epoch - 1]["val_loss"], rel=1e-5)

@@ -1,0 +1,211 @@
+"""The finetune stage on the tiny backbone: the gate, frozen-stays-frozen, rejection, kill-and-resume,
+and the reproducibility of head training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import headstart.finetune as ft
+from headstart import HeadstartError
+from headstart.config import load_params
+from headstart.training import load_model
+from tasks.domain import domain
+from tasks.evaluate import evaluate
+from tasks.finetune import finetune
+from tasks.prepare import prepare
+from tasks.train_head import train_head
+from tasks.validate import validate
+from tests.conftest import make_folder, tiny_overrides
+
+FAST = ["finetune.max_epochs=4", "finetune.patience=4", "finetune.batch_size=8", "finetune.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_weights):
+    """prepare -> validate -> domain -> train_head once; each test runs finetune with its params."""
+    root = tmp_path_factory.mktemp("finetune")
+    data = make_folder(root / "data", per_class=14, classes=("cat", "dog"))
+    overrides = tiny_overrides(root, data, tiny_weights)
+    cfg = load_params(None, overrides)
+    for stage in (prepare, validate, domain, train_head):
+        stage(cfg)
+    n_train = json.loads((cfg.stage_dir("train_head") / "metrics.json").read_text())["n_train"]
+    return overrides, n_train
+
+
+def _cfg(base, *extra):
+    overrides, _ = base
+    return load_params(None, overrides + FAST + list(extra))
+
+
+def _decision(cfg) -> dict:
+    return json.loads((cfg.stage_dir("finetune") / "decision.json").read_text())
+
+
+def test_the_gate_opens_at_the_threshold_and_not_below(base):
+    _, n_train = base
+    closed = _cfg(base, f"finetune.min_train_images={n_train + 1}", "finetune.margin=0")
+    result = finetune(closed)
+    d = _decision(closed)
+    assert not result.finetuned and not d["gate_open"] and "min_train_images" in d["reason"]
+    assert d["gate"]["n_train"] == n_train
+    head_only = closed.stage_dir("train_head") / "model.pt"
+    assert (closed.stage_dir("finetune") / "model.pt").read_bytes() == head_only.read_bytes()
+    assert "not used" in (closed.stage_dir("finetune") / "summary.md").read_text()
+
+    opened = _cfg(base, f"finetune.min_train_images={n_train}", "finetune.margin=0")
+    finetune(opened)
+    d = _decision(opened)
+    assert d["gate_open"] and d["epochs_run"] >= 1 and d["unfrozen"] and d["trainable_parameters"] > 0
+
+
+def test_the_domain_verdict_can_be_required(base):
+    cfg = _cfg(base, "finetune.min_train_images=0", "finetune.require_shifted=true")
+    finetune(cfg)
+    d = _decision(cfg)
+    verdict = d["gate"]["domain_verdict"]
+    assert d["gate_open"] == (verdict == "shifted") and (verdict == "shifted" or "shifted" in d["reason"])
+
+
+def test_frozen_tensors_and_batchnorm_stay_bit_identical(base, monkeypatch):
+    """Every tensor outside the unfrozen blocks, and every BatchNorm buffer, unchanged; BN in eval."""
+    seen_training = []
+    original = ft.fit
+
+    def spy(split, *args, **kwargs):
+        bns = ft.bn_modules(split.tail)
+        for m in bns:
+            m.register_forward_pre_hook(lambda mod, _a: seen_training.append(mod.training))
+        return original(split, *args, **kwargs)
+
+    monkeypatch.setattr("tasks.finetune.fit", spy)
+    # the tiny head is already perfect on validation: a weak baseline makes the fine-tune the keeper
+    monkeypatch.setattr("tasks.finetune.score", lambda *a: (9.9, 0.0))
+    cfg = _cfg(base, "finetune.min_train_images=0", "finetune.margin=0", "finetune.unfreeze=2")
+    finetune(cfg)
+    d = _decision(cfg)
+    assert d["finetuned"] and d["frozen_check"]["unchanged"] and d["frozen_check"]["tensors"] > 0
+    assert seen_training and not any(seen_training)  # BN ran in eval mode in every training step
+    # the saved model: the pretrained tensors everywhere except the unfrozen blocks' weights
+    tuned = load_model(cfg.stage_dir("finetune") / "model.pt")
+    pretrained = load_model(cfg.stage_dir("train_head") / "model.pt")
+    a, b = tuned.backbone.model.state_dict(), pretrained.backbone.model.state_dict()
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    assert moved and not [k for k in moved if k in ft.frozen_tensors(tuned.backbone.model, moved)]
+    assert not [k for k in moved if "bn" in k or "running" in k]
+    assert tuned.finetuned and tuned.backbone.cache_key != pretrained.backbone.cache_key
+    assert evaluate(cfg).n_test > 0  # features of the fine-tuned backbone, under their own cache key
+
+
+def test_frozen_check_catches_a_changed_tensor():
+    layer = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    before = ft.fingerprint(ft.frozen_tensors(layer, []))
+    with torch.no_grad():
+        layer[1].running_mean[0] += 1e-7
+    assert ft.changed(before, ft.fingerprint(ft.frozen_tensors(layer, []))) == ["1.running_mean"]
+
+
+def test_a_worse_fine_tune_is_rejected_and_the_head_kept(base):
+    cfg = _cfg(base, "finetune.min_train_images=0", "finetune.margin=1.0")  # nothing clears +100%
+    result = finetune(cfg)
+    d = _decision(cfg)
+    assert d["gate_open"] and not result.finetuned and "does not clear finetune.margin" in d["reason"]
+    assert (cfg.stage_dir("finetune") / "model.pt").read_bytes() == (
+        cfg.stage_dir("train_head") / "model.pt"
+    ).read_bytes()
+    assert evaluate(cfg).n_test > 0  # evaluate serves the head-only model from finetune/model.pt
+
+
+def test_kill_and_resume_ends_like_an_uninterrupted_run(base, monkeypatch):
+    args = ("finetune.min_train_images=0", "finetune.margin=0", "finetune.patience=10")
+    whole = _cfg(base, *args)
+    finetune(whole)
+    expected = _decision(whole)
+    expected_model = (whole.stage_dir("finetune") / "model.pt").read_bytes()
+    expected_history = json.loads((whole.stage_dir("finetune") / "history.json").read_text())
+
+    def killed(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed after epoch 2")
+
+    monkeypatch.setattr(ft, "_after_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(whole)
+    assert list((whole.project.cache_dir / "finetune").rglob("checkpoint.pt"))  # left for the restart
+    monkeypatch.setattr(ft, "_after_epoch", lambda epoch: None)
+    finetune(whole)
+    resumed = _decision(whole)
+    assert resumed["resumed_from_epoch"] == 2 and expected["resumed_from_epoch"] == 0
+    history = json.loads((whole.stage_dir("finetune") / "history.json").read_text())
+    assert history == expected_history
+    for key in ("finetuned", "val_accuracy_finetuned", "val_loss_finetuned", "best_epoch", "frozen_check"):
+        assert resumed[key] == expected[key], key
+    assert (whole.stage_dir("finetune") / "model.pt").read_bytes() == expected_model
+    assert not list((whole.project.cache_dir / "finetune").rglob("checkpoint.pt"))  # cleaned up
+
+
+def test_a_checkpoint_of_other_inputs_is_refused(base, tmp_path):
+    split = ft.split_backbone(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten()), 1, 4)
+    head = torch.nn.Linear(32, 2)
+    model = torch.nn.Sequential(split.tail, head)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ft.lr_lambda(1, 4))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    state = {"epoch": 1, "history": [], "best": 1.0, "best_epoch": 1, "waited": 0, "best_state": None}
+    path = tmp_path / "checkpoint.pt"
+    ft._save(path, "key-a", state, model, opt, sched, scaler, torch.Generator())
+    with pytest.raises(HeadstartError, match="belongs to other inputs"):
+        ft._restore(path, "key-b", model, opt, sched, scaler, torch.Generator())
+
+
+def test_split_backbone_computes_what_the_extractor_computes(tiny_weights):
+    from headstart.backbones import load_backbone
+    from tests.conftest import TINY_BACKBONE
+
+    backbone = load_backbone(TINY_BACKBONE, *tiny_weights)
+    extractor = backbone.feature_extractor()
+    size = backbone.spec.size
+    x = torch.randn(2, 3, size, size)
+    for unfreeze in (1, 2, "all"):
+        split = ft.split_backbone(extractor, unfreeze, size)
+        with torch.no_grad():
+            assert torch.allclose(split.tail(split.prefix(x)), extractor(x), atol=1e-5)
+        assert split.trainable and not any("bn" in n for n in split.trainable)
+    assert ft.split_backbone(extractor, "all", size).unfrozen == ft.split_backbone(extractor, 1, size).units
+    with pytest.raises(HeadstartError, match="units"):
+        ft.split_backbone(extractor, 99, size)
+
+
+def test_warmup_then_cosine():
+    f = ft.lr_lambda(4, 20)
+    assert [round(f(s), 3) for s in (0, 3)] == [0.25, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_weights):
+    """Two runs from scratch (own caches, own artifacts) with the same params give the same numbers."""
+    data = make_folder(tmp_path / "data", per_class=10, classes=("cat", "dog"))
+    runs = []
+    for name in ("a", "b"):
+        cfg = load_params(None, tiny_overrides(tmp_path / name, data, tiny_weights))
+        for stage in (prepare, validate, domain, train_head):
+            stage(cfg)
+        m = json.loads((cfg.stage_dir("train_head") / "metrics.json").read_text())
+        runs.append({k: v for k, v in m.items() if k != "extract_images_per_s"})
+        runs[-1]["history"] = json.loads((cfg.stage_dir("train_head") / "history.json").read_text())
+    assert runs[0] == runs[1]
+
+
+def test_class_weights_and_balanced_sampling():
+    from headstart.training import balanced_order, class_weights
+
+    y = np.array([0] * 90 + [1] * 10)
+    w = class_weights(y, 2)
+    assert w[1] / w[0] == pytest.approx(9.0) and float((w[torch.tensor(y)]).mean()) == pytest.approx(1.0)
+    order = balanced_order(torch.tensor(y), torch.Generator().manual_seed(0))
+    share = float((torch.tensor(y)[order] == 1).float().mean())
+    assert 0.35 < share < 0.65  # ~half the draws from the 10% class
