@@ -117,6 +117,7 @@ class TrainHeadParams(Section):
     extract_batch_size: int = Field(32, gt=0)
     runtime: Runtime = "auto"
     class_balance: Literal["weighted", "sampler", "none"] = "weighted"
+    augment_views: int = Field(0, ge=0)
 
 
 class FinetuneParams(Section):

@@ -9,6 +9,7 @@ Runtimes: `onnxruntime` on the CPU (an ONNX export of the feature extractor, its
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections import deque
@@ -26,7 +27,7 @@ from headstart import HeadstartError
 from headstart.atomic import write_bytes
 from headstart.backbones import Backbone
 from headstart.config import Runtime
-from headstart.preprocess import InputSpec, load_image
+from headstart.preprocess import AUGMENT, InputSpec, load_image, load_view
 
 RUNTIMES = get_args(Runtime)
 
@@ -154,6 +155,30 @@ class Features:
             self._engine = make_engine(self.backbone, self.runtime, self.cache_dir)
         return self._engine
 
+    def views(self, paths: list[Path], shas: list[str], k: int, seed: int) -> tuple[np.ndarray, int]:
+        """Features of K augmented views per image (preprocess.augment), each cached under its own
+        key like any image, so epochs that sample them cost no backbone pass: (n, K, F), computed."""
+        if k == 0 or not shas:
+            return np.zeros((len(shas), k, self.backbone.num_features), np.float32), 0
+        tag = hashlib.sha256(f"{AUGMENT}|{seed}".encode()).hexdigest()[:12]
+        keys = [f"{s}.view{v}-{tag}" for s in shas for v in range(k)]
+        items = [(p, view_seed(seed, s, v)) for p, s in zip(paths, shas, strict=True) for v in range(k)]
+        found, todo = _lookup(self.cache, items, keys)
+        if todo:
+            spec = self.backbone.spec
+            _compute(
+                self.engine,
+                spec,
+                todo,
+                found,
+                self.cache,
+                self.batch_size,
+                "augmented views",
+                load=lambda item: load_view(item[0], spec, item[1]),
+            )
+        x = np.stack([found[key] for key in keys]).astype(np.float32)
+        return x.reshape(len(shas), k, -1), len(todo)
+
     def probe(
         self, probe: nn.Module, paths: list[Path], shas: list[str]
     ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
@@ -181,6 +206,11 @@ class Features:
         if todo:
             _compute(self.engine, self.backbone.spec, todo, found, self.cache, self.batch_size, desc)
         return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
+
+
+def view_seed(seed: int, sha: str, view: int) -> int:
+    """The augmentation seed of one view: the run's seed, the image's content, the view's number."""
+    return int(hashlib.sha256(f"{seed}|{sha}|{view}".encode()).hexdigest()[:15], 16)
 
 
 def extract_features(
@@ -218,18 +248,27 @@ def _compute(
     desc: str,
     workers: int | None = None,
     prefetch: int = 2,
+    load=None,
 ) -> None:
     """Run the engine on `todo`, decoding a few batches ahead in threads; fill `found` and the cache."""
-    for batch, x in decoded(spec, todo, batch_size, desc, workers, prefetch):
+    for batch, x in decoded(spec, todo, batch_size, desc, workers, prefetch, load):
         for (sha, _), vec in zip(batch, engine(x), strict=True):
             cache.put(sha, vec)
             found[sha] = vec
 
 
 def decoded(
-    spec: InputSpec, items, batch_size: int, desc: str, workers: int | None = None, prefetch: int = 2
+    spec: InputSpec,
+    items,
+    batch_size: int,
+    desc: str,
+    workers: int | None = None,
+    prefetch: int = 2,
+    load=None,
 ) -> Iterator[tuple[list, np.ndarray]]:
-    """(batch of (sha, path), preprocessed pixels), decoding `prefetch` batches ahead in threads."""
+    """(batch of (key, source), preprocessed pixels), decoding `prefetch` batches ahead in threads;
+    `load(source)` makes one image's pixels (default: the file at path `source`, eval preprocessing)."""
+    load = load or (lambda path: load_image(path, spec))
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     workers = workers or max(1, (os.cpu_count() or 1))
     with (
@@ -240,6 +279,6 @@ def decoded(
         for i, batch in enumerate(batches):
             while len(pending) <= prefetch and i + len(pending) < len(batches):
                 ahead = batches[i + len(pending)]
-                pending.append([pool.submit(load_image, p, spec) for _, p in ahead])
+                pending.append([pool.submit(load, p) for _, p in ahead])
             yield batch, np.stack([f.result() for f in pending.popleft()])
             bar.update(len(batch))

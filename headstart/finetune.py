@@ -9,7 +9,6 @@ statistics and affine parameters never change), which is the keras#10045 / Light
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from collections.abc import Callable
@@ -25,22 +24,6 @@ from headstart.atomic import write_bytes
 from headstart.config import FinetuneParams
 
 EXPANDED = ("blocks", "features", "stages", "layers")  # containers whose children run one after another
-
-
-def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """sha256 of each tensor's bytes: the proof that what should be frozen stayed frozen."""
-    return {
-        name: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-        for name, t in tensors.items()
-    }
-
-
-def digest(prints: dict[str, str]) -> str:
-    return hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(prints.items())).encode()).hexdigest()
-
-
-def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 def bn_modules(model: nn.Module) -> list[nn.Module]:
@@ -122,19 +105,14 @@ def split_backbone(extractor: nn.Module, unfreeze: int | str, size: int) -> Spli
     return Split(prefix, tail, names, names[len(names) - n :], trainable, params)
 
 
-def frozen_tensors(extractor: nn.Module, trainable: list[str]) -> dict[str, torch.Tensor]:
-    """Every parameter not being trained and every buffer (BatchNorm statistics included)."""
-    keep = set(trainable)
-    out = {k: p for k, p in extractor.named_parameters() if k not in keep}
-    out.update(dict(extractor.named_buffers()))
-    return out
-
-
 @torch.inference_mode()
 def run_prefix(prefix: nn.Module, batches, device: str) -> torch.Tensor:
     """The frozen prefix's output for every image, once (eval mode, no gradients)."""
-    prefix = prefix.eval().to(device)
-    outs = [prefix(torch.from_numpy(x).to(device)).float().cpu() for x in batches]
+    fmt = torch.channels_last  # same values, ~2x faster convolutions on a CPU
+    prefix = prefix.eval().to(device, memory_format=fmt)
+    outs = [
+        prefix(torch.from_numpy(x).to(device, memory_format=fmt)).float().cpu().contiguous() for x in batches
+    ]
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

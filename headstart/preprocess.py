@@ -91,6 +91,32 @@ def load_image(path: str | Path, spec: InputSpec) -> np.ndarray:
     return preprocess(decode(path, keep_grey=True), spec)
 
 
+AUGMENT = "rrc(0.6-1,3/4-4/3)+hflip+brightness/contrast(0.8-1.2)/1"  # part of the cache key
+
+
+def augment(img: Image.Image, seed: int) -> Image.Image:
+    """One training view, fully determined by `seed`: a random resized crop (60-100% of the area,
+    aspect 3/4-4/3), a horizontal flip half the time, brightness and contrast within 20%."""
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(seed)
+    w, h = img.size
+    area = w * h * rng.uniform(0.6, 1.0)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw, ch = min(w, max(1, round(math.sqrt(area * ratio)))), min(h, max(1, round(math.sqrt(area / ratio))))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = img.crop((left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))
+    return ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.2))
+
+
+def load_view(path: str | Path, spec: InputSpec, seed: int) -> np.ndarray:
+    """An augmented training view of an image file (see `augment`) as the model's input."""
+    return preprocess(augment(decode(path, keep_grey=True), seed), spec)
+
+
 def load_batch(paths: list[str | Path], spec: InputSpec) -> np.ndarray:
     """Decode and preprocess a list of images into one NCHW float32 array."""
     return np.stack([load_image(p, spec) for p in paths])

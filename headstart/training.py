@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,30 @@ from headstart.backbones import Backbone, freeze, load_backbone
 from headstart.config import TrainHeadParams
 
 MODEL_FORMAT = "headstart.model/1"
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """sha256 of each tensor's bytes: the proof that what should be frozen stayed frozen."""
+    return {
+        name: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        for name, t in tensors.items()
+    }
+
+
+def digest(prints: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(prints.items())).encode()).hexdigest()
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def frozen_tensors(extractor: nn.Module, trainable: list[str]) -> dict[str, torch.Tensor]:
+    """Every parameter not being trained and every buffer (BatchNorm statistics included)."""
+    keep = set(trainable)
+    out = {k: p for k, p in extractor.named_parameters() if k not in keep}
+    out.update(dict(extractor.named_buffers()))
+    return out
 
 
 def make_head(num_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -58,8 +83,11 @@ def fit_head(
     num_classes: int,
     p: TrainHeadParams,
     seed: int,
+    views: np.ndarray | None = None,
 ) -> tuple[nn.Sequential, list[dict], int]:
-    """Train the head on cached features; early stopping on validation loss; returns the best head."""
+    """Train the head on cached features; early stopping on validation loss; returns the best head.
+    `views` (n, K, F): features of K augmented views per training image; each epoch shows every
+    image once, as its original or one of its views, drawn by the seeded generator."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     head = make_head(x_train.shape[1], num_classes, p.hidden, p.dropout)
@@ -67,6 +95,7 @@ def fit_head(
     weights = class_weights(y_train, num_classes) if p.class_balance == "weighted" else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     xt, yt = torch.tensor(x_train), torch.tensor(y_train).long()
+    pool = torch.cat([xt[:, None], torch.tensor(views)], 1) if views is not None and views.shape[1] else None
     xv, yv = (torch.tensor(x_val), torch.tensor(y_val).long()) if len(y_val) else (xt, yt)
     history, best, best_state, best_epoch, waited = [], float("inf"), None, 0, 0
     for epoch in (bar := tqdm(range(1, p.max_epochs + 1), desc="train_head", unit="epoch")):
@@ -77,10 +106,15 @@ def fit_head(
             else torch.randperm(len(yt), generator=gen)
         )
         total = 0.0
+        x_epoch = (
+            xt
+            if pool is None
+            else pool[torch.arange(len(yt)), torch.randint(0, pool.shape[1], (len(yt),), generator=gen)]
+        )
         for i in range(0, len(yt), p.batch_size):
             idx = order[i : i + p.batch_size]
             opt.zero_grad()
-            loss = loss_fn(head(xt[idx]), yt[idx])
+            loss = loss_fn(head(x_epoch[idx]), yt[idx])
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)

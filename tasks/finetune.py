@@ -18,17 +18,16 @@ from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
 from headstart.features import decoded
-from headstart.finetune import (
+from headstart.finetune import fit, run_prefix, score, split_backbone
+from headstart.training import (
     changed,
+    class_weights,
     digest,
     fingerprint,
-    fit,
     frozen_tensors,
-    run_prefix,
-    score,
-    split_backbone,
+    load_model,
+    model_bytes,
 )
-from headstart.training import class_weights, load_model, model_bytes
 from tasks import _inputs
 
 

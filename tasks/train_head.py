@@ -12,7 +12,7 @@ from headstart.atomic import directory, write_json
 from headstart.backbones import load_backbone
 from headstart.config import Params
 from headstart.features import Features
-from headstart.training import fit_head, save_model
+from headstart.training import changed, digest, fingerprint, fit_head, frozen_tensors, save_model
 from tasks import _inputs
 
 
@@ -30,6 +30,7 @@ def train_head(cfg: Params) -> TrainHeadResult:
     frame = _inputs.manifest(cfg)
     classes = sorted(frame["label"].unique())
     backbone = load_backbone(p.backbone, p.weights, p.weights_sha256)
+    before = fingerprint(frozen_tensors(backbone.model, []))  # the whole backbone is frozen here
     features = Features(backbone, p.runtime, cfg.project.cache_dir, p.extract_batch_size)
     data, computed, seconds = {}, 0, 0.0
     for split in ("train", "val"):
@@ -40,7 +41,18 @@ def train_head(cfg: Params) -> TrainHeadResult:
         x, n = features(paths, list(rows["sha256"]), desc=f"features ({split})")
         computed, seconds = computed + n, seconds + (time.perf_counter() - start if n else 0.0)
         data[split] = (x, rows["label"].map(classes.index).to_numpy(np.int64))
-    head, history, best_epoch = fit_head(*data["train"], *data["val"], len(classes), p, cfg.project.seed)
+        if split == "train":
+            start = time.perf_counter()
+            views, n = features.views(paths, list(rows["sha256"]), p.augment_views, cfg.project.seed)
+            computed, seconds = computed + n, seconds + (time.perf_counter() - start if n else 0.0)
+    head, history, best_epoch = fit_head(
+        *data["train"], *data["val"], len(classes), p, cfg.project.seed, views=views
+    )
+    after = fingerprint(frozen_tensors(backbone.model, []))
+    if moved := changed(before, after):
+        raise HeadstartError(
+            f"train_head: frozen backbone tensors changed (e.g. {moved[:3]}); model not saved"
+        )
     best = history[best_epoch - 1]
     rate = computed / seconds if computed else None
     metrics = {
@@ -52,9 +64,12 @@ def train_head(cfg: Params) -> TrainHeadResult:
         "n_train": len(data["train"][1]),
         "n_val": len(data["val"][1]),
         "features_computed": computed,
-        "features_cached": len(data["train"][1]) + len(data["val"][1]) - computed,
+        "augment_views": p.augment_views,
+        "class_balance": p.class_balance,
+        "features_cached": len(data["train"][1]) * (1 + p.augment_views) + len(data["val"][1]) - computed,
         "extract_images_per_s": rate,
         "runtime": features.runtime,
+        "frozen_check": {"tensors": len(after), "sha256": digest(after), "unchanged": True},
     }
     with directory(cfg.stage_dir("train_head")) as out:
         save_model(out / "model.pt", backbone, head, classes, p)

@@ -23,3 +23,13 @@ def test_measured_reads_wall_time_and_peak_memory():
     small = measured([sys.executable, "-c", "pass"])
     big = measured([sys.executable, "-c", "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])"])
     assert small["s"] > 0 and big["peak_rss_mb"] >= small["peak_rss_mb"] + 250
+
+
+@pytest.mark.pretrained
+def test_finetune_benchmark_reports_both_models(tmp_path):
+    from benchmarks.finetune import run
+
+    result = run("type", 12, tmp_path / "run", tmp_path / "cache", "cpu", ["finetune.max_epochs=2"])
+    assert result["n_train"] >= 10 and not result["default_gate_open"]
+    assert 0 <= result["test_accuracy_head"] <= 1 and 0 <= result["val_accuracy_finetuned"] <= 1
+    assert result["wall_s"]["finetune"] > 0 and result["finetune_epochs"] <= 2

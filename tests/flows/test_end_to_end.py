@@ -32,7 +32,13 @@ def flow_run(tmp_path_factory, tiny_weights, prefect_harness):
 
     root = tmp_path_factory.mktemp("flow")
     data = make_folder(root / "data", per_class=12)
-    params = _write_params(root / "params.yaml", tiny_overrides(root, data, tiny_weights))
+    # the fine-tuning gate forced open, so the flow carries both training phases end to end
+    overrides = [
+        *tiny_overrides(root, data, tiny_weights),
+        "finetune.min_train_images=0",
+        "finetune.max_epochs=2",
+    ]
+    params = _write_params(root / "params.yaml", overrides)
     return root, params, training(params_file=str(params))
 
 
@@ -45,6 +51,17 @@ def test_flow_runs_every_stage_and_tags_the_mlflow_run(flow_run):
     run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(result["register"]["run_id"])
     assert run.data.tags["prefect.flow_run_id"] not in ("", "None")
     assert run.data.metrics["test_accuracy"] == pytest.approx(result["evaluate"]["accuracy"])
+    decision = json.loads((root / "artifacts" / "finetune" / "decision.json").read_text())
+    assert decision["gate_open"] and run.data.tags["finetune.finetuned"] == str(decision["finetuned"]).lower()
+    assert run.data.tags["finetune.reason"] == decision["reason"]
+    head = json.loads((root / "artifacts" / "train_head" / "history.json").read_text())
+    steps = [
+        m.step
+        for m in mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(
+            run.info.run_id, "curve.val_loss"
+        )
+    ]
+    assert sorted(steps) == list(range(1, len(head) + decision["epochs_run"] + 1))  # one axis, both phases
 
 
 def test_flow_again_reuses_cached_features_and_registers_a_new_version(flow_run):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import headstart.finetune as ft
+import headstart.training as tr
 from headstart import HeadstartError
 from headstart.config import load_params
 from headstart.training import load_model
@@ -95,7 +96,7 @@ def test_frozen_tensors_and_batchnorm_stay_bit_identical(base, monkeypatch):
     pretrained = load_model(cfg.stage_dir("train_head") / "model.pt")
     a, b = tuned.backbone.model.state_dict(), pretrained.backbone.model.state_dict()
     moved = [k for k in a if not torch.equal(a[k], b[k])]
-    assert moved and not [k for k in moved if k in ft.frozen_tensors(tuned.backbone.model, moved)]
+    assert moved and not [k for k in moved if k in tr.frozen_tensors(tuned.backbone.model, moved)]
     assert not [k for k in moved if "bn" in k or "running" in k]
     assert tuned.finetuned and tuned.backbone.cache_key != pretrained.backbone.cache_key
     assert evaluate(cfg).n_test > 0  # features of the fine-tuned backbone, under their own cache key
@@ -103,10 +104,10 @@ def test_frozen_tensors_and_batchnorm_stay_bit_identical(base, monkeypatch):
 
 def test_frozen_check_catches_a_changed_tensor():
     layer = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
-    before = ft.fingerprint(ft.frozen_tensors(layer, []))
+    before = tr.fingerprint(tr.frozen_tensors(layer, []))
     with torch.no_grad():
         layer[1].running_mean[0] += 1e-7
-    assert ft.changed(before, ft.fingerprint(ft.frozen_tensors(layer, []))) == ["1.running_mean"]
+    assert tr.changed(before, tr.fingerprint(tr.frozen_tensors(layer, []))) == ["1.running_mean"]
 
 
 def test_a_worse_fine_tune_is_rejected_and_the_head_kept(base):
@@ -209,3 +210,22 @@ def test_class_weights_and_balanced_sampling():
     order = balanced_order(torch.tensor(y), torch.Generator().manual_seed(0))
     share = float((torch.tensor(y)[order] == 1).float().mean())
     assert 0.35 < share < 0.65  # ~half the draws from the 10% class
+
+
+def test_augmented_views_are_cached_once_and_deterministic(base):
+    from headstart.features import view_seed
+    from headstart.preprocess import load_view
+
+    cfg = _cfg(base, "train_head.augment_views=2")
+    first = train_head(cfg)
+    m = json.loads((cfg.stage_dir("train_head") / "metrics.json").read_text())
+    assert m["augment_views"] == 2 and first.features_computed == 2 * m["n_train"]  # originals cached
+    again = train_head(cfg)
+    assert again.features_computed == 0 and again.val_accuracy == first.val_accuracy
+    path = next(cfg.prepare.data_dir.rglob("*.png"))
+    from headstart.backbones import load_backbone
+
+    spec = load_backbone(cfg.train_head.backbone, cfg.train_head.weights).spec
+    a, b = load_view(path, spec, view_seed(0, "x", 0)), load_view(path, spec, view_seed(0, "x", 1))
+    assert np.array_equal(a, load_view(path, spec, view_seed(0, "x", 0))) and not np.array_equal(a, b)
+    train_head(_cfg(base))  # leave the module's head-only model as the other tests expect
