@@ -41,6 +41,8 @@ bench: venv  ## benchmarks (not tests): print JSON reports
 	$(BIN)/python -m benchmarks.manifest
 	$(BIN)/python -m benchmarks.features
 	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.runtime
+	$(BIN)/python -m benchmarks.finetune
 
 lint: venv
 	$(BIN)/ruff check headstart tasks flows tests benchmarks

@@ -7,7 +7,6 @@
 - a warm re-run (everything cached): seconds and images/s;
 - head training for 20 epochs on cached features vs the naive loop that runs the backbone every epoch
   (same images, same seed: the same head, checked);
-- predict images/s end to end through headstart.runtime (decode + ONNX classifier);
 - peak memory of extraction for N and 10N images (it must not grow with the data set).
 """
 
@@ -139,25 +138,6 @@ def naive_fit(engine, backbone, paths, y, p: TrainHeadParams, epochs: int):
     return head.eval()
 
 
-def predict(paths: list[Path], tmp: Path) -> dict:
-    from headstart.export import export_onnx
-    from headstart.runtime import Predictor
-    from headstart.training import Classifier
-
-    lite0 = load_backbone(BACKBONE)
-    model = Classifier(lite0.feature_extractor(), make_head(lite0.num_features, 2, 64, 0.0).eval())
-    path = export_onnx(model, tmp / "model.onnx", lite0.spec, {"headstart.classes": '["a", "b"]'}, 18)
-    predictor = Predictor(path, providers=("CPUExecutionProvider",))
-    predictor.predict(paths[:8])
-    start = time.perf_counter()
-    predictor.predict(paths, batch_size=32)
-    return {
-        "images": len(paths),
-        "predict_images_per_s": round(len(paths) / (time.perf_counter() - start), 1),
-        "providers": predictor.providers,
-    }
-
-
 def measured(cmd: list[str], cwd: Path | None = None) -> dict:
     """Wall seconds and peak RSS of a command in its own process (GNU time: Linux carries a parent's
     ru_maxrss into an exec'd child, so measuring from this big process would read our own peak)."""
@@ -226,7 +206,6 @@ def main() -> None:
             "backbone": BACKBONE,
             "extraction": extraction(paths, tmp),
             "head_training": head_training(paths[: args.naive_images], tmp),
-            "predict": predict(paths, tmp),
             "memory": peak_memory(args.memory_images, tmp),
             "peak_rss_mb_this_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }

@@ -16,6 +16,7 @@ from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.finetune import finetune
 from tasks.prepare import prepare
+from tasks.promote import promote
 from tasks.register import record_failure, register
 from tasks.train_head import train_head
 from tasks.validate import validate
@@ -53,7 +54,8 @@ def _stage(fn):
 
 @flow(name="training", log_prints=True)
 def training(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """prepare -> validate -> domain -> train_head -> finetune (gated) -> evaluate -> export -> register."""
+    """prepare -> validate -> domain -> train_head -> finetune (gated) -> evaluate -> export -> register
+    -> promote."""
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
@@ -69,6 +71,12 @@ def training(params_file: str = "params.yaml", overrides: list[str] | None = Non
             if artifact:
                 _publish(cfg, stage, artifact)
     results["register"] = _stage(register)(cfg, tags=tags)  # its own failure has no run to mark
+    if cfg.promote.enabled:
+        try:
+            results["promote"] = _stage(promote)(cfg)
+            log.info("promote: %s", results["promote"])
+        finally:
+            _publish(cfg, "promote", "promotion")
     return {**{k: v.__dict__ for k, v in results.items()}, "artifacts_dir": str(cfg.project.artifacts_dir)}
 
 

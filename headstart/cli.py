@@ -8,7 +8,17 @@ from pathlib import Path
 
 from headstart import HeadstartError, __version__
 
-STAGES = ("prepare", "validate", "domain", "train_head", "finetune", "evaluate", "export", "register")
+STAGES = (
+    "prepare",
+    "validate",
+    "domain",
+    "train_head",
+    "finetune",
+    "evaluate",
+    "export",
+    "register",
+    "promote",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +77,28 @@ def _parser() -> argparse.ArgumentParser:
     stage = with_params(sub.add_parser("stage", help="run one stage without Prefect (dvc.yaml)"))
     stage.add_argument("name", choices=STAGES)
     stage.set_defaults(func=_stage)
+
+    pred = with_params(sub.add_parser("predict", help="classify images with an exported model (onnxruntime)"))
+    pred.add_argument(
+        "images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (recursive)"
+    )
+    pred.add_argument(
+        "--model",
+        default="artifacts/export/model.onnx",
+        help="an ONNX file, or models:/NAME@ALIAS or models:/NAME/VERSION from the MLflow registry",
+    )
+    pred.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
+    pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument("--providers", help="preference order, e.g. tensorrt,cuda,cpu (default)")
+    pred.set_defaults(func=_predict)
+
+    prom = with_params(
+        sub.add_parser("promote", help="champion/challenger decision for a registered version")
+    )
+    prom.add_argument("--model", help="registered model name (default register.model_name)")
+    prom.add_argument("--version", help="version to decide on (default: this pipeline's latest)")
+    prom.add_argument("--rollback", action="store_true", help="move champion back to the previous version")
+    prom.set_defaults(func=_promote)
 
     show = with_params(sub.add_parser("params", help="print the resolved params as YAML"))
     show.set_defaults(func=_params)
@@ -193,8 +225,16 @@ headstart: done.
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
   onnx        {ex["onnx_path"]}
   mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})
-  model       {reg["model_uri"]}
+  model       {reg["model_uri"]}{_promotion_line(r)}
   browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}""")
+
+
+def _promotion_line(r: dict) -> str:
+    p = r.get("promote")
+    if not p:
+        return ""
+    status = "champion" if p["promoted"] else "challenger"
+    return f"\n  promotion   v{p['version']} -> {status}: {p['reason']}"
 
 
 def _stage(args) -> int:
@@ -205,6 +245,76 @@ def _stage(args) -> int:
     cfg = load_params(args.params, _overrides(args))
     fn = getattr(importlib.import_module(f"tasks.{args.name}"), args.name)
     print(f"headstart {args.name}: {fn(cfg)}")
+    return 0
+
+
+def _predict(args) -> int:
+    """Labels for every image; unreadable files are reported per file and the rest still predicted.
+    Exit 0 when every file was predicted, 1 when some could not be read."""
+    import json
+
+    from headstart.runtime import Predictor
+
+    if args.batch_size < 1:
+        raise HeadstartError("--batch-size must be at least 1")
+    model = args.model
+    if model.startswith("models:/"):
+        from headstart.config import load_params
+        from headstart.tracking import download_model
+
+        model = download_model(model, load_params(args.params, _overrides(args)))
+    files = _image_files(args.images)
+    predictor = Predictor(model, providers=args.providers)
+    results = predictor.predict_files(files, batch_size=args.batch_size)
+    for r in results:
+        if args.json:
+            print(json.dumps({k: v for k, v in r.__dict__.items() if v is not None}))
+        elif r.error:
+            print(f"{r.path}\terror\t{r.error}")
+        else:
+            print(f"{r.path}\t{r.label}\t{r.confidence:.4f}")
+    failed = sum(r.error is not None for r in results)
+    print(
+        f"headstart predict: {len(results) - failed} predicted, {failed} unreadable; "
+        f"providers {', '.join(predictor.providers)}",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+def _image_files(items: list[str]) -> list[Path]:
+    """Files as given; folders walked for image extensions, in sorted order."""
+    from headstart.config import PrepareParams
+
+    extensions = {e.lower() for e in PrepareParams().extensions}
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        elif path.exists():
+            out.append(path)
+        else:
+            raise HeadstartError(f"{item} does not exist")
+    if not out:
+        raise HeadstartError(f"no images in {', '.join(items)}")
+    return out
+
+
+def _promote(args) -> int:
+    from headstart.config import load_params
+    from tasks.promote import promote, rollback
+
+    cfg = load_params(args.params, _overrides(args))
+    if args.rollback:
+        result = rollback(cfg, args.model)
+    else:
+        result = promote(cfg, args.version, args.model)
+        print((cfg.stage_dir("promote") / "summary.md").read_text())
+    print(
+        f"headstart promote: {result.model_name} v{result.version}: {result.reason}; "
+        f"champion is v{result.champion}"
+    )
     return 0
 
 

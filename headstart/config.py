@@ -124,9 +124,9 @@ class FinetuneParams(Section):
     enabled: bool = True
     min_train_images: int = Field(1000, ge=0)
     require_shifted: bool = False
-    unfreeze: int | Literal["all"] = 2
-    lr: float = Field(1e-3, gt=0.0)
-    backbone_lr_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    unfreeze: int | Literal["all"] = 3
+    lr: float = Field(2e-4, gt=0.0)
+    backbone_lr_ratio: float = Field(0.5, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(32, gt=0)
     max_epochs: int = Field(12, gt=0)
@@ -142,15 +142,36 @@ class EvaluateParams(Section):
     batch_size: int = Field(32, gt=0)
 
 
-class ExportParams(Section):
-    opset: int = Field(18, ge=17)
-    batch_size: int = Field(16, gt=0)
+class Tolerance(Section):
     max_abs_diff: float = Field(1e-3, gt=0.0)
     min_top1_agreement: float = Field(1.0, ge=0.0, le=1.0)
+    max_metric_diff: float = Field(0.0, ge=0.0)
+
+
+class Tolerances(Section):
+    fp32: Tolerance = Tolerance()
+    fp16: Tolerance = Tolerance(max_abs_diff=0.1, min_top1_agreement=0.98, max_metric_diff=0.01)
+
+
+class ExportParams(Section):
+    opset: int = Field(18, ge=17)
+    input: Literal["float32", "uint8"] = "float32"
+    fp16: bool = True
+    parity_batch_sizes: list[int] = Field(default_factory=lambda: [1, 7, 32], min_length=1)
+    tolerances: Tolerances = Tolerances()
 
 
 class RegisterParams(Section):
     model_name: str = "headstart-demo"
+
+
+class PromoteParams(Section):
+    enabled: bool = True
+    min_test_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+    allowed_verdicts: list[Literal["in_domain", "shifted", "mismatch"]] = ["in_domain", "shifted"]
+    margin: float = Field(0.02, ge=0.0)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    n_bootstrap: int = Field(2000, ge=100)
 
 
 class MlflowParams(Section):
@@ -173,6 +194,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     register: RegisterParams = RegisterParams()
+    promote: PromoteParams = PromoteParams()
     mlflow: MlflowParams = MlflowParams()
 
     def stage_dir(self, stage: str) -> Path:

@@ -65,18 +65,33 @@ def decode(path: str | Path, keep_grey: bool = False) -> Image.Image:
         return img.convert("RGB")
 
 
-def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Resize the shorter side, centre-crop, scale to [0,1], normalise: float32 CHW, 3 channels."""
+def resize_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
+    """Resize the shorter side to spec.resize_to, centre-crop spec.size: the geometric half."""
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     w, h = img.size
     scale = spec.resize_to / min(w, h)
     new_w, new_h = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
     left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
-    img = img.resize((new_w, new_h), _INTERPOLATION[spec.interpolation]).crop(
+    return img.resize((new_w, new_h), _INTERPOLATION[spec.interpolation]).crop(
         (left, top, left + spec.size, top + spec.size)
     )
-    arr = np.asarray(img, dtype=np.float32)
+
+
+def to_uint8(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """What a model exported with export.input=uint8 takes: resized, cropped RGB, uint8 HWC."""
+    arr = np.asarray(resize_crop(img, spec), dtype=np.uint8)
+    return np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
+
+
+def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Resize the shorter side, centre-crop, scale to [0,1], normalise: float32 CHW, 3 channels."""
+    return normalise(np.asarray(resize_crop(img, spec)), spec)
+
+
+def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Resized, cropped pixels (HW grey or HWC RGB, 0-255) -> (x/255 - mean)/std as float32 CHW."""
+    arr = pixels.astype(np.float32)
     chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # a grey image feeds all 3
     std = np.asarray(spec.std, np.float32)[:, None, None]
     mean = np.asarray(spec.mean, np.float32)[:, None, None]

@@ -104,6 +104,34 @@ def _log_artifacts(artifacts: dict[str, Path]) -> None:
             mlflow.log_artifact(str(path), artifact_path=dest)
 
 
+def download_model(uri: str, params: Params) -> Path:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> the local path of its ONNX file, through the
+    MLflow registry at tracking_uri(params); retried with backoff while the server is unreachable."""
+    import tempfile
+    import time
+
+    import mlflow
+
+    where = tracking_uri(params)
+    dest = Path(tempfile.mkdtemp(prefix="headstart-model-"))
+    with _using(where):
+        for attempt in range(4):
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+                break
+            except Exception as exc:
+                text = str(exc)
+                if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or attempt == 3:
+                    raise HeadstartError(
+                        f"cannot resolve {uri} in {where}: {text.splitlines()[0][:300]}"
+                    ) from None
+                time.sleep(0.5 * 2**attempt)
+    files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
+    if not files:
+        raise HeadstartError(f"{uri}: no ONNX file in the model's artifacts")
+    return files[0]
+
+
 def log_failed_run(
     params: Params, stage: str, error: str, artifacts: dict[str, Path], tags: dict[str, str]
 ) -> str:
@@ -119,3 +147,82 @@ def log_failed_run(
             _log_artifacts(artifacts)
             mlflow.end_run(status="FAILED")
         return run.info.run_id
+
+
+# MLflow's REST client retries an unreachable server for minutes by default; fail sooner, clearly
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+class Registry:
+    """The few model-registry operations promotion needs, each retried with backoff and turned into
+    a HeadstartError naming the store when it keeps failing."""
+
+    def __init__(self, params: Params, name: str):
+        import mlflow
+
+        self.uri, self.name = tracking_uri(params), name
+        self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def _call(self, what: str, fn, *args, missing_ok: bool = False, **kwargs):
+        import time
+
+        for attempt in range(3):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                text = str(exc)
+                if (
+                    "RESOURCE_DOES_NOT_EXIST" in text
+                    or "not found" in text.lower()
+                    or "INVALID_PARAMETER" in text
+                ):
+                    if missing_ok:
+                        return None
+                    raise HeadstartError(f"MLflow {self.uri}: {what}: {text.splitlines()[0][:300]}") from None
+                if attempt == 2:
+                    raise HeadstartError(
+                        f"MLflow {self.uri} unreachable or failing ({what}): {text.splitlines()[0][:300]}; "
+                        "nothing was changed in the registry by this step"
+                    ) from None
+                time.sleep(1.0 * 2**attempt)
+
+    def alias(self, alias: str) -> str | None:
+        """The version holding `alias`, or None."""
+        mv = self._call(
+            f"alias {alias}", self.client.get_model_version_by_alias, self.name, alias, missing_ok=True
+        )
+        return None if mv is None else str(mv.version)
+
+    def version(self, version: str):
+        return self._call(f"version {version}", self.client.get_model_version, self.name, str(version))
+
+    def latest(self) -> str:
+        versions = self._call("versions", self.client.search_model_versions, f"name='{self.name}'")
+        if not versions:
+            raise HeadstartError(f"no registered model {self.name!r} in {self.uri}; run the pipeline first")
+        return str(max(int(v.version) for v in versions))
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self._call(
+            f"set alias {alias}", self.client.set_registered_model_alias, self.name, alias, str(version)
+        )
+
+    def delete_alias(self, alias: str) -> None:
+        self._call(
+            f"delete alias {alias}",
+            self.client.delete_registered_model_alias,
+            self.name,
+            alias,
+            missing_ok=True,
+        )
+
+    def tag(self, version: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self._call(
+                f"tag {k}", self.client.set_model_version_tag, self.name, str(version), k, str(v)[:5000]
+            )
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self._call("log artifact", self.client.log_text, run_id, text, path)

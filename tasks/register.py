@@ -57,6 +57,8 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         "git_commit": _git_commit(),
         "backbone": cfg.train_head.backbone,
         "domain.verdict": domain["verdict"],
+        "validate.success": str(validation["success"]).lower(),
+        "export.parity_passed": str(parity["passed"]).lower(),
         "finetune.finetuned": str(tune["finetuned"]).lower(),
         "finetune.reason": tune["reason"],
         **(tags or {}),

@@ -33,3 +33,14 @@ def test_finetune_benchmark_reports_both_models(tmp_path):
     assert result["n_train"] >= 10 and not result["default_gate_open"]
     assert 0 <= result["test_accuracy_head"] <= 1 and 0 <= result["val_accuracy_finetuned"] <= 1
     assert result["wall_s"]["finetune"] > 0 and result["finetune_epochs"] <= 2
+
+
+@pytest.mark.pretrained
+def test_runtime_benchmark_reports_torch_and_onnxruntime():
+    from benchmarks.runtime import run
+
+    report = run(n_images=6, repeats=2)
+    for bs in ("1", "32"):
+        row = report["batch"][bs]
+        assert row["torch_eager_cpu"]["images_per_s"] > 0 and row["onnxruntime_cpu"]["p95_ms"] > 0
+    assert report["predict_folder"]["predicted"] == 6

@@ -90,7 +90,7 @@ def _failing_run(flow_run, folder: str, override: str):
 def test_flow_stops_before_register_when_the_parity_gate_fails(flow_run, caplog):
     from headstart import HeadstartError
 
-    _, art, state = _failing_run(flow_run, "failing", "export.max_abs_diff=1e-30")
+    _, art, state = _failing_run(flow_run, "failing", "export.tolerances.fp32.max_abs_diff=1e-30")
     assert isinstance(state.result(raise_on_failure=False), HeadstartError)
     assert not (art / "register").exists()
     assert json.loads((art / "export" / "parity.json").read_text())["passed"] is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -163,6 +164,16 @@ def test_export_parity_on_real_test_images(pipeline):
     assert parity["passed"] and parity["top1_agreement"] == 1.0
     assert parity["max_abs_logit_diff"] < 1e-3 and parity["n_images"] == r["evaluate"].n_test
     assert "CPUExecutionProvider" in parity["providers"]
+    assert set(parity["variants"]) == {"fp32", "fp16"}
+    for name, v in parity["variants"].items():
+        assert v["passed"] and set(v["batch_sizes"]) == {"1", "7", "32"}, name
+        # the test metric through onnxruntime equals torch's, at every batch size
+        assert {b["accuracy_onnx"] for b in v["batch_sizes"].values()} == {v["accuracy_torch"]}, name
+    assert parity["variants"]["fp32"]["accuracy_torch"] == pytest.approx(r["evaluate"].accuracy)
+    assert (cfg.stage_dir("export") / "model_fp16.onnx").stat().st_size < (
+        0.7 * (cfg.stage_dir("export") / "model.onnx").stat().st_size
+    )
+    assert "| model.onnx | 7 |" in (cfg.stage_dir("export") / "summary.md").read_text()
 
 
 def test_register_logs_one_run_with_everything(pipeline):
@@ -213,8 +224,10 @@ def test_no_temporary_folders_left(pipeline):
 
 def test_failed_parity_gate_stops_registration(pipeline, tmp_path):
     cfg, _ = pipeline
-    strict = cfg.model_copy(update={"export": cfg.export.model_copy(update={"max_abs_diff": 1e-30})})
-    with pytest.raises(HeadstartError, match="parity failed"):
+    tol = cfg.export.tolerances
+    tight = tol.model_copy(update={"fp32": tol.fp32.model_copy(update={"max_abs_diff": 1e-30})})
+    strict = cfg.model_copy(update={"export": cfg.export.model_copy(update={"tolerances": tight})})
+    with pytest.raises(HeadstartError, match="parity failed: fp32"):
         export(strict)
     assert json.loads((cfg.stage_dir("export") / "parity.json").read_text())["passed"] is False
     with pytest.raises(HeadstartError, match="refusing to register"):
@@ -251,3 +264,81 @@ def test_one_class_passes_prepare_and_fails_validation(tmp_path, tiny_params):
     assert prepare(cfg).classes == ["cat"]
     with pytest.raises(HeadstartError, match="enough_classes"):
         validate(cfg)
+
+
+def test_a_perturbed_export_fails_the_gate(pipeline, monkeypatch):
+    """An ONNX file that disagrees with torch (one weight nudged after export) never passes."""
+    import onnx
+    from onnx import numpy_helper
+
+    import headstart.export as ex
+
+    cfg, _ = pipeline
+    real = ex.export_onnx
+
+    def perturbed(*args, **kwargs):
+        path = real(*args, **kwargs)
+        proto = onnx.load(path)
+        init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the largest weight
+        arr = numpy_helper.to_array(init).copy()
+        arr.flat[:: max(1, arr.size // 50)] *= 3.0
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx.save(proto, path)
+        return path
+
+    monkeypatch.setattr("tasks.export.export_onnx", perturbed)
+    with pytest.raises(HeadstartError, match="parity failed"):
+        export(cfg)
+    parity = json.loads((cfg.stage_dir("export") / "parity.json").read_text())
+    assert parity["passed"] is False and parity["max_abs_logit_diff"] > 1e-3
+    monkeypatch.undo()
+    export(cfg)  # leave the module's artifacts as they were
+
+
+def test_predict_cli_matches_evaluate_and_reports_bad_files(pipeline, capsys, tmp_path):
+    """`headstart predict` on the test images gives evaluate's accuracy; a broken file is reported,
+    the rest predicted; models:/NAME/VERSION resolves through the MLflow registry."""
+    from headstart.cli import main
+
+    cfg, r = pipeline
+    rows = pd.read_csv(cfg.stage_dir("evaluate") / "predictions.csv")
+    files = [str(cfg.prepare.data_dir / p) for p in rows["path"]]
+    onnx_file = str(cfg.stage_dir("export") / "model.onnx")
+    assert main(["predict", "--model", onnx_file, "--json", *files]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [o["label"] for o in out] == list(rows["predicted"])
+    accuracy = float(np.mean([o["label"] == a for o, a in zip(out, rows["actual"], strict=True)]))
+    assert accuracy == pytest.approx(r["evaluate"].accuracy)
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert main(["predict", "--model", onnx_file, files[0], str(broken)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split("\t")[1] == rows["predicted"][0] and lines[1].startswith(f"{broken}\terror")
+
+    uri = f"models:/tiny/{r['register'].model_version}"
+    overrides = ["--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"]
+    assert main(["predict", "--model", uri, *overrides, "--json", files[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] == rows["predicted"][0]
+
+
+def test_golden_image_runtime_equals_torch(pipeline):
+    """tests/data/golden.png (a crop of scikit-image's coffee photo, made by tests/data/make_golden.py)
+    through headstart.runtime gives the probabilities evaluate's torch path gives."""
+    from pathlib import Path
+
+    import torch
+
+    from headstart.features import Features
+    from headstart.runtime import Predictor
+    from headstart.training import load_model
+
+    golden = Path(__file__).parents[1] / "data" / "golden.png"
+    cfg, _ = pipeline
+    model = load_model(cfg.stage_dir("finetune") / "model.pt")
+    feats, _ = Features(model.backbone, "torch", cfg.project.cache_dir).__call__([golden], ["golden"])
+    with torch.no_grad():
+        expected = model.classifier.head(torch.from_numpy(feats)).softmax(1).numpy()
+    for file in ("model.onnx", "model_fp16.onnx"):
+        got = Predictor(cfg.stage_dir("export") / file).predict([golden])
+        np.testing.assert_allclose(got, expected, atol=1e-4 if file == "model.onnx" else 2e-2)

@@ -78,18 +78,59 @@ def test_predictor_default_providers_fall_back_to_cpu(exported):
 
 def test_parity_with_torch(exported, images):
     classifier, _, path = exported
-    result = parity(classifier, path, images, batch_size=2)
-    assert result["n_images"] == len(images)
+    labels = [i % 3 for i in range(len(images))]
+    result = parity(classifier, path, images, (1, 2, 32), labels)
+    assert result["n_images"] == len(images) and set(result["batch_sizes"]) == {"1", "2", "32"}
     assert result["top1_agreement"] == 1.0
     assert result["max_abs_logit_diff"] < 1e-4
+    assert result["max_metric_diff"] == 0.0 and 0 <= result["accuracy_torch"] <= 1
     assert result["classes"] == CLASSES
     assert "CPUExecutionProvider" in result["providers"]
+
+
+@pytest.mark.parametrize("kind,fp16", [("uint8", False), ("float32", True), ("uint8", True)])
+def test_uint8_input_and_fp16_variants_match_torch(exported, images, tmp_path, kind, fp16):
+    """uint8 NHWC in (normalised in the graph) and fp16 inside both serve the same predictions."""
+    classifier, spec, _ = exported
+    path = export_onnx(
+        classifier, tmp_path / "m.onnx", spec, {"headstart.classes": json.dumps(CLASSES)}, 18, kind, fp16
+    )
+    predictor = Predictor(path, providers="cpu")
+    assert predictor.input_kind == kind and predictor.metadata["headstart.precision"] == (
+        "fp16" if fp16 else "fp32"
+    )
+    (inp,) = onnx.load(path).graph.input
+    assert inp.type.tensor_type.elem_type == (
+        onnx.TensorProto.UINT8 if kind == "uint8" else onnx.TensorProto.FLOAT
+    )
+    result = parity(classifier, path, images, (1, 7))
+    assert result["top1_agreement"] == 1.0 and result["input"] == kind
+    assert result["max_abs_logit_diff"] < (0.05 if fp16 else 1e-4)
 
 
 def test_parity_needs_images(exported):
     classifier, _, path = exported
     with pytest.raises(HeadstartError, match="at least one image"):
-        parity(classifier, path, [], batch_size=2)
+        parity(classifier, path, [], (2,))
+
+
+def test_predict_files_reports_unreadable_files_and_predicts_the_rest(exported, images, tmp_path):
+    _, _, path = exported
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    results = Predictor(path, providers="cpu").predict_files([images[0], bad, images[1]], batch_size=2)
+    assert [r.error is None for r in results] == [True, False, True]
+    assert results[1].label is None and "bad.png" in results[1].path and results[1].error
+    assert results[0].label in CLASSES and sum(results[0].probabilities.values()) == pytest.approx(1.0)
+
+
+def test_provider_names():
+    from headstart.runtime import DEFAULT_PROVIDERS, provider_list
+
+    assert provider_list("cuda,cpu") == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert provider_list(None) == DEFAULT_PROVIDERS
+    with pytest.raises(HeadstartError, match="unknown provider"):
+        provider_list("tpu")
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -145,7 +186,16 @@ def test_predictor_missing_file_raises(tmp_path):
         Predictor(tmp_path / "nope.onnx")
 
 
-def test_runtime_does_not_import_torch():
-    code = "import sys, headstart.runtime; assert 'torch' not in sys.modules, 'torch imported'"
+def test_runtime_does_not_import_torch_or_mlflow(exported, images):
+    """With torch and mlflow made unimportable, the runtime still loads a model and predicts."""
+    _, _, path = exported
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['mlflow'] = None\n"
+        "from headstart.runtime import Predictor\n"
+        f"p = Predictor({str(path)!r}, providers='cpu').predict([{str(images[0])!r}])\n"
+        "assert p.shape == (1, 3) and abs(p.sum() - 1) < 1e-5\n"
+        "loaded = {m.split('.')[0] for m, mod in sys.modules.items() if mod is not None}\n"
+        "assert not {'torch', 'mlflow'} & loaded, loaded"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

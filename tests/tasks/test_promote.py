@@ -1,0 +1,237 @@
+"""promote on a real MLflow registry (sqlite, and a real tracking server on loopback): first model,
+better, worse, failed gates, rollback, models that cannot be compared, an unreachable server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+
+from headstart import HeadstartError
+from headstart.config import load_params
+from tasks.domain import domain
+from tasks.evaluate import evaluate
+from tasks.export import export
+from tasks.finetune import finetune
+from tasks.prepare import prepare
+from tasks.promote import promote, rollback
+from tasks.register import register
+from tasks.train_head import train_head
+from tasks.validate import validate
+from tests.conftest import make_folder, tiny_overrides
+
+STAGES = (prepare, validate, domain, train_head, finetune, evaluate, export, register)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_weights):
+    """Two trained pipelines on the same data: a good head and a deliberately bad one."""
+    root = tmp_path_factory.mktemp("promote")
+    data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
+    base = [*tiny_overrides(root, data, tiny_weights), "register.model_name=promo"]
+
+    def pipeline(name: str, *extra: str, run: bool = True):
+        cfg = load_params(None, [*base, f"project.artifacts_dir={root / name}", *extra])
+        for stage in STAGES if run else ():
+            stage(cfg)
+        return cfg
+
+    good = pipeline("good")
+    bad = pipeline("bad", "train_head.max_epochs=1", "train_head.lr=1e-7", "train_head.patience=1")
+    acc = {
+        n: json.loads((c.stage_dir("evaluate") / "metrics.json").read_text())["accuracy"]
+        for n, c in (("good", good), ("bad", bad))
+    }
+    assert acc["good"] > acc["bad"] + 0.3, acc  # the premise of the comparisons below
+    return {"root": root, "data": data, "base": base, "good": good, "bad": bad, "pipeline": pipeline}
+
+
+def _aliases(cfg, name="promo") -> dict[str, str]:
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
+def _version_tags(cfg, version, name="promo") -> dict[str, str]:
+    return mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_model_version(name, version).tags
+
+
+def _version(cfg) -> str:
+    return json.loads((cfg.stage_dir("register") / "run.json").read_text())["model_version"]
+
+
+def test_champion_challenger_and_rollback(world):
+    bad, good = world["bad"], world["good"]
+    b, g = _version(bad), _version(good)
+    # the bad head first -> champion: there is no champion yet
+    first = promote(bad)
+    assert first.promoted and first.champion == b and "no champion yet" in first.reason
+    assert _aliases(bad) == {"champion": b}
+
+    # the good head beats it on the same test images -> champion, the bad one -> previous
+    second = promote(good)
+    assert second.promoted and second.champion == g and "not worse" in second.reason
+    assert _aliases(good) == {"champion": g, "previous": b}
+    tags = _version_tags(good, g)
+    assert tags["promotion.decision"] == "champion" and float(tags["promotion.ci_low"]) > 0
+    assert float(tags["promotion.mcnemar_p"]) <= 1 and json.loads(tags["promotion.gates"])["export_parity"]
+    decision = json.loads((good.stage_dir("promote") / "decision.json").read_text())
+    n_test = json.loads((good.stage_dir("evaluate") / "metrics.json").read_text())["n"]
+    assert decision["comparison"]["n_images"] == n_test
+    md = (good.stage_dir("promote") / "summary.md").read_text()
+    assert f"v{g} (new)" in md and f"v{b} (champion)" in md and md.count("Confusion matrix") == 2
+    client = mlflow.MlflowClient(good.mlflow.tracking_uri)
+    run_id = client.get_model_version("promo", g).run_id
+    assert "promote/comparison.md" in {a.path for a in client.list_artifacts(run_id, "promote")}
+
+    # the bad model registered again is worse than the champion -> challenger; champion stays
+    register(bad)
+    third = promote(bad)  # the version from bad's new run.json
+    assert third.version == "3" and not third.promoted and "could be worse" in third.reason
+    assert _aliases(bad) == {"champion": g, "previous": b, "challenger": "3"}
+    assert _version_tags(bad, "3")["promotion.decision"] == "challenger"
+
+    # rollback: champion back to the previous version, and back again
+    back = rollback(good)
+    assert back.champion == b and _aliases(good)["champion"] == b and _aliases(good)["previous"] == g
+    rollback(good)
+    assert _aliases(good)["champion"] == g
+
+    # the champion serves predictions by alias
+    from headstart.cli import main
+
+    image = next((world["data"] / "owl").glob("*.png"))
+    args = [
+        "predict",
+        "--model",
+        "models:/promo@champion",
+        "--set",
+        f"mlflow.tracking_uri={good.mlflow.tracking_uri}",
+    ]
+    assert main([*args, str(image)]) == 0
+
+
+def test_a_failed_gate_never_promotes(world, capsys):
+    cfg = world["pipeline"](
+        "gated", "register.model_name=gated", "promote.allowed_verdicts=[in_domain]", run=False
+    )
+    shutil.copytree(world["good"].project.artifacts_dir, cfg.project.artifacts_dir)
+    register(cfg)
+    result = promote(cfg)
+    verdict = json.loads((cfg.stage_dir("domain") / "report.json").read_text())["verdict"]
+    assert verdict != "in_domain"  # the random tiny backbone's images are no photos
+    assert not result.promoted and result.champion is None and "gate failed: domain" in result.reason
+    assert _aliases(cfg, "gated") == {"challenger": "1"}
+
+
+def test_models_with_different_classes_are_not_compared(world, tmp_path):
+    two = make_folder(tmp_path / "two", per_class=14, classes=("cat", "dog"))
+    cfg = world["pipeline"]("two", f"prepare.data_dir={two}", "register.model_name=promo")
+    champion = _aliases(cfg)["champion"]
+    result = promote(cfg)
+    assert not result.promoted and result.champion == champion
+    assert "cannot compare" in result.reason and "predicts" in result.reason
+
+
+def test_a_champion_whose_artifact_is_gone_is_not_compared(world):
+    cfg = world["pipeline"]("lost", "register.model_name=lost", run=False)
+    shutil.copytree(world["good"].project.artifacts_dir, cfg.project.artifacts_dir)
+    register(cfg)
+    assert promote(cfg).promoted  # v1 champion
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    source = client.get_model_version("lost", "1").source
+    run = client.get_run(client.get_model_version("lost", "1").run_id)
+    shutil.rmtree(run.info.artifact_uri.removeprefix("file://"), ignore_errors=True)
+    for folder in (world["root"] / "mlruns").rglob("models"):
+        shutil.rmtree(folder, ignore_errors=True)  # MLflow 3 keeps logged models here
+    register(cfg)
+    result = promote(cfg)
+    assert not result.promoted and "cannot compare with champion v1" in result.reason, (result, source)
+    assert _aliases(cfg, "lost") == {"champion": "1", "challenger": "2"}
+
+
+def test_an_unreachable_tracking_server_fails_clearly(world, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    port = _free_port()
+    cfg = world["pipeline"]("down", f"mlflow.tracking_uri=http://127.0.0.1:{port}", run=False)
+    with pytest.raises(HeadstartError, match="unreachable"):
+        promote(cfg, version="1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_tracking_server_on_loopback(world, tmp_path):
+    """mlflow server on 127.0.0.1: the pipeline registers and promotes there, and `predict` serves
+    models:/NAME@champion from it."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(1)
+        cfg = world["pipeline"](
+            "remote", f"mlflow.tracking_uri={uri}", "register.model_name=remote", run=False
+        )
+        shutil.copytree(world["good"].project.artifacts_dir, cfg.project.artifacts_dir)
+        cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"experiment": "remote"})})
+        reg = register(cfg)
+        result = promote(cfg)
+        assert result.promoted and result.champion == reg.model_version
+        from headstart.cli import main
+
+        image = next((world["data"] / "cat").glob("*.png"))
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    "models:/remote@champion",
+                    "--set",
+                    f"mlflow.tracking_uri={uri}",
+                    "--json",
+                    str(image),
+                ]
+            )
+            == 0
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
