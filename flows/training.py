@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from headstart import HeadstartError
-from headstart.config import load_params
+from headstart import HeadstartError, TransientError
+from headstart.atomic import write_json
+from headstart.config import flatten, load_params
+from headstart.lock import exclusive
 from tasks.domain import domain
 from tasks.evaluate import evaluate
 from tasks.export import export
@@ -47,37 +52,122 @@ STAGES = (
 )
 
 
-def _stage(fn):
-    # caching is DVC's and the feature cache's job; Prefect gives retries, logs, state and the UI
-    return task(fn, name=fn.__name__, cache_policy=NO_CACHE)
+def _stage(fn, cfg=None):
+    """A stage as a Prefect task: caching is DVC's and the feature cache's job; Prefect gives the
+    timeout, retries with backoff for transient failures (never for bad data or params), logs, state
+    and the UI."""
+    if cfg is None:
+        return task(fn, name=fn.__name__, cache_policy=NO_CACHE)
+    s = cfg.schedule
+    return task(
+        fn,
+        name=fn.__name__,
+        cache_policy=NO_CACHE,
+        timeout_seconds=s.timeout_s.get(fn.__name__, s.default_timeout_s),
+        retries=s.retries,
+        retry_delay_seconds=[s.retry_delay_s * 2**i for i in range(s.retries)] or 0,
+        retry_condition_fn=_transient,
+    )
+
+
+def _transient(_task, _run, state) -> bool:
+    try:
+        exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    except Exception:
+        return False
+    if isinstance(exc, TransientError):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, HeadstartError)
+
+
+def fingerprint(cfg, data_hash: str) -> str:
+    """What a run's result depends on: the data's content and every param but the schedule's."""
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("schedule.")}
+    return hashlib.sha256(json.dumps([data_hash, params], sort_keys=True).encode()).hexdigest()
 
 
 @flow(name="training", log_prints=True)
-def training(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def training(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, skip_unchanged: bool = False
+) -> dict:
     """prepare -> validate -> domain -> train_head -> finetune (gated) -> evaluate -> export -> register
-    -> promote."""
+    -> promote. One run per project at a time; with skip_unchanged (scheduled runs), a run whose data
+    and params equal the last successful run's ends after prepare as "skipped: data unchanged"."""
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
-    results = {}
-    for stage, fn, artifact in STAGES:
-        try:
-            results[stage] = _stage(fn)(cfg)
-            log.info("%s: %s", stage, results[stage])
-        except Exception as exc:
-            _record(cfg, stage, exc, tags)
-            raise
-        finally:
-            if artifact:
-                _publish(cfg, stage, artifact)
-    results["register"] = _stage(register)(cfg, tags=tags)  # its own failure has no run to mark
-    if cfg.promote.enabled:
-        try:
-            results["promote"] = _stage(promote)(cfg)
-            log.info("promote: %s", results["promote"])
-        finally:
-            _publish(cfg, "promote", "promotion")
+    state_file = cfg.project.cache_dir / "last_success.json"
+    with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
+        results = {}
+        for stage, fn, artifact in STAGES:
+            try:
+                results[stage] = _stage(fn, cfg)(cfg)
+                log.info("%s: %s", stage, results[stage])
+            except Exception as exc:
+                _record(cfg, stage, exc, tags)
+                raise
+            finally:
+                if artifact:
+                    _publish(cfg, stage, artifact)
+            if stage == "prepare" and skip_unchanged:
+                skipped = _unchanged(cfg, state_file, results["prepare"].data_hash)
+                if skipped:
+                    log.info("skipped: %s", skipped)
+                    create_markdown_artifact(
+                        markdown=f"# Skipped: data unchanged\n\n{skipped}\n", key="skipped"
+                    )
+                    return {
+                        "skipped": True,
+                        "reason": skipped,
+                        "artifacts_dir": str(cfg.project.artifacts_dir),
+                    }
+        results["register"] = _stage(register, cfg)(cfg, tags=tags)  # its own failure has no run to mark
+        _link(results["register"])
+        if cfg.promote.enabled:
+            try:
+                results["promote"] = _stage(promote, cfg)(cfg)
+                log.info("promote: %s", results["promote"])
+            finally:
+                _publish(cfg, "promote", "promotion")
+        reg = results["register"]
+        write_json(
+            state_file,
+            {
+                "fingerprint": fingerprint(cfg, results["prepare"].data_hash),
+                "data_hash": results["prepare"].data_hash,
+                "flow_run_id": tags["prefect.flow_run_id"],
+                "mlflow_run_id": reg.run_id,
+                "model_uri": reg.model_uri,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
     return {**{k: v.__dict__ for k, v in results.items()}, "artifacts_dir": str(cfg.project.artifacts_dir)}
+
+
+def _unchanged(cfg, state_file, data_hash: str) -> str | None:
+    """Why this run can stop now, or None: same data and params as the last success, whose
+    artifacts are still there."""
+    if not state_file.exists() or not (cfg.stage_dir("register") / "run.json").exists():
+        return None
+    last = json.loads(state_file.read_text())
+    if last.get("fingerprint") != fingerprint(cfg, data_hash):
+        return None
+    return (
+        f"data hash {data_hash[:12]} and params equal the last successful run's "
+        f"(flow run {last['flow_run_id']}, {last['finished_at']}, {last['model_uri']})"
+    )
+
+
+def _link(reg) -> None:
+    """The MLflow run's address on the Prefect flow run (the MLflow run has the flow-run id tag)."""
+    uri = reg.tracking_uri
+    where = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+    create_markdown_artifact(
+        markdown=f"# MLflow run\n\nRun `{reg.run_id}` ({reg.model_uri}) in {where}: "
+        f"`#/experiments/{reg.experiment_id}/runs/{reg.run_id}`\n",
+        key="mlflow-run",
+        description="the MLflow run of this flow run",
+    )
 
 
 def _record(cfg, stage: str, exc: Exception, tags: dict[str, str]) -> None:

@@ -18,3 +18,7 @@ for _key, _value in {
 
 class HeadstartError(Exception):
     """An error the user can fix (bad data, bad params); the CLI prints it on one line, no traceback."""
+
+
+class TransientError(HeadstartError):
+    """A failure that may pass on its own (a tracking server down): the flow retries it."""

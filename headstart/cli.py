@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = with_params(sub.add_parser("run", help="run the training flow (Prefect) end to end"))
     run.add_argument("--data", help="image folder <class>/<file> (sets prepare.data_dir)")
+    run.add_argument(
+        "--skip-unchanged",
+        action="store_true",
+        help="stop after prepare when data and params equal the last success",
+    )
     run.set_defaults(func=_run)
 
     check = with_params(sub.add_parser("validate", help="prepare + validate a data folder; exit 0 or 1"))
@@ -100,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     prom.add_argument("--rollback", action="store_true", help="move champion back to the previous version")
     prom.set_defaults(func=_promote)
 
+    srv = with_params(
+        sub.add_parser("server", help="start/stop a Prefect server and an MLflow server on loopback")
+    )
+    srv.add_argument("action", choices=("start", "stop", "status"))
+    srv.set_defaults(func=_server)
+
+    serve = with_params(sub.add_parser("serve", help="serve the training flow on schedule.cron (blocks)"))
+    serve.add_argument("--cron", help="overrides schedule.cron")
+    serve.set_defaults(func=_serve)
+
     show = with_params(sub.add_parser("params", help="print the resolved params as YAML"))
     show.set_defaults(func=_params)
 
@@ -132,11 +147,17 @@ def _run(args) -> int:
     preflight(cfg.prepare.data_dir, cfg.prepare.extensions)
     from flows.training import training
 
-    state = training(params_file=args.params, overrides=overrides, return_state=True)
+    state = training(
+        params_file=args.params, overrides=overrides, skip_unchanged=args.skip_unchanged, return_state=True
+    )
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         raise HeadstartError(str(exc) if isinstance(exc, BaseException) else state.message)
-    _summary(state.result())
+    result = state.result()
+    if result.get("skipped"):
+        print(f"headstart: skipped: {result['reason']}")
+        return 0
+    _summary(result)
     return 0
 
 
@@ -314,6 +335,62 @@ def _promote(args) -> int:
     print(
         f"headstart promote: {result.model_name} v{result.version}: {result.reason}; "
         f"champion is v{result.champion}"
+    )
+    return 0
+
+
+def _server(args) -> int:
+    from headstart import server
+    from headstart.config import load_params
+
+    cfg = load_params(args.params, _overrides(args))
+    if args.action == "start":
+        where = server.start(cfg)
+        ui = where["prefect"].removesuffix("/api")
+        print(f"headstart: Prefect {where['prefect']} (UI {ui}), MLflow {where['mlflow']}")
+        print(f"headstart: state in {where['state']}; use them with:")
+        for k, v in server.env(cfg).items():
+            print(f"  export {k}={v}")
+    elif args.action == "stop":
+        print(f"headstart: stopped {', '.join(server.stop(cfg)) or 'nothing (not running)'}")
+    else:
+        state = server.status(cfg)
+        print(
+            "headstart: "
+            + (", ".join(f"{k} {'running' if v else 'stopped'}" for k, v in state.items()) or "not started")
+        )
+    return 0
+
+
+def _serve(args) -> int:
+    """The training flow as a deployment with a cron schedule, served by this process (flow.serve)."""
+    import os
+
+    from headstart import server
+    from headstart.config import load_params
+
+    cfg = load_params(args.params, _overrides(args))
+    os.environ.setdefault("PREFECT_API_URL", server.prefect_api(cfg))
+    from flows.training import training
+
+    cron = args.cron or cfg.schedule.cron
+    print(
+        f"headstart: serving deployment training/{cfg.server.deployment} on '{cron}' "
+        f"({cfg.schedule.timezone}) "
+        f"against {os.environ['PREFECT_API_URL']}; Ctrl-C stops"
+    )
+    from prefect.schedules import Cron
+
+    training.serve(
+        name=cfg.server.deployment,
+        schedules=[Cron(cron, timezone=cfg.schedule.timezone)],
+        parameters={
+            "params_file": str(Path(args.params).resolve()),
+            "overrides": _overrides(args),
+            "skip_unchanged": cfg.schedule.skip_unchanged,
+        },
+        tags=["headstart"],
+        limit=1,  # one run at a time from this runner; the project lock guards against other runners
     )
     return 0
 

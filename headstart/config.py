@@ -174,6 +174,25 @@ class PromoteParams(Section):
     n_bootstrap: int = Field(2000, ge=100)
 
 
+class ScheduleParams(Section):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    skip_unchanged: bool = True
+    lock_wait_s: float = Field(0.0, ge=0.0)
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(10.0, ge=0.0)
+    timeout_s: dict[str, float] = Field(default_factory=dict)
+    default_timeout_s: float = Field(6 * 3600, gt=0)
+
+
+class ServerParams(Section):
+    host: str = "127.0.0.1"
+    prefect_port: int = Field(4200, gt=0, lt=65536)
+    mlflow_port: int = Field(5000, gt=0, lt=65536)
+    state_dir: Path = Path(".headstart")
+    deployment: str = "nightly"
+
+
 class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: Path = Path("mlruns")
@@ -195,6 +214,8 @@ class Params(Section):
     export: ExportParams = ExportParams()
     register: RegisterParams = RegisterParams()
     promote: PromoteParams = PromoteParams()
+    schedule: ScheduleParams = ScheduleParams()
+    server: ServerParams = ServerParams()
     mlflow: MlflowParams = MlflowParams()
 
     def stage_dir(self, stage: str) -> Path:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from headstart import HeadstartError
+from headstart import HeadstartError, TransientError
 from headstart.config import Params, flatten
 
 
@@ -182,7 +182,7 @@ class Registry:
                         return None
                     raise HeadstartError(f"MLflow {self.uri}: {what}: {text.splitlines()[0][:300]}") from None
                 if attempt == 2:
-                    raise HeadstartError(
+                    raise TransientError(
                         f"MLflow {self.uri} unreachable or failing ({what}): {text.splitlines()[0][:300]}; "
                         "nothing was changed in the registry by this step"
                     ) from None

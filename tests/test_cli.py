@@ -100,3 +100,20 @@ def test_domain_check_prints_json_and_exits_1_on_mismatch(tmp_path, capsys, tiny
     report = json.loads(capsys.readouterr().out)
     assert code == (1 if report["verdict"] == "mismatch" else 0)
     assert report["on_mismatch"] == "continue" and report["n_images"] > 0
+
+
+def test_prefect_yaml_deploys_the_training_flow_on_the_params_schedule():
+    from pathlib import Path
+
+    import yaml
+
+    from headstart.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    module, _, name = deployment["entrypoint"].partition(":")
+    flows = __import__(module.removesuffix(".py").replace("/", "."), fromlist=[name])
+    assert getattr(flows, name).name == "training"
+    assert deployment["schedules"][0]["cron"] == load_params(root / "params.yaml").schedule.cron
+    assert deployment["parameters"]["skip_unchanged"] is True and deployment["concurrency_limit"] == 1

@@ -235,3 +235,34 @@ def test_a_real_tracking_server_on_loopback(world, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_no_registered_model_is_a_clear_error(world):
+    cfg = world["pipeline"]("none", "register.model_name=nothing-here", run=False)
+    with pytest.raises(HeadstartError, match="no registered model 'nothing-here'"):
+        promote(cfg)
+
+
+def test_a_crash_while_moving_aliases_leaves_exactly_one_champion(world, monkeypatch):
+    from headstart.tracking import Registry
+
+    cfg = world["pipeline"]("crash", "register.model_name=crash", run=False)
+    shutil.copytree(world["bad"].project.artifacts_dir, cfg.project.artifacts_dir)
+    old = register(cfg).model_version
+    promote(cfg)
+    shutil.rmtree(cfg.project.artifacts_dir)
+    shutil.copytree(world["good"].project.artifacts_dir, cfg.project.artifacts_dir)
+    new = register(cfg).model_version
+    real = Registry.set_alias
+
+    def dies_on_champion(self, alias, version):
+        if alias == "champion":
+            raise KeyboardInterrupt("killed between two registry calls")
+        real(self, alias, version)
+
+    monkeypatch.setattr(Registry, "set_alias", dies_on_champion)
+    with pytest.raises(KeyboardInterrupt):
+        promote(cfg)
+    assert _aliases(cfg, "crash")["champion"] == old  # still exactly one champion: the old one
+    monkeypatch.undo()
+    assert promote(cfg).champion == new and _aliases(cfg, "crash") == {"champion": new, "previous": old}

@@ -1,0 +1,100 @@
+"""Orchestration: skip a run when nothing changed, one run at a time, retries only for what is
+transient, the MLflow run linked from the flow run."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import make_folder, make_image, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _params(root, data, tiny_weights, *extra):
+    from headstart.config import load_params
+
+    raw = load_params(None, [*tiny_overrides(root, data, tiny_weights), *extra]).model_dump(mode="json")
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_unchanged_data_is_skipped_and_new_data_retrains(tmp_path, tiny_weights, prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from flows.training import training
+
+    data = make_folder(tmp_path / "data", per_class=12)
+    params = str(_params(tmp_path, data, tiny_weights))
+    first = training(params_file=params, skip_unchanged=True)
+    assert not first.get("skipped") and first["register"]["model_version"] == "1"
+    second = training(params_file=params, skip_unchanged=True)
+    assert second["skipped"] and "equal the last successful run" in second["reason"]
+    make_image(data / "cat" / "new_cat.png", (200, 30, 30), seed=99)
+    third = training(params_file=params, skip_unchanged=True)
+    assert not third.get("skipped") and third["register"]["model_version"] == "2"
+    assert third["prepare"]["n_images"] == first["prepare"]["n_images"] + 1
+    # a changed param retrains too; a manual run (no skip) always trains
+    assert not training(params_file=params, skip_unchanged=True, overrides=["train_head.hidden=16"]).get(
+        "skipped"
+    )
+    with get_client(sync_client=True) as prefect:
+        keys = {a.key for a in prefect.read_artifacts()}
+    assert {"skipped", "mlflow-run"} <= keys
+
+
+def test_a_second_run_while_one_trains_is_refused_clearly(tmp_path, tiny_weights, prefect_harness):
+    from flows.training import training
+    from headstart.config import load_params
+    from headstart.lock import Busy, exclusive
+
+    data = make_folder(tmp_path / "data", per_class=12)
+    params = _params(tmp_path, data, tiny_weights)
+    cfg = load_params(params)
+    training(params_file=str(params))  # mlflow.db exists and holds one run
+    with exclusive(cfg.project.cache_dir / "run.lock"):  # another run is training
+        state = training(params_file=str(params), return_state=True)
+    assert state.is_failed() and isinstance(state.result(raise_on_failure=False), Busy)
+    assert "another headstart run" in str(state.result(raise_on_failure=False))
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_two_processes_started_together_one_trains(tmp_path, tiny_weights):
+    """Two `headstart run` processes on one project at the same moment: one trains, the other is
+    refused with the lock's message; the MLflow store is intact and holds one run."""
+    data = make_folder(tmp_path / "data", per_class=12)
+    params = _params(tmp_path, data, tiny_weights)
+    exe = [sys.executable, "-m", "headstart.cli", "run", "--params", str(params)]
+    procs = [
+        subprocess.Popen(exe, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    refused = next(err for (_, err), p in zip(outs, procs, strict=True) if p.returncode == 2)
+    assert "another headstart run" in refused
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("select count(*) from runs").fetchone()[0] == 1
+
+
+def test_only_transient_failures_are_retried():
+    from types import SimpleNamespace
+
+    from flows.training import _transient
+    from headstart import HeadstartError, TransientError
+
+    def state(exc):
+        return SimpleNamespace(data=exc)
+
+    assert _transient(None, None, state(TransientError("server down")))
+    assert _transient(None, None, state(OSError("disk hiccup")))
+    assert not _transient(None, None, state(HeadstartError("bad data")))
+    assert not _transient(None, None, state(ValueError("a bug")))
