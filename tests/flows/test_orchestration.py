@@ -98,3 +98,60 @@ def test_only_transient_failures_are_retried():
     assert _transient(None, None, state(OSError("disk hiccup")))
     assert not _transient(None, None, state(HeadstartError("bad data")))
     assert not _transient(None, None, state(ValueError("a bug")))
+
+
+def test_a_killed_run_restarts_without_losing_work_and_ends_the_same(tmp_path, tiny_weights, prefect_harness):
+    """`headstart run` killed (SIGKILL, whole process group) while extracting features; the rerun
+    reuses what was computed and ends with the artifacts of an uninterrupted run."""
+    import json
+    import os
+    import shutil
+    import signal
+    import time
+
+    from flows.training import training
+
+    data = make_folder(tmp_path / "data", per_class=24)
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    for d in (whole_dir, killed_dir):
+        d.mkdir()
+        shutil.copytree(data, d / "data")
+    small_batches = "train_head.extract_batch_size=2"  # slow enough to be killed mid-extraction
+    whole = training(params_file=str(_params(whole_dir, whole_dir / "data", tiny_weights, small_batches)))
+
+    params = _params(killed_dir, killed_dir / "data", tiny_weights, small_batches)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "headstart.cli", "run", "--params", str(params)],
+        cwd=killed_dir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    features = killed_dir / "cache" / "features"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (
+            len(list(features.rglob("*.npy"))) >= 20
+            and not (killed_dir / "artifacts" / "train_head").exists()
+        ):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    done_before = len(list(features.rglob("*.npy")))
+    assert not (killed_dir / "artifacts" / "train_head").exists()  # killed mid-way: nothing half-written
+
+    again = training(params_file=str(params))  # the dead run's lock is gone with it
+    assert again["train_head"]["features_cached"] >= done_before > 0
+    for stage, name in (
+        ("train_head", "history.json"),
+        ("evaluate", "metrics.json"),
+        ("evaluate", "confusion.json"),
+    ):
+        a = json.loads((whole_dir / "artifacts" / stage / name).read_text())
+        b = json.loads((killed_dir / "artifacts" / stage / name).read_text())
+        assert a == b, (stage, name)
+    assert again["evaluate"] == whole["evaluate"]
