@@ -271,7 +271,7 @@ def flatten(params: Params) -> dict[str, str]:
     """`section.key[.sub] -> str(value)` for logging params to MLflow."""
 
     def walk(prefix: str, value: Any):
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             for k, v in value.items():
                 yield from walk(f"{prefix}.{k}" if prefix else k, v)
         else:
