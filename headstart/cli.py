@@ -241,6 +241,7 @@ headstart: done.
   validation  {va["n_quarantined"]} files quarantined, warnings: {", ".join(va["warnings"]) or "none"}
   domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
+  finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}
   test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
