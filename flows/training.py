@@ -47,8 +47,8 @@ STAGES = (
     ("domain", domain, "domain-check"),
     ("train_head", train_head, None),
     ("finetune", finetune, "finetune-decision"),
-    ("evaluate", evaluate, None),
-    ("export", export, None),
+    ("evaluate", evaluate, "test-metrics"),
+    ("export", export, "export-parity"),
 )
 
 
@@ -160,11 +160,14 @@ def _unchanged(cfg, state_file, data_hash: str) -> str | None:
 
 def _link(reg) -> None:
     """The MLflow run's address on the Prefect flow run (the MLflow run has the flow-run id tag)."""
-    uri = reg.tracking_uri
-    where = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+    uri, page = reg.tracking_uri, f"#/experiments/{reg.experiment_id}/runs/{reg.run_id}"
+    where = (
+        f"[{uri}/{page}]({uri}/{page})"
+        if uri.startswith("http")
+        else (f"`mlflow ui --backend-store-uri {uri}`, then `{page}`")
+    )
     create_markdown_artifact(
-        markdown=f"# MLflow run\n\nRun `{reg.run_id}` ({reg.model_uri}) in {where}: "
-        f"`#/experiments/{reg.experiment_id}/runs/{reg.run_id}`\n",
+        markdown=f"# MLflow run\n\nRun `{reg.run_id}` ({reg.model_uri}): {where}\n",
         key="mlflow-run",
         description="the MLflow run of this flow run",
     )
@@ -177,8 +180,13 @@ def _record(cfg, stage: str, exc: Exception, tags: dict[str, str]) -> None:
     try:
         run_id = _stage(record_failure)(cfg, stage, error, tags)
         log.error("stage %s failed; MLflow run %s marked FAILED", stage, run_id)
+        where = f"MLflow run `{run_id}` is marked FAILED with this error and `failed_stage={stage}`."
     except Exception as tracking_error:
         log.warning("stage %s failed and MLflow could not record it: %s", stage, tracking_error)
+        where = f"MLflow could not record it: {tracking_error}"
+    create_markdown_artifact(
+        markdown=f"# Failed at stage `{stage}`\n\n{error}\n\n{where}\n", key="failure", description="why"
+    )
 
 
 def _publish(cfg, stage: str, key: str) -> None:

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from headstart import HeadstartError
-from headstart.atomic import directory, write_bytes, write_json
+from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
 from headstart.features import Features
 from headstart.metrics import classification_metrics, confusion_png
@@ -50,6 +50,7 @@ def evaluate(cfg: Params) -> EvaluateResult:
     )
     with directory(cfg.stage_dir("evaluate")) as out:
         write_json(out / "metrics.json", {k: v for k, v in m.items() if k != "confusion_matrix"})
+        write_text(out / "summary.md", to_markdown(m, model.classes, model.finetuned))
         write_json(out / "confusion.json", {"classes": model.classes, "matrix": m["confusion_matrix"]})
         write_bytes(
             out / "confusion.png",
@@ -57,3 +58,27 @@ def evaluate(cfg: Params) -> EvaluateResult:
         )
         predictions.to_csv(out / "predictions.csv", index=False)
     return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"])
+
+
+def to_markdown(m: dict, classes: list[str], finetuned: bool) -> str:
+    """The test metrics for a Prefect artifact: accuracy, macro-F1, per class, the confusion matrix."""
+    lines = [
+        f"# Test metrics ({'fine-tuned' if finetuned else 'head-only'} model, {m['n']} images)",
+        "",
+        f"Accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}.",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+            for c, v in m["per_class"].items()
+        ],
+        "",
+        "| actual \\ predicted | " + " | ".join(classes) + " |",
+        "|---|" + "---|" * len(classes),
+        *[
+            f"| {c} | " + " | ".join(map(str, row)) + " |"
+            for c, row in zip(classes, m["confusion_matrix"], strict=True)
+        ],
+    ]
+    return "\n".join(lines) + "\n"

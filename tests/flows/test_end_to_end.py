@@ -118,6 +118,12 @@ def test_failed_validation_marks_an_mlflow_run_failed_with_the_report(flow_run):
     with get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts()
     assert any(a.key == "data-validation" and "FAILED" in (a.data or "") for a in artifacts)
+    failure = [a for a in artifacts if a.key == "failure" and "`validate`" in (a.data or "")]
+    assert failure and runs[0].info.run_id in failure[0].data  # the Prefect artifact names the MLflow run
+    # a completed run tells its story in Prefect artifacts
+    assert {"domain-check", "test-metrics", "export-parity", "mlflow-run", "promotion"} <= {
+        a.key for a in artifacts
+    }
 
 
 def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:

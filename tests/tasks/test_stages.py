@@ -137,6 +137,8 @@ def test_train_head_writes_model_history_metrics(pipeline):
     assert shared == 16 and metrics["features_cached"] == shared
     assert metrics["features_computed"] == metrics["n_train"] + metrics["n_val"] - shared
     assert len(history) == metrics["epochs_run"] and 1 <= metrics["best_epoch"] <= len(history)
+    # every backbone tensor hashed before and after head training: bit-identical
+    assert metrics["frozen_check"]["unchanged"] and metrics["frozen_check"]["tensors"] > 50
     assert metrics["val_accuracy"] >= 0.9  # class colours are trivially separable
 
 
@@ -154,6 +156,7 @@ def test_evaluate_metrics_and_confusion(pipeline):
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     cm = json.loads((out / "confusion.json").read_text())["matrix"]
     assert sum(map(sum, cm)) == metrics["n"]
+    assert "Accuracy" in (out / "summary.md").read_text()
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == metrics["n"] and set(preds.columns) >= {"path", "actual", "predicted"}
 
