@@ -123,6 +123,9 @@ class FeatureCache:
     def _path(self, sha: str) -> Path:
         return self.dir / sha[:2] / f"{sha}.npy"
 
+    def __contains__(self, sha: str) -> bool:
+        return self._path(sha).exists()
+
     def get(self, sha: str) -> np.ndarray | None:
         path = self._path(sha)
         if not path.exists():
@@ -193,7 +196,7 @@ class Features:
         for batch, x in decoded(self.backbone.spec, items, self.batch_size, "domain probe"):
             out = engine(x)
             for (sha, _), vec in zip(batch, out[0], strict=True):
-                if self.cache.get(sha) is None:
+                if sha not in self.cache:
                     self.cache.put(sha, vec)
                     self.shared += 1
             yield x, out

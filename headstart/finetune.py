@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from headstart import HeadstartError
 from headstart.atomic import write_bytes
 from headstart.config import FinetuneParams
+from headstart.training import balanced_order
 
 EXPANDED = ("blocks", "features", "stages", "layers")  # containers whose children run one after another
 
@@ -151,6 +152,7 @@ def fit(
     class_weights: torch.Tensor | None,
     checkpoint: Path,
     key: str,
+    balanced: bool = False,
 ) -> FitResult:
     """Train tail + head on prefix outputs: discriminative learning rates, warm-up then cosine,
     gradient clipping, AMP on CUDA, early stopping on validation loss; a checkpoint after every
@@ -194,7 +196,8 @@ def fit(
         if state["waited"] >= p.patience:
             break
         set_train_mode(model, True)
-        order, total = torch.randperm(len(yt), generator=gen), 0.0
+        order = balanced_order(yt, gen) if balanced else torch.randperm(len(yt), generator=gen)
+        total = 0.0
         for i in range(0, len(yt), p.batch_size):
             idx = order[i : i + p.batch_size]
             opt.zero_grad(set_to_none=True)

@@ -198,6 +198,9 @@ class Registry:
     def version(self, version: str):
         return self._call(f"version {version}", self.client.get_model_version, self.name, str(version))
 
+    def run(self, run_id: str):
+        return self._call(f"run {run_id}", self.client.get_run, run_id)
+
     def latest(self) -> str:
         versions = self._call("versions", self.client.search_model_versions, f"name='{self.name}'")
         if not versions:

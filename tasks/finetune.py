@@ -117,8 +117,19 @@ def finetune(cfg: Params) -> FinetuneResult:
     base_loss, base_acc = score(base, data["val"], device, loss_fn)  # the head alone, same path
     key = _key(cfg, head_file, train_rows, val_rows, device)
     checkpoint = cfg.project.cache_dir / "finetune" / key / "checkpoint.pt"
+    balanced = cfg.train_head.class_balance == "sampler"  # the same choice as the head's training
     result = fit(
-        split, head, data["train"], data["val"], p, cfg.project.seed, device, weights, checkpoint, key
+        split,
+        head,
+        data["train"],
+        data["val"],
+        p,
+        cfg.project.seed,
+        device,
+        weights,
+        checkpoint,
+        key,
+        balanced,
     )
     after = fingerprint(frozen_tensors(extractor, split.trainable))
     if moved := changed(before, after):

@@ -70,22 +70,22 @@ def promote(cfg: Params, version: str | None = None, model_name: str | None = No
     registry = Registry(cfg, name)
     if version is None:
         run_json = cfg.stage_dir("register") / "run.json"
-        recorded = run_json.exists() and json.loads(run_json.read_text()).get("model_name") == name
-        version = json.loads(run_json.read_text())["model_version"] if recorded else registry.latest()
+        recorded = json.loads(run_json.read_text()) if run_json.exists() else {}
+        version = recorded["model_version"] if recorded.get("model_name") == name else registry.latest()
     version = str(version)
     mv = registry.version(version)
-    run = registry._call("run", registry.client.get_run, mv.run_id)
+    run = registry.run(mv.run_id)
     champion = registry.alias("champion")
     checks = gates(cfg, run)
     decision: dict = {"model_name": name, "version": version, "champion_version": champion, "gates": checks}
-    comparison, note = None, ""
+    comparison = None
     if champion == version:
-        note = f"v{version} already holds alias champion"
-    elif champion is not None and all(g["passed"] for g in checks.values()):
-        comparison, note = _compare(cfg, name, version, champion, decision)
-    promoted, reason = decide(checks, comparison, p.margin, note if comparison is None else "")
-    if champion == version:
-        promoted = True
+        promoted, reason = True, f"v{version} already holds alias champion"
+    else:
+        note = ""
+        if champion is not None and all(g["passed"] for g in checks.values()):
+            comparison, note = _compare(cfg, name, version, champion, decision)
+        promoted, reason = decide(checks, comparison, p.margin, note)
     decision.update(promoted=promoted, reason=reason, comparison=comparison, margin=p.margin)
     tags = {
         "promotion.decision": "champion" if promoted else "challenger",

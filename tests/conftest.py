@@ -102,3 +102,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def write_params(path: Path, overrides: list[str]) -> Path:
+    """A complete params.yaml at `path`: the defaults with `overrides` applied (for flows, CLIs, DVC)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(load_params(None, overrides).model_dump(mode="json"), sort_keys=False))
+    return path

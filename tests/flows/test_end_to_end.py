@@ -12,18 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_folder, make_image, tiny_overrides
+from tests.conftest import make_folder, make_image, tiny_overrides, write_params
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _write_params(path: Path, overrides: list[str]) -> Path:
-    from headstart.config import load_params
-
-    raw = load_params(None, overrides).model_dump(mode="json")
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def flow_run(tmp_path_factory, tiny_weights, prefect_harness):
         "finetune.min_train_images=0",
         "finetune.max_epochs=2",
     ]
-    params = _write_params(root / "params.yaml", overrides)
+    params = write_params(root / "params.yaml", overrides)
     return root, params, training(params_file=str(params))
 
 
@@ -158,7 +150,7 @@ def dvc_project(tmp_path_factory, tiny_weights, flow_run):
     shutil.copytree(flow_root / "data", proj / "data" / "raw")
     overrides = tiny_overrides(Path("."), Path("data/raw"), tiny_weights)
     overrides = [o.replace("sqlite:///./", "sqlite:///") for o in overrides]
-    _write_params(proj / "params.yaml", overrides)
+    write_params(proj / "params.yaml", overrides)
     _git(proj, "init", "-q")
     _git(proj, "add", "-A")
     _git(proj, "commit", "-qm", "init")

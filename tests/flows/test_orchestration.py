@@ -8,20 +8,14 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from tests.conftest import make_folder, make_image, tiny_overrides
+from tests.conftest import make_folder, make_image, tiny_overrides, write_params
 
 pytestmark = pytest.mark.slow
 
 
 def _params(root, data, tiny_weights, *extra):
-    from headstart.config import load_params
-
-    raw = load_params(None, [*tiny_overrides(root, data, tiny_weights), *extra]).model_dump(mode="json")
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return write_params(root / "params.yaml", [*tiny_overrides(root, data, tiny_weights), *extra])
 
 
 def test_unchanged_data_is_skipped_and_new_data_retrains(tmp_path, tiny_weights, prefect_harness):

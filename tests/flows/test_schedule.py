@@ -13,9 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import make_folder, make_image, tiny_overrides
+from tests.conftest import make_folder, make_image, tiny_overrides, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +66,7 @@ def test_scheduled_runs_train_retrain_and_skip(tmp_path, tiny_weights, monkeypat
         f"server.mlflow_port={_port()}",
         f"server.state_dir={tmp_path / '.headstart'}",
     ]
-    raw = load_params(None, overrides).model_dump(mode="json")
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = write_params(tmp_path / "params.yaml", overrides)
     cfg = load_params(params)
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")  # the server schedules promptly
     where = server.start(cfg)
