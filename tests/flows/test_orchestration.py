@@ -110,11 +110,30 @@ def test_a_killed_run_restarts_without_losing_work_and_ends_the_same(tmp_path, t
     for d in (whole_dir, killed_dir):
         d.mkdir()
         shutil.copytree(data, d / "data")
-    small_batches = "train_head.extract_batch_size=2"  # slow enough to be killed mid-extraction
+    small_batches = "train_head.extract_batch_size=2"  # the kill lands between two batches
     whole = training(params_file=str(_params(whole_dir, whole_dir / "data", tiny_weights, small_batches)))
 
+    # The run to be killed parks itself once 20 features are in the cache (the domain pass gives 16,
+    # train_head the rest), so the kill lands mid-extraction on any machine, however fast: a
+    # sitecustomize on its PYTHONPATH wraps FeatureCache.put; nothing in the package knows of it.
+    hook, parked = tmp_path / "hook", tmp_path / "parked"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\n"
+        "from pathlib import Path\n"
+        "from headstart.features import FeatureCache\n"
+        "_put, _n = FeatureCache.put, [0]\n"
+        "def put(self, sha, vec):\n"
+        "    _put(self, sha, vec)\n"
+        "    _n[0] += 1\n"
+        "    if _n[0] >= 20:\n"
+        f"        Path({str(parked)!r}).touch()\n"
+        "        time.sleep(3600)\n"
+        "FeatureCache.put = put\n"
+    )
     params = _params(killed_dir, killed_dir / "data", tiny_weights, small_batches)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "headstart.cli", "run", "--params", str(params)],
         cwd=killed_dir,
@@ -124,15 +143,10 @@ def test_a_killed_run_restarts_without_losing_work_and_ends_the_same(tmp_path, t
         start_new_session=True,
     )
     features = killed_dir / "cache" / "features"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (
-            len(list(features.rglob("*.npy"))) >= 20
-            and not (killed_dir / "artifacts" / "train_head").exists()
-        ):
-            break
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not parked.exists():
         time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    assert parked.exists() and proc.poll() is None, f"the run never reached the kill point ({proc.poll()})"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     done_before = len(list(features.rglob("*.npy")))
