@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from headstart import HeadstartError, __version__
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         default="artifacts/export/model.onnx",
         help="an ONNX file, or models:/NAME@ALIAS or models:/NAME/VERSION from the MLflow registry",
+    )
+    pred.add_argument(
+        "--variant",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="with a models:/ URI: which exported file of that version (fp16 for GPU servers)",
     )
     pred.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     pred.add_argument("--batch-size", type=int, default=32)
@@ -279,14 +286,20 @@ def _predict(args) -> int:
 
     if args.batch_size < 1:
         raise HeadstartError("--batch-size must be at least 1")
-    model = args.model
-    if model.startswith("models:/"):
-        from headstart.config import load_params
-        from headstart.tracking import download_model
-
-        model = download_model(model, load_params(args.params, _overrides(args)))
     files = _image_files(args.images)
-    predictor = Predictor(model, providers=args.providers)
+    with ExitStack() as stack:
+        model = args.model
+        if model.startswith("models:/"):
+            from headstart.config import load_params
+            from headstart.tracking import downloaded_model
+
+            cfg = load_params(args.params, _overrides(args))
+            model = stack.enter_context(downloaded_model(model, cfg, args.variant))
+        elif args.variant != "fp32":
+            raise HeadstartError(
+                "--variant picks a file inside a models:/ URI; give an ONNX file's path directly"
+            )
+        predictor = Predictor(model, providers=args.providers)
     results = predictor.predict_files(files, batch_size=args.batch_size)
     for r in results:
         if args.json:

@@ -24,12 +24,14 @@ def log_pipeline_run(
     tags: dict[str, str],
     pip_requirements: list[str],
     curves: list[tuple[str, float, int]] = (),
+    variants: list[Path] = (),
 ) -> dict[str, str]:
-    """Log params, metrics, (key, value, step) curves, tags and artifacts, register the ONNX model;
-    returns ids and the version."""
+    """Log params, metrics, (key, value, step) curves, tags and artifacts, register the ONNX model
+    (other exported variants, e.g. model_fp16.onnx, ride in the same model version under
+    extra_files/); returns ids and the version."""
     uri = tracking_uri(params)
     with _using(uri):
-        return _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, curves)
+        return _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, curves, variants)
 
 
 @contextmanager
@@ -46,7 +48,9 @@ def _using(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
-def _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, curves) -> dict[str, str]:
+def _log(
+    params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, curves, variants
+) -> dict[str, str]:
     import time
 
     import mlflow
@@ -69,6 +73,7 @@ def _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, cur
             name="model",
             registered_model_name=params.register.model_name,
             pip_requirements=pip_requirements,
+            extra_files=[str(v) for v in variants] or None,
         )
     return {
         "tracking_uri": uri,
@@ -104,16 +109,29 @@ def _log_artifacts(artifacts: dict[str, Path]) -> None:
             mlflow.log_artifact(str(path), artifact_path=dest)
 
 
-def download_model(uri: str, params: Params) -> Path:
-    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> the local path of its ONNX file, through the
-    MLflow registry at tracking_uri(params); retried with backoff while the server is unreachable."""
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "extra_files/model_fp16.onnx"}
+
+
+@contextmanager
+def downloaded_model(uri: str, params: Params, variant: str = "fp32") -> Iterator[Path]:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> the local path of its ONNX file (`variant`
+    fp32: the registered model.onnx; fp16: extra_files/model_fp16.onnx), through the MLflow registry
+    at tracking_uri(params); retried with backoff while the server is unreachable. The download is
+    a temporary folder, removed when the block ends (load the model inside it)."""
     import tempfile
+
+    if variant not in VARIANT_FILES:
+        raise HeadstartError(f"unknown model variant {variant!r}; choose one of {sorted(VARIANT_FILES)}")
+    with tempfile.TemporaryDirectory(prefix="headstart-model-") as dest:
+        yield _download(uri, params, variant, Path(dest))
+
+
+def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
     import time
 
     import mlflow
 
     where = tracking_uri(params)
-    dest = Path(tempfile.mkdtemp(prefix="headstart-model-"))
     with _using(where):
         for attempt in range(4):
             try:
@@ -126,10 +144,16 @@ def download_model(uri: str, params: Params) -> Path:
                         f"cannot resolve {uri} in {where}: {text.splitlines()[0][:300]}"
                     ) from None
                 time.sleep(0.5 * 2**attempt)
-    files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
-    if not files:
-        raise HeadstartError(f"{uri}: no ONNX file in the model's artifacts")
-    return files[0]
+    if local.is_file():
+        return local
+    want = local / VARIANT_FILES[variant]
+    if not want.is_file():
+        found = sorted(str(f.relative_to(local)) for f in local.rglob("*.onnx"))
+        raise HeadstartError(
+            f"{uri}: no {VARIANT_FILES[variant]} in the model's artifacts (found: {found or 'none'})"
+            + ("; it was registered with export.fp16=false" if variant == "fp16" else "")
+        )
+    return want
 
 
 def log_failed_run(

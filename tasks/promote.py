@@ -56,10 +56,11 @@ def gates(cfg: Params, run) -> dict[str, dict]:
 
 def _predictions(cfg: Params, uri: str, paths) -> tuple[list[str], np.ndarray]:
     from headstart.runtime import Predictor
-    from headstart.tracking import download_model
+    from headstart.tracking import downloaded_model
 
-    predictor = Predictor(download_model(uri, cfg), providers="cpu", warmup=False)
-    return predictor.classes, predictor.predict(paths).argmax(1)
+    with downloaded_model(uri, cfg) as onnx_file:
+        predictor = Predictor(onnx_file, providers="cpu", warmup=False)
+        return predictor.classes, predictor.predict(paths).argmax(1)
 
 
 def promote(cfg: Params, version: str | None = None, model_name: str | None = None) -> PromoteResult:

@@ -59,6 +59,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         "domain.verdict": domain["verdict"],
         "validate.success": str(validation["success"]).lower(),
         "export.parity_passed": str(parity["passed"]).lower(),
+        "export.variants": ",".join(parity["variants"]),
         "finetune.finetuned": str(tune["finetuned"]).lower(),
         "finetune.reason": tune["reason"],
         **(tags or {}),
@@ -77,6 +78,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
             _inputs.read_json(cfg, "train_head", "history.json"),
             _inputs.read_json(cfg, "finetune", "history.json"),
         ),
+        [root / "export" / "model_fp16.onnx"] if "fp16" in parity["variants"] else [],
     )
     write_json(cfg.stage_dir("register") / "run.json", ids)
     return RegisterResult(**ids)

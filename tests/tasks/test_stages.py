@@ -323,6 +323,26 @@ def test_predict_cli_matches_evaluate_and_reports_bad_files(pipeline, capsys, tm
     overrides = ["--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"]
     assert main(["predict", "--model", uri, *overrides, "--json", files[0]]) == 0
     assert json.loads(capsys.readouterr().out)["label"] == rows["predicted"][0]
+    # the fp16 export rides in the same model version; served from the registry, it is that file
+    assert main(["predict", "--model", uri, "--variant", "fp16", *overrides, "--json", files[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] == rows["predicted"][0]
+    import onnx
+    from onnx.numpy_helper import to_array
+
+    from headstart.tracking import downloaded_model
+
+    for variant, file in (("fp32", "model.onnx"), ("fp16", "model_fp16.onnx")):
+        # MLflow re-serialises the registered file (external data), so compare what it holds
+        with downloaded_model(uri, cfg, variant) as path:
+            got, folder = onnx.load(path), path.parent
+        assert not folder.exists()  # the download does not outlive its use
+        want = onnx.load(cfg.stage_dir("export") / file)
+        assert [n.op_type for n in got.graph.node] == [n.op_type for n in want.graph.node], variant
+        weights = {t.name: to_array(t) for t in got.graph.initializer}
+        assert weights.keys() == {t.name for t in want.graph.initializer}, variant
+        for t in want.graph.initializer:
+            np.testing.assert_array_equal(weights[t.name], to_array(t), err_msg=f"{variant}: {t.name}")
+        assert got.metadata_props == want.metadata_props, variant
 
 
 def test_golden_image_runtime_equals_torch(pipeline):
