@@ -113,6 +113,18 @@ def test_onnxruntime_and_torch_give_the_same_features(tmp_path, tiny):
     assert (by_torch.argmax(1) == by_ort.argmax(1)).all()
 
 
+def test_onnxruntime_engine_in_chunks_gives_whole_batch_outputs(tmp_path, tiny):
+    """max_batch splits a batch (7 = 3 + 3 + 1) and joins the outputs, single or many, in order."""
+    from headstart.domain import Probe
+
+    x = np.random.default_rng(0).normal(size=(7, 3, tiny.spec.size, tiny.spec.size)).astype(np.float32)
+    for path in (backbone_onnx(tiny, tmp_path), backbone_onnx(tiny, tmp_path, probe=Probe(tiny))):
+        whole, chunked = OrtEngine(path)(x), OrtEngine(path, max_batch=3)(x)
+        for a, b in zip(*(o if isinstance(o, list) else [o] for o in (whole, chunked)), strict=True):
+            assert a.shape == b.shape and a.shape[0] == 7
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_backbone_onnx_is_exported_once(tmp_path, tiny):
     first = backbone_onnx(tiny, tmp_path)
     stamp = first.stat().st_mtime_ns
