@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,28 +112,50 @@ def export_onnx(
     return write_bytes(path, proto.SerializeToString())
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What every variant's parity check compares against: the test images decoded once (uint8 and
+    normalised) and torch's fp32 logits on them."""
+
+    spec: InputSpec
+    pixels: np.ndarray
+    floats: np.ndarray
+    logits: np.ndarray
+
+
 @torch.inference_mode()
+def torch_reference(model: nn.Module, paths: list[Path], spec: InputSpec) -> Reference:
+    if not paths:
+        raise HeadstartError("parity check needs at least one image")
+    pixels = np.stack([to_uint8(decode(p, keep_grey=True), spec) for p in paths])
+    floats = np.stack([normalise(a, spec) for a in pixels])
+    model = model.eval().to(memory_format=torch.channels_last)  # same math, ~2x faster on a CPU
+    logits = np.concatenate(
+        [
+            model(torch.from_numpy(floats[i : i + 32]).to(memory_format=torch.channels_last)).float().numpy()
+            for i in range(0, len(paths), 32)
+        ]
+    )
+    return Reference(spec, pixels, floats, logits)
+
+
 def parity(
     model: nn.Module,
     onnx_path: str | Path,
     paths: list[Path],
     batch_sizes: tuple[int, ...] = (1, 7, 32),
     labels: list[int] | None = None,
+    reference: Reference | None = None,
 ) -> dict:
     """Torch (fp32, the reference) vs onnxruntime on real images, at each batch size: max abs logit
-    difference, top-1 agreement and, given labels, accuracy through each."""
+    difference, top-1 agreement and, given labels, accuracy through each. `reference` (from
+    torch_reference on the same paths) saves decoding and the torch pass when checking several files."""
     if not paths:
         raise HeadstartError("parity check needs at least one image")
     predictor = Predictor(onnx_path, providers=("CPUExecutionProvider",), warmup=False)
-    pixels = np.stack([to_uint8(decode(p, keep_grey=True), predictor.spec) for p in paths])
-    floats = np.stack([normalise(a, predictor.spec) for a in pixels])
-    model = model.eval().to(memory_format=torch.channels_last)  # same math, ~2x faster on a CPU
-    ours = np.concatenate(
-        [
-            model(torch.from_numpy(floats[i : i + 32]).to(memory_format=torch.channels_last)).float().numpy()
-            for i in range(0, len(paths), 32)
-        ]
-    )
+    if reference is None or reference.spec != predictor.spec or len(reference.logits) != len(paths):
+        reference = torch_reference(model, paths, predictor.spec)
+    pixels, floats, ours = reference.pixels, reference.floats, reference.logits
     feed = pixels if predictor.input_kind == "uint8" else floats
     y = None if labels is None else np.asarray(labels)
     per_size = {}

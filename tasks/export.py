@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from headstart import HeadstartError
 from headstart.atomic import directory, write_json, write_text
 from headstart.config import Params
-from headstart.export import export_onnx, parity
+from headstart.export import export_onnx, parity, torch_reference
 from tasks import _inputs
 
 
@@ -41,12 +41,13 @@ def export(cfg: Params) -> ExportResult:
     variants = {"fp32": "model.onnx", **({"fp16": "model_fp16.onnx"} if p.fp16 else {})}
     final = cfg.stage_dir("export")
     figures: dict[str, dict] = {}
+    reference = torch_reference(model.classifier, paths, model.backbone.spec)  # once for all variants
     with directory(final) as out:
         for name, file in variants.items():
             export_onnx(
                 model.classifier, out / file, model.backbone.spec, meta, p.opset, p.input, name == "fp16"
             )
-            f = parity(model.classifier, out / file, paths, tuple(p.parity_batch_sizes), labels)
+            f = parity(model.classifier, out / file, paths, tuple(p.parity_batch_sizes), labels, reference)
             tol = getattr(p.tolerances, name)
             f["file"] = file
             f["tolerances"] = tol.model_dump()

@@ -13,7 +13,7 @@ import torch
 
 from headstart import HeadstartError
 from headstart.backbones import load_backbone
-from headstart.export import export_onnx, parity
+from headstart.export import export_onnx, parity, torch_reference
 from headstart.runtime import Predictor, softmax
 from headstart.training import Classifier, make_head
 from tests.conftest import COLOURS, TINY_BACKBONE, make_image
@@ -86,6 +86,10 @@ def test_parity_with_torch(exported, images):
     assert result["max_metric_diff"] == 0.0 and 0 <= result["accuracy_torch"] <= 1
     assert result["classes"] == CLASSES
     assert "CPUExecutionProvider" in result["providers"]
+    # the export stage decodes and runs torch once for all its variants: the same figures
+    _, spec, _ = exported
+    shared = torch_reference(classifier, images, spec)
+    assert parity(classifier, path, images, (1, 2, 32), labels, shared) == result
 
 
 @pytest.mark.parametrize("kind,fp16", [("uint8", False), ("float32", True), ("uint8", True)])
