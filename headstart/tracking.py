@@ -109,7 +109,14 @@ def _log_artifacts(artifacts: dict[str, Path]) -> None:
             mlflow.log_artifact(str(path), artifact_path=dest)
 
 
-VARIANT_FILES = {"fp32": "model.onnx", "fp16": "extra_files/model_fp16.onnx"}
+def _variant_file(variant: str) -> str:
+    """Where a variant lies in a downloaded model version: fp32 is the MLflow onnx flavour's own
+    model.onnx; the others were logged as extra_files (log_pipeline_run)."""
+    from headstart.runtime import EXPORT_FILES
+
+    if variant not in EXPORT_FILES:
+        raise HeadstartError(f"unknown model variant {variant!r}; choose one of {sorted(EXPORT_FILES)}")
+    return "model.onnx" if variant == "fp32" else f"extra_files/{EXPORT_FILES[variant]}"
 
 
 @contextmanager
@@ -120,8 +127,7 @@ def downloaded_model(uri: str, params: Params, variant: str = "fp32") -> Iterato
     a temporary folder, removed when the block ends (load the model inside it)."""
     import tempfile
 
-    if variant not in VARIANT_FILES:
-        raise HeadstartError(f"unknown model variant {variant!r}; choose one of {sorted(VARIANT_FILES)}")
+    _variant_file(variant)  # an unknown variant fails before any download
     with tempfile.TemporaryDirectory(prefix="headstart-model-") as dest:
         yield _download(uri, params, variant, Path(dest))
 
@@ -146,11 +152,11 @@ def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
                 time.sleep(0.5 * 2**attempt)
     if local.is_file():
         return local
-    want = local / VARIANT_FILES[variant]
+    want = local / _variant_file(variant)
     if not want.is_file():
         found = sorted(str(f.relative_to(local)) for f in local.rglob("*.onnx"))
         raise HeadstartError(
-            f"{uri}: no {VARIANT_FILES[variant]} in the model's artifacts (found: {found or 'none'})"
+            f"{uri}: no {want.relative_to(local)} in the model's artifacts (found: {found or 'none'})"
             + ("; it was registered with export.fp16=false" if variant == "fp16" else "")
         )
     return want

@@ -11,6 +11,7 @@ from headstart import HeadstartError
 from headstart.atomic import directory, write_json, write_text
 from headstart.config import Params
 from headstart.export import export_onnx, parity, torch_reference
+from headstart.runtime import EXPORT_FILES
 from tasks import _inputs
 
 
@@ -38,7 +39,7 @@ def export(cfg: Params) -> ExportResult:
         "headstart.finetuned": str(model.finetuned).lower(),
         "headstart.data_hash": report["data_hash"],
     }
-    variants = {"fp32": "model.onnx", **({"fp16": "model_fp16.onnx"} if p.fp16 else {})}
+    variants = {name: EXPORT_FILES[name] for name in ("fp32", "fp16") if name == "fp32" or p.fp16}
     final = cfg.stage_dir("export")
     figures: dict[str, dict] = {}
     reference = torch_reference(model.classifier, paths, model.backbone.spec)  # once for all variants
@@ -82,7 +83,11 @@ def export(cfg: Params) -> ExportResult:
         ]
         raise HeadstartError(f"export parity failed: {'; '.join(failed)}; see {final}/parity.json")
     return ExportResult(
-        str(final / "model.onnx"), fp32["max_abs_logit_diff"], fp32["top1_agreement"], True, list(variants)
+        str(final / variants["fp32"]),
+        fp32["max_abs_logit_diff"],
+        fp32["top1_agreement"],
+        True,
+        list(variants),
     )
 
 

@@ -9,6 +9,7 @@ from importlib import metadata
 from headstart import HeadstartError
 from headstart.atomic import write_json
 from headstart.config import Params
+from headstart.runtime import EXPORT_FILES
 from tasks import _inputs
 
 
@@ -71,14 +72,14 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         cfg,
         metrics,
         artifacts,
-        root / "export" / "model.onnx",
+        root / "export" / EXPORT_FILES["fp32"],
         all_tags,
         _runtime_requirements(),
         curves(
             _inputs.read_json(cfg, "train_head", "history.json"),
             _inputs.read_json(cfg, "finetune", "history.json"),
         ),
-        [root / "export" / "model_fp16.onnx"] if "fp16" in parity["variants"] else [],
+        [root / "export" / EXPORT_FILES[v] for v in parity["variants"] if v != "fp32"],
     )
     write_json(cfg.stage_dir("register") / "run.json", ids)
     return RegisterResult(**ids)
