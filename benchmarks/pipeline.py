@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.features import measured
-from headstart.cli import STAGES  # the stages `headstart stage` runs, in pipeline order
+from headstart.stages import NAMES as STAGES  # the stages `headstart stage` runs, in pipeline order
 
 
 def main() -> None:

@@ -12,19 +12,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from headstart import HeadstartError, TransientError
-from headstart.atomic import write_json
+from headstart import GateFailed, HeadstartError, TransientError
+from headstart.atomic import FAILED, write_json
 from headstart.config import flatten, load_params
 from headstart.lock import exclusive
-from tasks.domain import domain
-from tasks.evaluate import evaluate
-from tasks.export import export
-from tasks.finetune import finetune
-from tasks.prepare import prepare
-from tasks.promote import promote
-from tasks.register import record_failure, register
-from tasks.train_head import train_head
-from tasks.validate import validate
+from headstart.stages import STAGES
+from tasks.register import record_failure
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -38,18 +31,6 @@ class _NoTracebackForUserErrors(logging.Filter):
 
 for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_NoTracebackForUserErrors())
-
-
-# (stage, function, key of the Prefect markdown artifact made from its summary.md)
-STAGES = (
-    ("prepare", prepare, None),
-    ("validate", validate, "data-validation"),
-    ("domain", domain, "domain-check"),
-    ("train_head", train_head, None),
-    ("finetune", finetune, "finetune-decision"),
-    ("evaluate", evaluate, "test-metrics"),
-    ("export", export, "export-parity"),
-)
 
 
 def _stage(fn, cfg=None):
@@ -90,26 +71,34 @@ def fingerprint(cfg, data_hash: str) -> str:
 def training(
     params_file: str = "params.yaml", overrides: list[str] | None = None, skip_unchanged: bool = False
 ) -> dict:
-    """prepare -> validate -> domain -> train_head -> finetune (gated) -> evaluate -> export -> register
-    -> promote. One run per project at a time; with skip_unchanged (scheduled runs), a run whose data
-    and params equal the last successful run's ends after prepare as "skipped: data unchanged"."""
+    """Every stage of headstart.stages.STAGES in order. One run per project at a time; with
+    skip_unchanged (scheduled runs), a run whose data and params equal the last successful run's
+    ends after prepare as "skipped: data unchanged"."""
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
     state_file = cfg.project.cache_dir / "last_success.json"
     with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
         results = {}
-        for stage, fn, artifact in STAGES:
+        for stage in STAGES:
+            if stage.optional and not _enabled(cfg, stage.optional):
+                continue
+            # register's own failure has no run to mark FAILED; it carries the flow run's tags
+            kwargs = {"tags": tags} if stage.name == "register" else {}
             try:
-                results[stage] = _stage(fn, cfg)(cfg)
-                log.info("%s: %s", stage, results[stage])
+                results[stage.name] = _stage(stage.function, cfg)(cfg, **kwargs)
+                log.info("%s: %s", stage.name, results[stage.name])
             except Exception as exc:
-                _record(cfg, stage, exc, tags)
+                if stage.artifact:
+                    _publish(cfg, stage.name, stage.artifact, failed=isinstance(exc, GateFailed))
+                if stage.name not in ("register", "promote"):
+                    _record(cfg, stage.name, exc, tags)
                 raise
-            finally:
-                if artifact:
-                    _publish(cfg, stage, artifact)
-            if stage == "prepare" and skip_unchanged:
+            if stage.artifact:
+                _publish(cfg, stage.name, stage.artifact)
+            if stage.name == "register":
+                _link(results["register"])
+            if stage.name == "prepare" and skip_unchanged:
                 skipped = _unchanged(cfg, state_file, results["prepare"].data_hash)
                 if skipped:
                     log.info("skipped: %s", skipped)
@@ -121,14 +110,6 @@ def training(
                         "reason": skipped,
                         "artifacts_dir": str(cfg.project.artifacts_dir),
                     }
-        results["register"] = _stage(register, cfg)(cfg, tags=tags)  # its own failure has no run to mark
-        _link(results["register"])
-        if cfg.promote.enabled:
-            try:
-                results["promote"] = _stage(promote, cfg)(cfg)
-                log.info("promote: %s", results["promote"])
-            finally:
-                _publish(cfg, "promote", "promotion")
         reg = results["register"]
         write_json(
             state_file,
@@ -142,6 +123,11 @@ def training(
             },
         )
     return {**{k: v.__dict__ for k, v in results.items()}, "artifacts_dir": str(cfg.project.artifacts_dir)}
+
+
+def _enabled(cfg, key: str) -> bool:
+    section, name = key.split(".")
+    return bool(getattr(getattr(cfg, section), name))
 
 
 def _unchanged(cfg, state_file, data_hash: str) -> str | None:
@@ -189,8 +175,9 @@ def _record(cfg, stage: str, exc: Exception, tags: dict[str, str]) -> None:
     )
 
 
-def _publish(cfg, stage: str, key: str) -> None:
-    """A stage's summary as a Prefect markdown artifact, so the UI tells the story."""
-    summary = cfg.stage_dir(stage) / "summary.md"
+def _publish(cfg, stage: str, key: str, failed: bool = False) -> None:
+    """A stage's summary as a Prefect markdown artifact, so the UI tells the story; a stage whose
+    gate refused its result left it in failed/."""
+    summary = cfg.stage_dir(stage) / (f"{FAILED}/summary.md" if failed else "summary.md")
     if summary.exists():
         create_markdown_artifact(markdown=summary.read_text(), key=key, description=f"headstart {stage}")

@@ -20,5 +20,10 @@ class HeadstartError(Exception):
     """An error the user can fix (bad data, bad params); the CLI prints it on one line, no traceback."""
 
 
+class GateFailed(HeadstartError):
+    """A stage refused its own result (validation, domain, export parity): its report goes to
+    artifacts/<stage>/failed/ and the last good outputs stay as they were."""
+
+
 class TransientError(HeadstartError):
     """A failure that may pass on its own (a tracking server down): the flow retries it."""

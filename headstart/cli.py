@@ -8,18 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from headstart import HeadstartError, __version__
-
-STAGES = (
-    "prepare",
-    "validate",
-    "domain",
-    "train_head",
-    "finetune",
-    "evaluate",
-    "export",
-    "register",
-    "promote",
-)
+from headstart.stages import NAMES as STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,22 +158,32 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
+    from headstart.atomic import FAILED
     from headstart.config import load_params
     from headstart.validation import ValidationFailed
     from tasks.prepare import prepare
     from tasks.validate import validate
 
     cfg = load_params(args.params, _overrides(args))
-    prepare(cfg)
-    try:
-        validate(cfg)
-        code = 0
-    except ValidationFailed as exc:
-        print(f"headstart: {exc}", file=sys.stderr)
-        code = 1
-    print(f"\n{(cfg.stage_dir('validate') / 'summary.md').read_text()}")
-    print(f"Data Docs: {cfg.stage_dir('validate') / 'data_docs' / 'index.html'}")
+    out = cfg.stage_dir("validate")
+    with _writing(cfg):
+        prepare(cfg)
+        try:
+            validate(cfg)
+            code = 0
+        except ValidationFailed as exc:
+            print(f"headstart: {exc}", file=sys.stderr)
+            out, code = out / FAILED, 1  # the report of the refused data; the last good stays
+    print(f"\n{(out / 'summary.md').read_text()}")
+    print(f"Data Docs: {out / 'data_docs' / 'index.html'}")
     return code
+
+
+def _writing(cfg):
+    """The project lock every writer of artifacts takes (the flow, each stage, these commands)."""
+    from headstart.lock import exclusive
+
+    return exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s)
 
 
 def _domain_check(args) -> int:
@@ -199,9 +198,10 @@ def _domain_check(args) -> int:
         [f"train_head.backbone={args.backbone}"] if args.backbone else []
     )
     cfg = load_params(args.params, _overrides(args) + extra)
-    prepare(cfg)
-    validate(cfg)
-    result = domain(cfg)
+    with _writing(cfg):
+        prepare(cfg)
+        validate(cfg)
+        result = domain(cfg)
     report = cfg.stage_dir("domain")
     print(
         json.dumps(json.loads((report / "report.json").read_text()), indent=2)
@@ -267,13 +267,17 @@ def _promotion_line(r: dict) -> str:
 
 
 def _stage(args) -> int:
-    import importlib
-
+    """One stage, as dvc repro runs it: under the project lock the flow takes, so a stage never
+    overwrites artifacts a running flow (or another stage) is using."""
     from headstart.config import load_params
+    from headstart.stages import get
+    from tasks._inputs import require
 
     cfg = load_params(args.params, _overrides(args))
-    fn = getattr(importlib.import_module(f"tasks.{args.name}"), args.name)
-    print(f"headstart {args.name}: {fn(cfg)}")
+    stage = get(args.name)
+    with _writing(cfg):
+        require(cfg, stage)
+        print(f"headstart {args.name}: {stage.function(cfg)}")
     return 0
 
 
@@ -341,11 +345,12 @@ def _promote(args) -> int:
     from tasks.promote import promote, rollback
 
     cfg = load_params(args.params, _overrides(args))
-    if args.rollback:
-        result = rollback(cfg, args.model)
-    else:
-        result = promote(cfg, args.version, args.model)
-        print((cfg.stage_dir("promote") / "summary.md").read_text())
+    with _writing(cfg):
+        if args.rollback:
+            result = rollback(cfg, args.model)
+        else:
+            result = promote(cfg, args.version, args.model)
+            print((cfg.stage_dir("promote") / "summary.md").read_text())
     print(
         f"headstart promote: {result.model_name} v{result.version}: {result.reason}; "
         f"champion is v{result.champion}"

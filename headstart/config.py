@@ -158,6 +158,8 @@ class ExportParams(Section):
     input: Literal["float32", "uint8"] = "float32"
     fp16: bool = True
     parity_batch_sizes: list[int] = Field(default_factory=lambda: [1, 7, 32], min_length=1)
+    parity_max_images: int = Field(256, ge=1)
+    require: list[Literal["fp32", "fp16"]] = ["fp32"]
     tolerances: Tolerances = Tolerances()
 
 

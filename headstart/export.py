@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import torch
 from torch import nn
 
@@ -146,38 +147,135 @@ def parity(
     batch_sizes: tuple[int, ...] = (1, 7, 32),
     labels: list[int] | None = None,
     reference: Reference | None = None,
+    slack: float = 0.0,
 ) -> dict:
     """Torch (fp32, the reference) vs onnxruntime on real images, at each batch size: max abs logit
-    difference, top-1 agreement and, given labels, accuracy through each. `reference` (from
-    torch_reference on the same paths) saves decoding and the torch pass when checking several files."""
+    difference, top-1 agreement and, where labels are given (>= 0: the test images), accuracy through
+    each. A flip on an image whose torch top-2 margin is at most 2 * `slack` (what the variant's
+    precision may move two logits) is a near-tie: reported, but not counted in the `decisive` figures
+    the gate reads. `reference` (torch_reference on the same paths) saves decoding and the torch pass."""
     if not paths:
         raise HeadstartError("parity check needs at least one image")
     predictor = Predictor(onnx_path, providers=("CPUExecutionProvider",), warmup=False)
     if reference is None or reference.spec != predictor.spec or len(reference.logits) != len(paths):
         reference = torch_reference(model, paths, predictor.spec)
-    pixels, floats, ours = reference.pixels, reference.floats, reference.logits
-    feed = pixels if predictor.input_kind == "uint8" else floats
-    y = None if labels is None else np.asarray(labels)
-    per_size = {}
-    for bs in batch_sizes:
-        theirs = np.concatenate([predictor.logits(feed[i : i + bs]) for i in range(0, len(paths), bs)])
-        per_size[str(bs)] = {
-            "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
-            "top1_agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()),
-            **({} if y is None else {"accuracy_onnx": float((theirs.argmax(1) == y).mean())}),
-        }
-    out = {
+    feed = reference.pixels if predictor.input_kind == "uint8" else reference.floats
+    y = np.full(len(paths), -1) if labels is None else np.asarray(labels)
+    per_size = {
+        str(bs): agreement(
+            reference.logits,
+            np.concatenate([predictor.logits(feed[i : i + bs]) for i in range(0, len(paths), bs)]),
+            y,
+            slack,
+        )
+        for bs in batch_sizes
+    }
+    worst = {
+        k: max(v[k] for v in per_size.values())
+        for k in ("max_abs_logit_diff", "metric_diff", "decisive_metric_diff", "near_ties")
+    }
+    return {
         "n_images": len(paths),
+        "n_labelled": int((y >= 0).sum()),
         "batch_sizes": per_size,
-        "max_abs_logit_diff": max(v["max_abs_logit_diff"] for v in per_size.values()),
+        "max_abs_logit_diff": worst["max_abs_logit_diff"],
         "top1_agreement": min(v["top1_agreement"] for v in per_size.values()),
+        "decisive_top1_agreement": min(v["decisive_top1_agreement"] for v in per_size.values()),
+        "near_ties": worst["near_ties"],
+        "accuracy_torch": per_size[str(batch_sizes[0])]["accuracy_torch"],
+        "max_metric_diff": worst["metric_diff"],
+        "decisive_metric_diff": worst["decisive_metric_diff"],
+        "slack": slack,
         "providers": predictor.providers,
         "input": predictor.input_kind,
         "classes": predictor.classes,
     }
-    if y is not None:
-        out["accuracy_torch"] = float((ours.argmax(1) == y).mean())
-        out["max_metric_diff"] = max(
-            abs(v["accuracy_onnx"] - out["accuracy_torch"]) for v in per_size.values()
+
+
+def agreement(ours: np.ndarray, theirs: np.ndarray, y: np.ndarray, slack: float) -> dict:
+    """Two runtimes' logits on the same images compared; near-ties (torch's top-2 margin <= 2*slack)
+    may flip without counting against the gate. Accuracies over the labelled images (y >= 0)."""
+    a, b = ours.argmax(1), theirs.argmax(1)
+    top2 = np.sort(ours, 1)[:, -2:] if ours.shape[1] > 1 else np.concatenate([ours, ours - np.inf], 1)
+    decisive = (top2[:, 1] - top2[:, 0]) > 2 * slack
+    settled = np.where(decisive, b, a)  # the variant's answer, near-ties read as torch's
+    labelled = y >= 0
+
+    def accuracy(pred: np.ndarray) -> float:
+        return float((pred[labelled] == y[labelled]).mean()) if labelled.any() else float("nan")
+
+    return {
+        "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+        "top1_agreement": float((a == b).mean()),
+        "decisive_top1_agreement": float((a == b)[decisive].mean()) if decisive.any() else 1.0,
+        "near_ties": int((~decisive).sum()),
+        "flipped_near_ties": int(((a != b) & ~decisive).sum()),
+        "accuracy_torch": accuracy(a),
+        "accuracy_onnx": accuracy(b),
+        "metric_diff": abs(accuracy(b) - accuracy(a)) if labelled.any() else 0.0,
+        "decisive_metric_diff": abs(accuracy(settled) - accuracy(a)) if labelled.any() else 0.0,
+    }
+
+
+def judge(figures: dict, tol) -> list[str]:
+    """Why a variant fails its parity tolerance (`tol`: config.Tolerance); empty when it passes."""
+    checks = (
+        ("max abs logit diff", figures["max_abs_logit_diff"], "<=", tol.max_abs_diff),
+        (
+            "top-1 agreement beyond near-ties",
+            figures["decisive_top1_agreement"],
+            ">=",
+            tol.min_top1_agreement,
+        ),
+        ("test accuracy diff beyond near-ties", figures["decisive_metric_diff"], "<=", tol.max_metric_diff),
+    )
+    return [
+        f"{name} {value:.4g} (limit {limit})"
+        for name, value, op, limit in checks
+        if not (value <= limit if op == "<=" else value >= limit)
+    ]
+
+
+def parity_images(frame, cap: int):
+    """The images parity runs on: every test image (the accuracy difference is a test-split figure)
+    and, up to `cap` in all, images of the other splits in a fixed order: comparing two runtimes
+    needs no labels, and more images catch more disagreements than a small test split."""
+    test = frame[frame["split"] == "test"]
+    rest = frame[frame["split"] != "test"].sort_values("sha256")
+    return pd.concat([test, rest.head(max(0, cap - len(test)))]).reset_index(drop=True)
+
+
+def to_markdown(figures: dict[str, dict]) -> str:
+    """The parity table per variant and batch size, and each variant's verdict."""
+    lines = [
+        "# Export parity (onnxruntime vs torch, real images)",
+        "",
+        "| model | batch | max abs logit diff | top-1 agreement | near-ties flipped | accuracy onnx | "
+        "accuracy torch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in figures.values():
+        for bs, v in f["batch_sizes"].items():
+            lines.append(
+                f"| {f['file']} | {bs} | {v['max_abs_logit_diff']:.2e} | {v['top1_agreement']:.4f} | "
+                f"{v['flipped_near_ties']} of {v['near_ties']} | {v['accuracy_onnx']:.4f} | "
+                f"{v['accuracy_torch']:.4f} |"
+            )
+    verdicts = [
+        f"- {n}: {'passed' if f['passed'] else 'FAILED: ' + '; '.join(f['failures'])}"
+        + ("" if f["passed"] or f["required"] else " (optional: not registered)")
+        for n, f in figures.items()
+    ]
+    n = next(iter(figures.values()))
+    return (
+        "\n".join(
+            [
+                *lines,
+                "",
+                f"{n['n_images']} images ({n['n_labelled']} labelled test images for the accuracy).",
+                "",
+                *verdicts,
+            ]
         )
-    return out
+        + "\n"
+    )

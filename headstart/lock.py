@@ -1,4 +1,5 @@
-"""One training run at a time per project: an exclusive lock file beside the artifacts."""
+"""One writer at a time per project (a flow run, `headstart stage`, so `dvc repro`, and the commands
+that write artifacts): an exclusive lock file in the cache folder."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def exclusive(path: str | Path, wait_s: float = 0.0) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                     raise Busy(
-                        f"another headstart run (pid {holder}) is training in this project ({path}); "
-                        f"waited {wait_s:.0f} s; try again when it ends or raise schedule.lock_wait_s"
+                        f"another headstart run or stage (pid {holder}) is writing this project's "
+                        f"artifacts ({path}); waited {wait_s:.0f} s; try again when it ends or raise "
+                        f"schedule.lock_wait_s"
                     ) from None
                 time.sleep(0.5)
         os.ftruncate(fd, 0)

@@ -15,8 +15,9 @@ from headstart import HeadstartError
 from headstart.preprocess import InputSpec, decode, normalise, to_uint8
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-# the files the export stage writes, by variant; a registered version carries them all
-EXPORT_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+# the files the export stage writes, by variant (optional ones in variants/, present when they
+# passed their parity gate); a registered version carries those that passed
+EXPORT_FILES = {"fp32": "model.onnx", "fp16": "variants/model_fp16.onnx"}
 PROVIDER_NAMES = {"tensorrt": DEFAULT_PROVIDERS[0], "cuda": DEFAULT_PROVIDERS[1], "cpu": DEFAULT_PROVIDERS[2]}
 
 

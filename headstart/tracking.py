@@ -116,7 +116,7 @@ def _variant_file(variant: str) -> str:
 
     if variant not in EXPORT_FILES:
         raise HeadstartError(f"unknown model variant {variant!r}; choose one of {sorted(EXPORT_FILES)}")
-    return "model.onnx" if variant == "fp32" else f"extra_files/{EXPORT_FILES[variant]}"
+    return "model.onnx" if variant == "fp32" else f"extra_files/{Path(EXPORT_FILES[variant]).name}"
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from headstart import HeadstartError
+from headstart import GateFailed
 from headstart.config import ValidateParams
 from headstart.data.probe import hamming
 
@@ -29,7 +29,7 @@ DUPLICATE_FLAGS = {
 }
 
 
-class ValidationFailed(HeadstartError):
+class ValidationFailed(GateFailed):
     """A `fail`-level expectation failed: the pipeline stops before training."""
 
 

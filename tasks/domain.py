@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from headstart import HeadstartError
-from headstart.atomic import directory, write_bytes, write_json, write_text
+from headstart import GateFailed
+from headstart.atomic import FAILED, directory, write_bytes, write_json, write_text
 from headstart.backbones import load_backbone
 from headstart.config import Params
 from headstart.domain import Probe, analyse, input_summary, profile_png, reference, to_markdown, verdict
@@ -13,7 +13,7 @@ from headstart.features import Features
 from tasks import _inputs
 
 
-class DomainMismatch(HeadstartError):
+class DomainMismatch(GateFailed):
     """The verdict is `mismatch` and domain.on_mismatch is `fail`."""
 
 
@@ -70,11 +70,12 @@ def domain(cfg: Params) -> DomainResult:
                     signals["input_std"],
                 ),
             )
-    if found == "mismatch" and p.on_mismatch == "fail":
-        raise DomainMismatch(
-            f"domain check: the training images are far from {backbone.name}'s pretraining data (score "
-            f"{report['score']} >= mismatch threshold {ref['thresholds']['mismatch_at']}); transfer learning "
-            f"is unlikely to help: train from scratch or choose another backbone, or rerun with "
-            f"--set domain.on_mismatch=warn to go on anyway; see {final / 'report.json'}"
-        )
+        if found == "mismatch" and p.on_mismatch == "fail":
+            raise DomainMismatch(
+                f"domain check: the training images are far from {backbone.name}'s pretraining data "
+                f"(score {report['score']} >= mismatch threshold {ref['thresholds']['mismatch_at']}); "
+                f"transfer learning is unlikely to help: train from scratch or choose another backbone, "
+                f"or rerun with --set domain.on_mismatch=warn to go on anyway; "
+                f"see {final / FAILED / 'report.json'}"
+            )
     return DomainResult(found, report["score"], signals["n_images"])

@@ -60,7 +60,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         "domain.verdict": domain["verdict"],
         "validate.success": str(validation["success"]).lower(),
         "export.parity_passed": str(parity["passed"]).lower(),
-        "export.variants": ",".join(parity["variants"]),
+        "export.variants": ",".join(parity["registered"]),
         "finetune.finetuned": str(tune["finetuned"]).lower(),
         "finetune.reason": tune["reason"],
         **(tags or {}),
@@ -79,7 +79,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
             _inputs.read_json(cfg, "train_head", "history.json"),
             _inputs.read_json(cfg, "finetune", "history.json"),
         ),
-        [root / "export" / EXPORT_FILES[v] for v in parity["variants"] if v != "fp32"],
+        [root / "export" / EXPORT_FILES[v] for v in parity["registered"] if v != "fp32"],
     )
     write_json(cfg.stage_dir("register") / "run.json", ids)
     return RegisterResult(**ids)

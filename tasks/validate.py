@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from headstart.atomic import directory, write_json, write_text
+from headstart.atomic import FAILED, directory, write_json, write_text
 from headstart.config import Params
 from headstart.data.manifest import assign_splits
 from headstart.validation import ValidationFailed, failure_message, to_markdown, validate_manifest
@@ -23,8 +23,8 @@ class ValidateResult:
 def validate(cfg: Params) -> ValidateResult:
     manifest = _inputs.prepared_manifest(cfg)
     final = cfg.stage_dir("validate")
+    pp, seed = cfg.prepare, cfg.project.seed
     with directory(final) as out:
-        pp, seed = cfg.prepare, cfg.project.seed
         v = validate_manifest(
             manifest,
             cfg.validate,
@@ -35,9 +35,9 @@ def validate(cfg: Params) -> ValidateResult:
         v.quarantine.to_csv(out / "quarantine.csv", index=False)
         write_json(out / "report.json", v.report)
         write_text(out / "summary.md", to_markdown(v.report))
+        for row in v.quarantine.itertuples():
+            print(f"quarantined {cfg.prepare.data_dir / row.path}: {row.reason}")
+        if not v.report["success"]:  # the gate: training never sees failed data, the last good stays
+            raise ValidationFailed(failure_message(v.report, final / FAILED / "report.json"))
     r = v.report
-    for row in v.quarantine.itertuples():
-        print(f"quarantined {cfg.prepare.data_dir / row.path}: {row.reason}")
-    if not r["success"]:  # the report stays for inspection; training never sees failed data
-        raise ValidationFailed(failure_message(r, final / "report.json"))
     return ValidateResult(True, r["n_images"], r["n_quarantined"], r["failed"], r["warnings"])

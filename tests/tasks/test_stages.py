@@ -89,8 +89,28 @@ def test_validate_failure_stops_with_the_expectation_named(pipeline, tmp_path):
     prepare(strict)
     with pytest.raises(HeadstartError, match="labels_as_declared"):
         validate(strict)
-    report = json.loads((tmp_path / "art" / "validate" / "report.json").read_text())
+    report = json.loads((tmp_path / "art" / "validate" / "failed" / "report.json").read_text())
     assert report["success"] is False and report["failed"] == ["labels_as_declared"]
+    assert not (tmp_path / "art" / "validate" / "manifest.parquet").exists()  # no data for training
+
+
+def test_failed_validation_keeps_the_last_good_manifest(pipeline, tmp_path):
+    """A gate commits last: a later train_head must not train on data the gate refused."""
+    import shutil
+
+    cfg, _ = pipeline
+    art = tmp_path / "art"
+    shutil.copytree(cfg.project.artifacts_dir / "prepare", art / "prepare")
+    ok = cfg.model_copy(update={"project": cfg.project.model_copy(update={"artifacts_dir": art})})
+    validate(ok)
+    before = {p.name: p.read_bytes() for p in (art / "validate").iterdir() if p.is_file()}
+    strict = ok.model_copy(update={"validate": ok.validate.model_copy(update={"classes": ["cat", "dog"]})})
+    with pytest.raises(HeadstartError, match="labels_as_declared"):
+        validate(strict)
+    assert {p.name: p.read_bytes() for p in (art / "validate").iterdir() if p.is_file()} == before
+    assert json.loads((art / "validate" / "failed" / "report.json").read_text())["success"] is False
+    validate(ok)  # a later success clears the failure report
+    assert not (art / "validate" / "failed").exists()
 
 
 def test_domain_writes_a_verdict_with_every_signal(pipeline):
@@ -122,7 +142,8 @@ def test_domain_mismatch_with_fail_stops_with_advice(pipeline, tmp_path):
         pytest.skip("the tiny data did not come out as a mismatch")  # see test_domain_on_real_images
     with pytest.raises(DomainMismatch, match="train from scratch or choose another backbone"):
         domain(strict)
-    assert json.loads((art / "domain" / "report.json").read_text())["verdict"] == "mismatch"
+    assert json.loads((art / "domain" / "failed" / "report.json").read_text())["verdict"] == "mismatch"
+    assert not (art / "domain" / "report.json").exists()
 
 
 def test_train_head_writes_model_history_metrics(pipeline):
@@ -161,19 +182,21 @@ def test_evaluate_metrics_and_confusion(pipeline):
     assert len(preds) == metrics["n"] and set(preds.columns) >= {"path", "actual", "predicted"}
 
 
-def test_export_parity_on_real_test_images(pipeline):
+def test_export_parity_on_real_images_of_every_split(pipeline):
     cfg, r = pipeline
     parity = json.loads((cfg.stage_dir("export") / "parity.json").read_text())
     assert parity["passed"] and parity["top1_agreement"] == 1.0
-    assert parity["max_abs_logit_diff"] < 1e-3 and parity["n_images"] == r["evaluate"].n_test
+    # no labels are needed to compare runtimes: every usable image (42 < export.parity_max_images)
+    assert parity["max_abs_logit_diff"] < 1e-3 and parity["n_images"] == r["validate"].n_images == 42
+    assert parity["variants"]["fp32"]["n_labelled"] == r["evaluate"].n_test
     assert "CPUExecutionProvider" in parity["providers"]
-    assert set(parity["variants"]) == {"fp32", "fp16"}
+    assert set(parity["variants"]) == {"fp32", "fp16"} and parity["registered"] == ["fp32", "fp16"]
     for name, v in parity["variants"].items():
         assert v["passed"] and set(v["batch_sizes"]) == {"1", "7", "32"}, name
         # the test metric through onnxruntime equals torch's, at every batch size
         assert {b["accuracy_onnx"] for b in v["batch_sizes"].values()} == {v["accuracy_torch"]}, name
     assert parity["variants"]["fp32"]["accuracy_torch"] == pytest.approx(r["evaluate"].accuracy)
-    assert (cfg.stage_dir("export") / "model_fp16.onnx").stat().st_size < (
+    assert (cfg.stage_dir("export") / "variants" / "model_fp16.onnx").stat().st_size < (
         0.7 * (cfg.stage_dir("export") / "model.onnx").stat().st_size
     )
     assert "| model.onnx | 7 |" in (cfg.stage_dir("export") / "summary.md").read_text()
@@ -225,16 +248,49 @@ def test_no_temporary_folders_left(pipeline):
     assert leftovers == []
 
 
-def test_failed_parity_gate_stops_registration(pipeline, tmp_path):
-    cfg, _ = pipeline
+def _exported(cfg) -> dict[str, bytes]:
+    out = cfg.stage_dir("export")
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def _with_tolerance(cfg, variant: str, **changes):
     tol = cfg.export.tolerances
-    tight = tol.model_copy(update={"fp32": tol.fp32.model_copy(update={"max_abs_diff": 1e-30})})
-    strict = cfg.model_copy(update={"export": cfg.export.model_copy(update={"tolerances": tight})})
-    with pytest.raises(HeadstartError, match="parity failed: fp32"):
-        export(strict)
-    assert json.loads((cfg.stage_dir("export") / "parity.json").read_text())["passed"] is False
-    with pytest.raises(HeadstartError, match="refusing to register"):
-        register(cfg)
+    tight = tol.model_copy(update={variant: getattr(tol, variant).model_copy(update=changes)})
+    return cfg.model_copy(update={"export": cfg.export.model_copy(update={"tolerances": tight})})
+
+
+def test_failed_parity_gate_keeps_the_last_good_model(pipeline, capsys):
+    """The fp32 gate fails: the report goes to export/failed/, model.onnx stays byte-identical and
+    `headstart predict` still serves it."""
+    from headstart.cli import main
+
+    cfg, _ = pipeline
+    before = _exported(cfg)
+    with pytest.raises(HeadstartError, match="parity failed: fp32: max abs logit diff"):
+        export(_with_tolerance(cfg, "fp32", max_abs_diff=1e-30))
+    after = _exported(cfg)
+    assert {k: v for k, v in after.items() if not k.startswith("failed/")} == before
+    failed = json.loads(after["failed/parity.json"])
+    assert failed["passed"] is False and failed["variants"]["fp32"]["failures"]
+    image = str(cfg.prepare.data_dir / "dog" / "dog_000.png")
+    assert main(["predict", "--model", str(cfg.stage_dir("export") / "model.onnx"), image]) == 0
+    assert "\tdog\t" in capsys.readouterr().out
+    export(cfg)  # a success clears the failure report
+    assert "failed/parity.json" not in _exported(cfg)
+
+
+def test_a_failed_optional_variant_drops_out_and_the_model_still_ships(pipeline):
+    cfg, _ = pipeline
+    result = export(_with_tolerance(cfg, "fp16", max_abs_diff=1e-30))
+    parity = json.loads((cfg.stage_dir("export") / "parity.json").read_text())
+    assert result.variants == ["fp32"] and parity["passed"] and parity["registered"] == ["fp32"]
+    assert parity["variants"]["fp16"]["passed"] is False and not parity["variants"]["fp16"]["required"]
+    assert list((cfg.stage_dir("export") / "variants").iterdir()) == []
+    assert "not registered" in (cfg.stage_dir("export") / "summary.md").read_text()
+    required = _with_tolerance(cfg, "fp16", max_abs_diff=1e-30)
+    required = required.model_copy(update={"export": required.export.model_copy(update={"require": ["fp16"]})})
+    with pytest.raises(HeadstartError, match="parity failed: fp16"):
+        export(required)
     export(cfg)  # leave the module's artifacts as they were
 
 
@@ -292,7 +348,7 @@ def test_a_perturbed_export_fails_the_gate(pipeline, monkeypatch):
     monkeypatch.setattr("tasks.export.export_onnx", perturbed)
     with pytest.raises(HeadstartError, match="parity failed"):
         export(cfg)
-    parity = json.loads((cfg.stage_dir("export") / "parity.json").read_text())
+    parity = json.loads((cfg.stage_dir("export") / "failed" / "parity.json").read_text())
     assert parity["passed"] is False and parity["max_abs_logit_diff"] > 1e-3
     monkeypatch.undo()
     export(cfg)  # leave the module's artifacts as they were
@@ -331,7 +387,7 @@ def test_predict_cli_matches_evaluate_and_reports_bad_files(pipeline, capsys, tm
 
     from headstart.tracking import downloaded_model
 
-    for variant, file in (("fp32", "model.onnx"), ("fp16", "model_fp16.onnx")):
+    for variant, file in (("fp32", "model.onnx"), ("fp16", "variants/model_fp16.onnx")):
         # MLflow re-serialises the registered file (external data), so compare what it holds
         with downloaded_model(uri, cfg, variant) as path:
             got, folder = onnx.load(path), path.parent
@@ -362,6 +418,6 @@ def test_golden_image_runtime_equals_torch(pipeline):
     feats, _ = Features(model.backbone, "torch", cfg.project.cache_dir).__call__([golden], ["golden"])
     with torch.no_grad():
         expected = model.classifier.head(torch.from_numpy(feats)).softmax(1).numpy()
-    for file in ("model.onnx", "model_fp16.onnx"):
+    for file in ("model.onnx", "variants/model_fp16.onnx"):
         got = Predictor(cfg.stage_dir("export") / file).predict([golden])
         np.testing.assert_allclose(got, expected, atol=1e-4 if file == "model.onnx" else 2e-2)

@@ -203,3 +203,32 @@ def test_runtime_does_not_import_torch_or_mlflow(exported, images):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_near_tie_flips_do_not_count_against_the_gate_decisive_ones_do():
+    """Two runtimes on a set built with near-ties: torch's top-2 margin of images 0 and 1 is 0.02,
+    within what 0.05 of precision can move; image 2 is decided by a margin of 4."""
+    from headstart.config import Tolerance
+    from headstart.export import agreement, judge
+
+    ours = np.array([[1.00, 0.98], [0.50, 0.52], [5.0, 1.0], [0.0, 3.0]])
+    y = np.array([0, 1, 0, -1])  # the last image is not a test image: no label
+    near_flips = ours + np.array([[-0.02, 0.02], [0.02, -0.02], [0, 0], [0, 0]])
+    tol = Tolerance(max_abs_diff=0.05, min_top1_agreement=0.98, max_metric_diff=0.01)
+    f = agreement(ours, near_flips, y, slack=tol.max_abs_diff)
+    assert f["top1_agreement"] == 0.5 and f["near_ties"] == 2 and f["flipped_near_ties"] == 2
+    assert f["decisive_top1_agreement"] == 1.0 and f["decisive_metric_diff"] == 0.0
+    assert f["metric_diff"] == pytest.approx(2 / 3)  # reported as it is, not gated
+    assert judge(_figures(f), tol) == []
+    decisive_flip = ours.copy()
+    decisive_flip[2] = [1.0, 5.0]
+    f = agreement(ours, decisive_flip, y, slack=tol.max_abs_diff)
+    failures = judge(_figures(f), tol)
+    assert f["decisive_top1_agreement"] == pytest.approx(0.5) and len(failures) == 3
+    assert failures[1].startswith("top-1 agreement beyond near-ties 0.5")
+    # with no slack (exact runtimes expected), the same near-tie flips count
+    assert agreement(ours, near_flips, y, slack=0.0)["decisive_top1_agreement"] == 0.5
+
+
+def _figures(f: dict) -> dict:
+    return {k: f[k] for k in ("max_abs_logit_diff", "decisive_top1_agreement", "decisive_metric_diff")}

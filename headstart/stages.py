@@ -1,0 +1,141 @@
+"""THE list of stages, in pipeline order: what each runs, reads, writes and which params it depends on.
+
+The Prefect flow, `headstart stage`, the benchmarks and the DVC consistency test all read it; dvc.yaml
+spells the same facts for DVC and a test holds the two together. Functions are named as
+"module:function" and imported only when a stage runs, so the library never imports tasks/.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...] = ()  # files earlier stages wrote, relative to project.artifacts_dir
+    outs: tuple[str, ...] = ()  # what this stage writes there for later stages, DVC or the registry
+    params: tuple[str, ...] = ()  # params.yaml sections or keys whose change must rerun the stage
+    reads_data: bool = False  # reads the image folder itself (prepare.data_dir)
+    files: tuple[str, ...] = ()  # package data it reads besides its code (derived from imports)
+    artifact: str | None = None  # key of the Prefect markdown artifact made from its summary.md
+    optional: str | None = None  # a boolean param that switches the stage off in the flow
+
+    @property
+    def function(self) -> Callable:
+        return getattr(importlib.import_module(f"tasks.{self.name}"), self.name)
+
+
+MANIFEST = "validate/manifest.parquet"  # the usable images with their splits: every later stage's input
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "prepare",
+        outs=("prepare/manifest.parquet", "prepare/report.json"),
+        params=("project.seed", "prepare"),
+        reads_data=True,
+    ),
+    Stage(
+        "validate",
+        deps=("prepare/manifest.parquet",),
+        outs=(MANIFEST, "validate/quarantine.csv", "validate/report.json"),
+        params=("project.seed", "prepare.val_fraction", "prepare.test_fraction", "validate"),
+        artifact="data-validation",
+    ),
+    Stage(
+        "domain",
+        deps=(MANIFEST,),
+        outs=("domain/report.json", "domain/profile.png"),
+        # the backbone and runtime decide the statistics; this pass's features fill train_head's cache
+        params=(
+            "domain",
+            "train_head.backbone",
+            "train_head.weights",
+            "train_head.weights_sha256",
+            "train_head.runtime",
+        ),
+        reads_data=True,
+        files=("headstart/domain_reference",),
+        artifact="domain-check",
+    ),
+    Stage(
+        "train_head",
+        deps=(MANIFEST, "domain/report.json"),
+        outs=("train_head/model.pt", "train_head/history.json", "train_head/metrics.json"),
+        # the domain pass put its features in the cache: which images it saw is an input here
+        params=("project.seed", "train_head", "domain.max_images"),
+        reads_data=True,
+    ),
+    Stage(
+        "finetune",
+        deps=(MANIFEST, "domain/report.json", "train_head/model.pt", "train_head/metrics.json"),
+        outs=("finetune/model.pt", "finetune/decision.json", "finetune/history.json"),
+        params=("project.seed", "train_head.class_balance", "finetune"),
+        reads_data=True,
+        artifact="finetune-decision",
+    ),
+    Stage(
+        "evaluate",
+        deps=(MANIFEST, "finetune/model.pt"),
+        outs=(
+            "evaluate/metrics.json",
+            "evaluate/confusion.json",
+            "evaluate/confusion.png",
+            "evaluate/predictions.csv",
+        ),
+        params=("evaluate", "train_head.runtime"),
+        reads_data=True,
+        artifact="test-metrics",
+    ),
+    Stage(
+        "export",
+        deps=(MANIFEST, "prepare/report.json", "finetune/model.pt"),
+        # variants/ holds the optional variants that passed their gate (possibly none)
+        outs=("export/model.onnx", "export/variants", "export/parity.json"),
+        params=("project.seed", "export"),
+        reads_data=True,
+        artifact="export-parity",
+    ),
+    Stage(
+        "register",
+        deps=(
+            "prepare/report.json",
+            "validate/report.json",
+            "domain/report.json",
+            "train_head/metrics.json",
+            "train_head/history.json",
+            "finetune/decision.json",
+            "finetune/history.json",
+            "evaluate/metrics.json",
+            "export/model.onnx",
+            "export/variants",
+            "export/parity.json",
+        ),
+        outs=("register/run.json",),
+        params=("register", "mlflow"),
+    ),
+    Stage(
+        "promote",
+        deps=("register/run.json", MANIFEST),
+        outs=("promote/decision.json",),
+        params=("project.seed", "promote"),
+        artifact="promotion",
+        optional="promote.enabled",
+    ),
+)
+
+NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def get(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"no stage {name!r}; stages: {', '.join(NAMES)}")
+
+
+def producer(dep: str) -> str:
+    """The stage that writes `dep` (a path relative to the artifacts folder)."""
+    return next(s.name for s in STAGES if dep in s.outs)
