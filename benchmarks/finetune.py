@@ -23,12 +23,9 @@ import torch
 
 from headstart.config import FinetuneParams, load_params
 from headstart.data.builtin import pull
-from tasks.domain import domain
+from headstart.stages import NAMES, get
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
-from tasks.prepare import prepare
-from tasks.train_head import train_head
-from tasks.validate import validate
 
 
 def run(task: str, per_class: int | None, root: Path, cache: Path, device: str, extra=()) -> dict:
@@ -44,10 +41,10 @@ def run(task: str, per_class: int | None, root: Path, cache: Path, device: str, 
     ]
     cfg = load_params(None, [*base, "finetune.enabled=false"])
     times = {}
-    for stage in (prepare, validate, domain, train_head, finetune):
+    for name in NAMES[: NAMES.index("finetune") + 1]:  # the pipeline up to fine-tuning
         start = time.perf_counter()
-        stage(cfg)
-        times[stage.__name__] = round(time.perf_counter() - start, 1)
+        get(name).function(cfg)
+        times[name] = round(time.perf_counter() - start, 1)
     head_test = evaluate(cfg).accuracy
     tuned_cfg = load_params(None, [*base, "finetune.min_train_images=0"])
     start = time.perf_counter()

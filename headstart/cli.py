@@ -270,8 +270,7 @@ def _stage(args) -> int:
     """One stage, as dvc repro runs it: under the project lock the flow takes, so a stage never
     overwrites artifacts a running flow (or another stage) is using."""
     from headstart.config import load_params
-    from headstart.stages import get
-    from tasks._inputs import require
+    from headstart.stages import get, require
 
     cfg = load_params(args.params, _overrides(args))
     stage = get(args.name)

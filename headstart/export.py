@@ -17,7 +17,7 @@ from torch import nn
 from headstart import HeadstartError, __version__
 from headstart.atomic import write_bytes
 from headstart.preprocess import InputSpec, decode, normalise, to_uint8
-from headstart.runtime import Predictor
+from headstart.runtime import EXPORT_FILES, Predictor
 
 LAYOUTS = {
     "float32": "NCHW float32 RGB, resized, centre-cropped, (x/255-mean)/std",
@@ -279,3 +279,32 @@ def to_markdown(figures: dict[str, dict]) -> str:
         )
         + "\n"
     )
+
+
+def export_variants(model, out: Path, meta: dict[str, str], paths: list[Path], labels: list[int], p) -> dict:
+    """Each variant (fp32, and fp16 when `p.fp16`; `p`: config.ExportParams) exported into `out` and
+    held to its tolerance on the parity images, torch run once for all; an optional variant that fails
+    is deleted, so only files that passed remain. Returns each variant's figures and verdict."""
+    spec = model.backbone.spec
+    reference = torch_reference(model.classifier, paths, spec)
+    figures = {}
+    for name in ["fp32", "fp16"] if p.fp16 else ["fp32"]:
+        file, tol = out / EXPORT_FILES[name], getattr(p.tolerances, name)
+        export_onnx(model.classifier, file, spec, meta, p.opset, p.input, name == "fp16")
+        f = parity(
+            model.classifier, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff
+        )
+        failures = judge(f, tol)
+        required = name == "fp32" or name in p.require
+        f.update(
+            file=EXPORT_FILES[name],
+            tolerances=tol.model_dump(),
+            passed=not failures,
+            failures=failures,
+            required=required,
+        )
+        figures[name] = f
+        if failures and not required:
+            file.unlink()  # an optional variant that failed is never registered
+    (out / "variants").mkdir(exist_ok=True)  # declared to DVC even when no optional variant passed
+    return figures

@@ -65,3 +65,27 @@ def confusion_png(cm: np.ndarray, classes: list[str], title: str) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def metrics_markdown(m: dict, classes: list[str], finetuned: bool) -> str:
+    """The test metrics for a Prefect artifact: accuracy, macro-F1, per class, the confusion matrix."""
+    lines = [
+        f"# Test metrics ({'fine-tuned' if finetuned else 'head-only'} model, {m['n']} images)",
+        "",
+        f"Accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}.",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+            for c, v in m["per_class"].items()
+        ],
+        "",
+        "| actual \\ predicted | " + " | ".join(classes) + " |",
+        "|---|" + "---|" * len(classes),
+        *[
+            f"| {c} | " + " | ".join(map(str, row)) + " |"
+            for c, row in zip(classes, m["confusion_matrix"], strict=True)
+        ],
+    ]
+    return "\n".join(lines) + "\n"

@@ -72,7 +72,7 @@ STAGES: tuple[Stage, ...] = (
         "finetune",
         deps=(MANIFEST, "domain/report.json", "train_head/model.pt", "train_head/metrics.json"),
         outs=("finetune/model.pt", "finetune/decision.json", "finetune/history.json"),
-        params=("project.seed", "train_head.class_balance", "finetune"),
+        params=("project.seed", "train_head", "finetune"),  # a kept model stores train_head's params
         reads_data=True,
         artifact="finetune-decision",
     ),
@@ -94,7 +94,7 @@ STAGES: tuple[Stage, ...] = (
         deps=(MANIFEST, "prepare/report.json", "finetune/model.pt"),
         # variants/ holds the optional variants that passed their gate (possibly none)
         outs=("export/model.onnx", "export/variants", "export/parity.json"),
-        params=("project.seed", "export"),
+        params=("export",),
         reads_data=True,
         artifact="export-parity",
     ),
@@ -114,13 +114,13 @@ STAGES: tuple[Stage, ...] = (
             "export/parity.json",
         ),
         outs=("register/run.json",),
-        params=("register", "mlflow"),
+        params=("register", "mlflow", "train_head.backbone"),
     ),
     Stage(
         "promote",
         deps=("register/run.json", MANIFEST),
         outs=("promote/decision.json",),
-        params=("project.seed", "promote"),
+        params=("project.seed", "promote", "register.model_name", "mlflow"),
         artifact="promotion",
         optional="promote.enabled",
     ),
@@ -139,3 +139,18 @@ def get(name: str) -> Stage:
 def producer(dep: str) -> str:
     """The stage that writes `dep` (a path relative to the artifacts folder)."""
     return next(s.name for s in STAGES if dep in s.outs)
+
+
+def require(cfg, stage: Stage) -> None:
+    """Every file `stage` reads from earlier stages exists, or one line naming the first missing one
+    and the stage that writes it."""
+    from headstart import HeadstartError
+
+    for dep in stage.deps:
+        path = cfg.project.artifacts_dir / dep
+        if not path.exists():
+            before = producer(dep)
+            raise HeadstartError(
+                f"stage {stage.name} needs {path}, which stage {before} writes; "
+                f"run `headstart stage {before}` (or the stages before it) first"
+            )

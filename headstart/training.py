@@ -180,6 +180,11 @@ class TrainedModel:
     classes: list[str]
     finetuned: bool = False
 
+    @torch.no_grad()
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities from this backbone's (cached) features: the full model's softmax."""
+        return self.classifier.head(torch.from_numpy(features)).softmax(1).numpy()
+
 
 def load_model(path: str | Path) -> TrainedModel:
     """Rebuild the classifier from save_model's file (weights_only: nothing is unpickled)."""

@@ -9,7 +9,6 @@ import pandas as pd
 
 from headstart import HeadstartError
 from headstart.config import Params
-from headstart.stages import Stage, producer
 
 
 def stage_file(cfg: Params, stage: str, name: str) -> Path:
@@ -17,18 +16,6 @@ def stage_file(cfg: Params, stage: str, name: str) -> Path:
     if not path.exists():
         raise HeadstartError(f"{path} does not exist; run the {stage} stage first")
     return path
-
-
-def require(cfg: Params, stage: Stage) -> None:
-    """Every file `stage` reads from earlier stages exists, or one line naming the first missing one."""
-    for dep in stage.deps:
-        path = cfg.project.artifacts_dir / dep
-        if not path.exists():
-            before = producer(dep)
-            raise HeadstartError(
-                f"stage {stage.name} needs {path}, which stage {before} writes; "
-                f"run `headstart stage {before}` (or the stages before it) first"
-            )
 
 
 def read_json(cfg: Params, stage: str, name: str) -> dict:

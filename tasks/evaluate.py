@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
 from headstart.features import Features
-from headstart.metrics import classification_metrics, confusion_png
+from headstart.metrics import classification_metrics, confusion_png, metrics_markdown
 from headstart.training import load_model
 from tasks import _inputs
 
@@ -35,8 +34,7 @@ def evaluate(cfg: Params) -> EvaluateResult:
         model.backbone, cfg.train_head.runtime, cfg.project.cache_dir, cfg.evaluate.batch_size
     )
     x, _ = features(paths, list(rows["sha256"]), desc="features (test)")
-    with torch.no_grad():
-        probs = model.classifier.head(torch.from_numpy(x)).softmax(1).numpy()
+    probs = model.probabilities(x)
     y_true = rows["label"].map(model.classes.index).to_numpy()
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
@@ -50,7 +48,7 @@ def evaluate(cfg: Params) -> EvaluateResult:
     )
     with directory(cfg.stage_dir("evaluate")) as out:
         write_json(out / "metrics.json", {k: v for k, v in m.items() if k != "confusion_matrix"})
-        write_text(out / "summary.md", to_markdown(m, model.classes, model.finetuned))
+        write_text(out / "summary.md", metrics_markdown(m, model.classes, model.finetuned))
         write_json(out / "confusion.json", {"classes": model.classes, "matrix": m["confusion_matrix"]})
         write_bytes(
             out / "confusion.png",
@@ -58,27 +56,3 @@ def evaluate(cfg: Params) -> EvaluateResult:
         )
         predictions.to_csv(out / "predictions.csv", index=False)
     return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"])
-
-
-def to_markdown(m: dict, classes: list[str], finetuned: bool) -> str:
-    """The test metrics for a Prefect artifact: accuracy, macro-F1, per class, the confusion matrix."""
-    lines = [
-        f"# Test metrics ({'fine-tuned' if finetuned else 'head-only'} model, {m['n']} images)",
-        "",
-        f"Accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}.",
-        "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
-            for c, v in m["per_class"].items()
-        ],
-        "",
-        "| actual \\ predicted | " + " | ".join(classes) + " |",
-        "|---|" + "---|" * len(classes),
-        *[
-            f"| {c} | " + " | ".join(map(str, row)) + " |"
-            for c, row in zip(classes, m["confusion_matrix"], strict=True)
-        ],
-    ]
-    return "\n".join(lines) + "\n"

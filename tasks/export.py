@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from headstart import GateFailed
 from headstart.atomic import FAILED, directory, write_json, write_text
 from headstart.config import Params
-from headstart.export import export_onnx, judge, parity, parity_images, to_markdown, torch_reference
+from headstart.export import export_variants, parity_images, to_markdown
 from headstart.runtime import EXPORT_FILES
 from headstart.training import load_model
 from tasks import _inputs
@@ -42,33 +42,8 @@ def export(cfg: Params) -> ExportResult:
         "headstart.finetuned": str(model.finetuned).lower(),
         "headstart.data_hash": _inputs.read_json(cfg, "prepare", "report.json")["data_hash"],
     }
-    reference = torch_reference(model.classifier, paths, model.backbone.spec)  # once for all variants
-    figures = {}
     with directory(final) as out:
-        for name in ["fp32", "fp16"] if p.fp16 else ["fp32"]:
-            file, tol = out / EXPORT_FILES[name], getattr(p.tolerances, name)
-            export_onnx(model.classifier, file, model.backbone.spec, meta, p.opset, p.input, name == "fp16")
-            f = parity(
-                model.classifier,
-                file,
-                paths,
-                tuple(p.parity_batch_sizes),
-                labels,
-                reference,
-                tol.max_abs_diff,
-            )
-            failures = judge(f, tol)
-            f.update(
-                file=EXPORT_FILES[name],
-                tolerances=tol.model_dump(),
-                passed=not failures,
-                failures=failures,
-                required=name == "fp32" or name in p.require,
-            )
-            figures[name] = f
-            if failures and not f["required"]:
-                file.unlink()  # an optional variant that failed is never registered
-        (out / "variants").mkdir(exist_ok=True)  # a DVC out even when no optional variant passed
+        figures = export_variants(model, out, meta, paths, labels, p)
         passed = [n for n, f in figures.items() if f["passed"]]
         refused = [
             f"{n}: {'; '.join(f['failures'])}"

@@ -85,7 +85,8 @@ def test_flow_stops_before_register_when_the_parity_gate_fails(flow_run, caplog)
     _, art, state = _failing_run(flow_run, "failing", "export.tolerances.fp32.max_abs_diff=1e-30")
     assert isinstance(state.result(raise_on_failure=False), HeadstartError)
     assert not (art / "register").exists()
-    assert json.loads((art / "export" / "parity.json").read_text())["passed"] is False
+    assert json.loads((art / "export" / "failed" / "parity.json").read_text())["passed"] is False
+    assert not (art / "export" / "model.onnx").exists()  # a refused model is never where predict looks
     assert "parity failed" in caplog.text  # the failure is logged...
     assert "Traceback" not in caplog.text  # ...as a message, not a crash
 
@@ -106,7 +107,8 @@ def test_failed_validation_marks_an_mlflow_run_failed_with_the_report(flow_run):
     )
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert "min_per_class_per_split" in runs[0].data.tags["error"]
-    assert "validate/report.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "validate")}
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id, "validate/failed")}
+    assert "validate/failed/report.json" in logged  # the refused data's report, beside no manifest
     with get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts()
     assert any(a.key == "data-validation" and "FAILED" in (a.data or "") for a in artifacts)
@@ -212,7 +214,7 @@ def test_domain_mismatch_with_fail_stops_the_flow_before_training(flow_run):
     from tasks.domain import DomainMismatch
 
     root, art, state = _failing_run(flow_run, "foreign", "domain.on_mismatch=fail")
-    assert json.loads((art / "domain" / "report.json").read_text())["verdict"] == "mismatch"
+    assert json.loads((art / "domain" / "failed" / "report.json").read_text())["verdict"] == "mismatch"
     assert isinstance(state.result(raise_on_failure=False), DomainMismatch)
     assert not (art / "train_head").exists()
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

@@ -288,7 +288,9 @@ def test_a_failed_optional_variant_drops_out_and_the_model_still_ships(pipeline)
     assert list((cfg.stage_dir("export") / "variants").iterdir()) == []
     assert "not registered" in (cfg.stage_dir("export") / "summary.md").read_text()
     required = _with_tolerance(cfg, "fp16", max_abs_diff=1e-30)
-    required = required.model_copy(update={"export": required.export.model_copy(update={"require": ["fp16"]})})
+    required = required.model_copy(
+        update={"export": required.export.model_copy(update={"require": ["fp16"]})}
+    )
     with pytest.raises(HeadstartError, match="parity failed: fp16"):
         export(required)
     export(cfg)  # leave the module's artifacts as they were
@@ -345,7 +347,7 @@ def test_a_perturbed_export_fails_the_gate(pipeline, monkeypatch):
         onnx.save(proto, path)
         return path
 
-    monkeypatch.setattr("tasks.export.export_onnx", perturbed)
+    monkeypatch.setattr("headstart.export.export_onnx", perturbed)
     with pytest.raises(HeadstartError, match="parity failed"):
         export(cfg)
     parity = json.loads((cfg.stage_dir("export") / "failed" / "parity.json").read_text())
