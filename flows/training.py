@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -14,8 +13,9 @@ from prefect.runtime import flow_run
 
 from headstart import GateFailed, HeadstartError, TransientError
 from headstart.atomic import FAILED, write_json
-from headstart.config import flatten, load_params
+from headstart.config import load_params
 from headstart.lock import exclusive
+from headstart.provenance import fingerprint_changes, run_fingerprint
 from headstart.stages import STAGES
 from tasks.register import record_failure
 
@@ -61,25 +61,20 @@ def _transient(_task, _run, state) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, HeadstartError)
 
 
-def fingerprint(cfg, data_hash: str) -> str:
-    """What a run's result depends on: the data's content and every param but the schedule's."""
-    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("schedule.")}
-    return hashlib.sha256(json.dumps([data_hash, params], sort_keys=True).encode()).hexdigest()
-
-
 @flow(name="training", log_prints=True)
 def training(
     params_file: str = "params.yaml", overrides: list[str] | None = None, skip_unchanged: bool = False
 ) -> dict:
     """Every stage of headstart.stages.STAGES in order. One run per project at a time; with
-    skip_unchanged (scheduled runs), a run whose data and params equal the last successful run's
-    ends after prepare as "skipped: data unchanged"."""
+    skip_unchanged (scheduled runs), a run whose data, params, code and library versions equal the
+    last successful run's ends after prepare as "skipped"; otherwise the result's "changed" says why
+    it retrains (e.g. ["code"])."""
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
     state_file = cfg.project.cache_dir / "last_success.json"
     with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
-        results = {}
+        results, changed = {}, []
         for stage in STAGES:
             if stage.optional and not _enabled(cfg, stage.optional):
                 continue
@@ -99,8 +94,10 @@ def training(
             if stage.name == "register":
                 _link(results["register"])
             if stage.name == "prepare" and skip_unchanged:
-                skipped = _unchanged(cfg, state_file, results["prepare"].data_hash)
-                if skipped:
+                skipped, changed = _unchanged(cfg, state_file, results["prepare"].data_hash)
+                if not skipped:
+                    log.info("retraining: changed since the last success: %s", ", ".join(changed))
+                else:
                     log.info("skipped: %s", skipped)
                     create_markdown_artifact(
                         markdown=f"# Skipped: data unchanged\n\n{skipped}\n", key="skipped"
@@ -111,10 +108,11 @@ def training(
                         "artifacts_dir": str(cfg.project.artifacts_dir),
                     }
         reg = results["register"]
+        fp = run_fingerprint(cfg, results["prepare"].data_hash)
         write_json(
             state_file,
             {
-                "fingerprint": fingerprint(cfg, results["prepare"].data_hash),
+                **fp,
                 "data_hash": results["prepare"].data_hash,
                 "flow_run_id": tags["prefect.flow_run_id"],
                 "mlflow_run_id": reg.run_id,
@@ -122,7 +120,8 @@ def training(
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
-    return {**{k: v.__dict__ for k, v in results.items()}, "artifacts_dir": str(cfg.project.artifacts_dir)}
+    out = {k: v.__dict__ for k, v in results.items()}
+    return {**out, "artifacts_dir": str(cfg.project.artifacts_dir), "changed": changed}
 
 
 def _enabled(cfg, key: str) -> bool:
@@ -130,18 +129,19 @@ def _enabled(cfg, key: str) -> bool:
     return bool(getattr(getattr(cfg, section), name))
 
 
-def _unchanged(cfg, state_file, data_hash: str) -> str | None:
-    """Why this run can stop now, or None: same data and params as the last success, whose
-    artifacts are still there."""
+def _unchanged(cfg, state_file, data_hash: str) -> tuple[str | None, list[str]]:
+    """(why this run can stop now, or None; what changed since the last success otherwise): the
+    same data, params, code and libraries as the last success, whose artifacts are still there."""
     if not state_file.exists() or not (cfg.stage_dir("register") / "run.json").exists():
-        return None
+        return None, ["no successful run with its artifacts"]
     last = json.loads(state_file.read_text())
-    if last.get("fingerprint") != fingerprint(cfg, data_hash):
-        return None
+    changed = fingerprint_changes(last.get("parts") or {}, run_fingerprint(cfg, data_hash)["parts"])
+    if changed:
+        return None, changed
     return (
-        f"data hash {data_hash[:12]} and params equal the last successful run's "
+        f"data hash {data_hash[:12]}, params, code and library versions equal the last successful run's "
         f"(flow run {last['flow_run_id']}, {last['finished_at']}, {last['model_uri']})"
-    )
+    ), []
 
 
 def _link(reg) -> None:

@@ -2,7 +2,9 @@
 
 Decoding and preprocessing run in a thread pool a few batches ahead of the backbone (Pillow releases
 the GIL), so at most `prefetch` batches of pixels are ever in memory; features go to a disk cache keyed
-by (backbone, weights hash, preprocessing, runtime, image sha256), so a re-run computes only new images.
+by (backbone, weights hash, preprocessing, runtime, image sha256) and by what computed them (the code's
+source, the library versions: headstart.provenance), so a re-run computes only new images, and a code fix
+or an upgrade recomputes them all. Cached entries are checked when read; a damaged one is recomputed.
 Runtimes: `onnxruntime` on the CPU (an ONNX export of the feature extractor, itself cached on disk),
 `torch` (channels_last, inference_mode), `torch-cuda` (fp16 autocast) when a GPU is there.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -23,13 +26,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from headstart import HeadstartError
+from headstart import HeadstartError, provenance
 from headstart.atomic import write_bytes
 from headstart.backbones import Backbone
 from headstart.config import Runtime
-from headstart.preprocess import AUGMENT, InputSpec, load_image, load_view
+from headstart.preprocess import InputSpec, load_image, load_view
 
 RUNTIMES = get_args(Runtime)
+OPSET = 18  # the engine's own export (a cache detail), not export.opset of the shipped model
+log = logging.getLogger(__name__)
 
 
 class TorchEngine:
@@ -87,7 +92,11 @@ def resolve_runtime(runtime: str) -> str:
 
 
 def make_engine(
-    backbone: Backbone, runtime: str, cache_dir: str | Path, probe: nn.Module | None = None
+    backbone: Backbone,
+    runtime: str,
+    cache_dir: str | Path,
+    probe: nn.Module | None = None,
+    opset: int = OPSET,
 ) -> TorchEngine | OrtEngine:
     """The feature extractor on a runtime; or, given `probe` (headstart.domain.Probe, whose first
     output is the same features), the domain check's instrumented backbone on it."""
@@ -96,21 +105,34 @@ def make_engine(
         # the probe keeps ~100 extra reductions of full activation maps: ORT's memory planning
         # costs more than it saves there, and a batch of 8 runs faster than one of 32 in a third
         # of the memory (Lite0 probe graph, measured: 76 vs 60 img/s, 0.42 vs 1.42 GB peak)
-        if probe is None:
-            return OrtEngine(backbone_onnx(backbone, cache_dir))
-        return OrtEngine(backbone_onnx(backbone, cache_dir, probe=probe), mem_pattern=False, max_batch=8)
+        options = {} if probe is None else {"mem_pattern": False, "max_batch": 8}
+        path = backbone_onnx(backbone, cache_dir, opset, probe)
+        try:
+            return OrtEngine(path, **options)
+        except Exception as exc:  # checker-valid yet refused by onnxruntime: export it again, once
+            log.warning("cached engine %s does not load in onnxruntime (%s); exporting it again", path, exc)
+            path.unlink(missing_ok=True)
+            return OrtEngine(backbone_onnx(backbone, cache_dir, opset, probe), **options)
     module = backbone.feature_extractor() if probe is None else probe
     return TorchEngine(module, "cuda" if runtime == "torch-cuda" else "cpu")
 
 
-PROBE_GRAPH = "-probe2"  # bump when headstart.domain.Probe's graph changes: the cached export is stale
+def engine_key(backbone: Backbone, opset: int = OPSET, probe: bool = False) -> str:
+    """The cached ONNX engine's name: the backbone, the graph's builders' code, opset, torch and onnx."""
+    modules = ["headstart.export", "headstart.backbones", *(["headstart.domain"] if probe else [])]
+    parts = (backbone.cache_key, opset, probe, provenance.code_hash(*modules))
+    key = provenance.derive_key(*parts, provenance.library_versions("torch", "onnx"))
+    return f"{backbone.cache_key}-{'probe' if probe else 'features'}-{key}"
 
 
 def backbone_onnx(
-    backbone: Backbone, cache_dir: str | Path, opset: int = 18, probe: nn.Module | None = None
+    backbone: Backbone, cache_dir: str | Path, opset: int = OPSET, probe: nn.Module | None = None
 ) -> Path:
-    """The feature extractor (or the domain probe) as ONNX, exported once per backbone cache key."""
-    path = Path(cache_dir) / "engines" / f"{backbone.cache_key}{'' if probe is None else PROBE_GRAPH}.onnx"
+    """The feature extractor (or the domain probe) as ONNX, exported once per engine_key; a cached
+    file that fails the ONNX checker (truncated, overwritten) is exported again."""
+    path = Path(cache_dir) / "engines" / f"{engine_key(backbone, opset, probe is not None)}.onnx"
+    if path.exists() and not _valid_onnx(path):
+        path.unlink(missing_ok=True)
     if not path.exists():
         from headstart.export import to_onnx
 
@@ -124,11 +146,36 @@ def backbone_onnx(
     return path
 
 
-class FeatureCache:
-    """Features on disk, one .npy per image, keyed by the engine's cache key and the image's sha256."""
+def _valid_onnx(path: Path) -> bool:
+    import onnx
 
-    def __init__(self, root: str | Path, key: str):
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        log.warning("cached engine %s is damaged (%s); exporting it again", path, exc)
+        return False
+    return True
+
+
+def feature_key(backbone: Backbone, runtime: str, opset: int = OPSET) -> str:
+    """The feature cache's folder: the backbone (weights, input spec), the runtime, and what computes
+    on it: preprocessing, the extractor's and the engines' code, their libraries (and opset on ORT)."""
+    modules, libs = ["headstart.preprocess", "headstart.backbones", "headstart.features"], ["numpy", "pillow"]
+    if runtime == "onnxruntime":
+        modules, libs = [*modules, "headstart.export"], [*libs, "onnx", "onnxruntime-gpu"]
+    parts = [backbone.cache_key, runtime, provenance.code_hash(*modules)]
+    parts += [provenance.library_versions("torch", *libs), opset if runtime == "onnxruntime" else None]
+    return f"{backbone.cache_key}-{runtime}-{provenance.derive_key(*parts)}"
+
+
+class FeatureCache:
+    """Features on disk, one .npy per image, keyed by the engine's cache key and the image's sha256.
+    Each entry is checked when read (a 1-d float32 vector of `length`, all finite): a damaged one is
+    deleted with a warning and reads as missing, so it is computed again, never trusted."""
+
+    def __init__(self, root: str | Path, key: str, length: int | None = None):
         self.dir = Path(root) / "features" / key
+        self.length = length  # None: the first good entry read sets it
 
     def _path(self, sha: str) -> Path:
         return self.dir / sha[:2] / f"{sha}.npy"
@@ -141,9 +188,19 @@ class FeatureCache:
         if not path.exists():
             return None
         try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError):
-            return None  # a damaged entry is recomputed, not trusted
+            vec = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            return self._discard(path, f"unreadable: {type(exc).__name__}: {exc}")
+        if vec.dtype != np.float32 or vec.ndim != 1 or vec.shape[0] != (self.length or vec.shape[0]):
+            return self._discard(path, f"{vec.dtype} {vec.shape}, expected float32 ({self.length or 'n'},)")
+        if not np.isfinite(vec).all():
+            return self._discard(path, "non-finite values")
+        self.length = vec.shape[0]
+        return vec
+
+    def _discard(self, path: Path, why: str) -> None:
+        log.warning("feature cache entry %s is damaged (%s); computing it again", path, why)
+        path.unlink(missing_ok=True)
 
     def put(self, sha: str, vec: np.ndarray) -> None:
         buf = io.BytesIO()
@@ -155,17 +212,25 @@ class Features:
     """A backbone's features for any list of images, through its cache; the engine (and the ONNX
     export it may need) is only built when some image is not cached yet."""
 
-    def __init__(self, backbone: Backbone, runtime: str, cache_dir: str | Path, batch_size: int = 32):
-        self.backbone, self.runtime = backbone, resolve_runtime(runtime)
+    def __init__(
+        self,
+        backbone: Backbone,
+        runtime: str,
+        cache_dir: str | Path,
+        batch_size: int = 32,
+        opset: int = OPSET,
+    ):
+        self.backbone, self.runtime, self.opset = backbone, resolve_runtime(runtime), opset
         self.cache_dir, self.batch_size, self._engine = Path(cache_dir), batch_size, None
         self.shared = 0  # features the domain probe put in the cache
         # runtimes differ in the last bits: each keeps its own features, so re-runs are exact
-        self.cache = FeatureCache(cache_dir, f"{backbone.cache_key}-{self.runtime}")
+        key = feature_key(backbone, self.runtime, opset)
+        self.cache = FeatureCache(cache_dir, key, backbone.num_features)
 
     @property
     def engine(self) -> TorchEngine | OrtEngine:
         if self._engine is None:
-            self._engine = make_engine(self.backbone, self.runtime, self.cache_dir)
+            self._engine = make_engine(self.backbone, self.runtime, self.cache_dir, opset=self.opset)
         return self._engine
 
     def views(self, paths: list[Path], shas: list[str], k: int, seed: int) -> tuple[np.ndarray, int]:
@@ -173,7 +238,7 @@ class Features:
         key like any image, so epochs that sample them cost no backbone pass: (n, K, F), computed."""
         if k == 0 or not shas:
             return np.zeros((len(shas), k, self.backbone.num_features), np.float32), 0
-        tag = hashlib.sha256(f"{AUGMENT}|{seed}".encode()).hexdigest()[:12]
+        tag = provenance.derive_key("views", seed, provenance.code_hash("headstart.preprocess"))[:12]
         keys = [f"{s}.view{v}-{tag}" for s in shas for v in range(k)]
         items = [(p, view_seed(seed, s, v)) for p, s in zip(paths, shas, strict=True) for v in range(k)]
         found, todo = _lookup(self.cache, items, keys)
@@ -201,7 +266,7 @@ class Features:
         again. On onnxruntime the probe graph is fused differently from the extraction graph, so
         its features may differ from it in the sixth significant digit; cached entries are never
         overwritten, so a re-run reads the same values."""
-        engine = make_engine(self.backbone, self.runtime, self.cache_dir, probe=probe)
+        engine = make_engine(self.backbone, self.runtime, self.cache_dir, probe=probe, opset=self.opset)
         items = list(zip(shas, paths, strict=True))
         for batch, x in decoded(self.backbone.spec, items, self.batch_size, "domain probe"):
             out = engine(x)

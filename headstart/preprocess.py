@@ -106,9 +106,6 @@ def load_image(path: str | Path, spec: InputSpec) -> np.ndarray:
     return preprocess(decode(path, keep_grey=True), spec)
 
 
-AUGMENT = "rrc(0.6-1,3/4-4/3)+hflip+brightness/contrast(0.8-1.2)/1"  # part of the cache key
-
-
 def augment(img: Image.Image, seed: int) -> Image.Image:
     """One training view, fully determined by `seed`: a random resized crop (60-100% of the area,
     aspect 3/4-4/3), a horizontal flip half the time, brightness and contrast within 20%."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -11,9 +12,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageStat
 
+from headstart import provenance
 from headstart.preprocess import MAX_PIXELS, decode
 
-PROBE_VERSION = 1  # bump when what probe() records changes: old cache entries are then ignored
+log = logging.getLogger(__name__)
 FIELDS = {
     "readable": bool,
     "reason": str,
@@ -103,15 +105,30 @@ def _probe_file(path: str) -> tuple[str, int, dict | None]:
     return hashlib.sha256(data).hexdigest(), len(data), probe_bytes(data) if data else None
 
 
+def probe_key() -> str:
+    """What the cached results depend on: this module's and the decoder's code, their libraries."""
+    code = provenance.code_hash("headstart.data.probe", "headstart.preprocess")
+    return provenance.derive_key("probe", code, provenance.library_versions("pillow", "numpy", "scipy"))
+
+
 class ProbeCache:
-    """sha256 -> probe results, one parquet file, rewritten atomically after each scan."""
+    """sha256 -> probe results, one parquet file per probe_key, rewritten atomically after each scan;
+    a file that does not read back as those fields is discarded with a warning and rebuilt."""
 
     def __init__(self, root: str | Path):
-        self.path = Path(root) / "probe" / f"v{PROBE_VERSION}.parquet"
-        frame = pd.read_parquet(self.path) if self.path.exists() else pd.DataFrame(columns=["sha256"])
-        self.entries: dict[str, dict] = {
-            row.pop("sha256"): {k: FIELDS[k](v) for k, v in row.items()} for row in frame.to_dict("records")
-        }
+        self.path = Path(root) / "probe" / f"{probe_key()}.parquet"
+        self.entries: dict[str, dict] = self._read() if self.path.exists() else {}
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            rows = pd.read_parquet(self.path).to_dict("records")
+            return {row.pop("sha256"): {k: FIELDS[k](row[k]) for k in FIELDS} for row in rows}
+        except Exception as exc:  # truncated, overwritten, other columns: rebuilt, never trusted
+            log.warning(
+                "probe cache %s is damaged (%s: %s); probing again", self.path, type(exc).__name__, exc
+            )
+            self.path.unlink(missing_ok=True)
+            return {}
 
     def get(self, sha: str) -> dict | None:
         return self.entries.get(sha)

@@ -18,10 +18,13 @@ def _params(root, data, tiny_weights, *extra):
     return write_params(root / "params.yaml", [*tiny_overrides(root, data, tiny_weights), *extra])
 
 
-def test_unchanged_data_is_skipped_and_new_data_retrains(tmp_path, tiny_weights, prefect_harness):
+def test_unchanged_data_is_skipped_and_new_data_retrains(
+    tmp_path, tiny_weights, prefect_harness, monkeypatch
+):
     from prefect.client.orchestration import get_client
 
     from flows.training import training
+    from headstart import provenance
 
     data = make_folder(tmp_path / "data", per_class=12)
     params = str(_params(tmp_path, data, tiny_weights))
@@ -32,11 +35,15 @@ def test_unchanged_data_is_skipped_and_new_data_retrains(tmp_path, tiny_weights,
     make_image(data / "cat" / "new_cat.png", (200, 30, 30), seed=99)
     third = training(params_file=params, skip_unchanged=True)
     assert not third.get("skipped") and third["register"]["model_version"] == "2"
-    assert third["prepare"]["n_images"] == first["prepare"]["n_images"] + 1
+    assert third["prepare"]["n_images"] == first["prepare"]["n_images"] + 1 and third["changed"] == ["data"]
     # a changed param retrains too; a manual run (no skip) always trains
-    assert not training(params_file=params, skip_unchanged=True, overrides=["train_head.hidden=16"]).get(
-        "skipped"
-    )
+    hidden = training(params_file=params, skip_unchanged=True, overrides=["train_head.hidden=16"])
+    assert not hidden.get("skipped") and hidden["changed"] == ["params: train_head.hidden"]
+    # so does a code fix (or a library upgrade): the same data and params, other code
+    real = provenance.code_hash
+    monkeypatch.setattr(provenance, "code_hash", lambda *modules: real(*modules) + "-edited")
+    fixed = training(params_file=params, skip_unchanged=True, overrides=["train_head.hidden=16"])
+    assert not fixed.get("skipped") and fixed["changed"] == ["code"]
     with get_client(sync_client=True) as prefect:
         keys = {a.key for a in prefect.read_artifacts()}
     assert {"skipped", "mlflow-run"} <= keys

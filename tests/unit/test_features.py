@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
-from headstart import HeadstartError
+from headstart import HeadstartError, provenance
 from headstart.backbones import load_backbone
 from headstart.data.manifest import scan
 from headstart.features import (
@@ -15,7 +17,10 @@ from headstart.features import (
     OrtEngine,
     TorchEngine,
     backbone_onnx,
+    engine_key,
     extract_features,
+    feature_key,
+    make_engine,
     resolve_runtime,
 )
 from tests.conftest import TINY_BACKBONE, make_folder
@@ -42,15 +47,39 @@ def test_feature_cache_roundtrip(tmp_path):
     assert FeatureCache(tmp_path, "key-2").get(sha) is None
 
 
-def test_feature_cache_corrupt_entry_is_none(tmp_path):
-    cache = FeatureCache(tmp_path, "k")
-    sha = "cd" + "1" * 62
+def _damaged(cache, sha, caplog, write) -> None:
+    """The entry `write(path)` leaves reads as missing, is deleted and logged with its file's name."""
     cache.put(sha, np.ones(4, np.float32))
-    path = tmp_path / "features" / "k" / "cd" / f"{sha}.npy"
-    path.write_bytes(b"garbage, not npy")
-    assert cache.get(sha) is None
-    path.write_bytes(path.read_bytes()[:3])
-    assert cache.get(sha) is None
+    path = cache._path(sha)
+    write(path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "headstart.features"):
+        assert cache.get(sha) is None
+    assert not path.exists() and path.name in caplog.text and "damaged" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda p: p.write_bytes(b"garbage, not npy"), id="garbage"),
+        pytest.param(lambda p: p.write_bytes(p.read_bytes()[:3]), id="truncated-header"),
+        pytest.param(lambda p: p.write_bytes(p.read_bytes()[:-5]), id="truncated-data"),
+        pytest.param(lambda p: np.save(p, np.ones(5, np.float32)), id="wrong-length"),
+        pytest.param(lambda p: np.save(p, np.ones((2, 2), np.float32)), id="wrong-ndim"),
+        pytest.param(lambda p: np.save(p, np.ones(4, np.float64)), id="wrong-dtype"),
+        pytest.param(lambda p: np.save(p, np.full(4, np.nan, np.float32)), id="nan"),
+        pytest.param(lambda p: np.save(p, np.array([1, np.inf, 0, 0], np.float32)), id="inf"),
+    ],
+)
+def test_feature_cache_damaged_entry_is_discarded_with_a_warning(tmp_path, caplog, write):
+    _damaged(FeatureCache(tmp_path, "k", length=4), "cd" + "1" * 62, caplog, write)
+
+
+def test_feature_cache_without_length_checks_against_the_first_good_entry(tmp_path, caplog):
+    cache = FeatureCache(tmp_path, "k")
+    cache.put("aa" + "0" * 62, np.ones(4, np.float32))
+    assert cache.get("aa" + "0" * 62).shape == (4,)
+    _damaged(cache, "bb" + "0" * 62, caplog, lambda p: np.save(p, np.ones(6, np.float32)))
 
 
 def test_feature_cache_refuses_pickled_object_array(tmp_path):
@@ -59,7 +88,7 @@ def test_feature_cache_refuses_pickled_object_array(tmp_path):
     path = tmp_path / "features" / "k" / "ef" / f"{sha}.npy"
     path.parent.mkdir(parents=True)
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    assert cache.get(sha) is None
+    assert cache.get(sha) is None and not path.exists()
 
 
 # --- with the tiny backbone -------------------------------------------------------------------------
@@ -142,6 +171,114 @@ def test_features_build_no_engine_when_everything_is_cached(tmp_path, tiny):
     np.testing.assert_array_equal(first, second)
     torch_features = Features(tiny, "torch", tmp_path / "cache")
     assert torch_features.cache.dir != again.cache.dir  # each runtime keeps its own features
+
+
+def test_features_recompute_damaged_entries_with_a_warning(tmp_path, tiny, caplog):
+    """A truncated, a wrong-shape and a NaN-filled feature file: each is recomputed, never trusted."""
+    paths, shas, _, _ = _folder_features(tmp_path, tiny, per_class=3)
+    features = Features(tiny, "torch", tmp_path / "cache", batch_size=4)
+    first, _ = features(paths, shas)
+    damage = {
+        shas[0]: lambda p: p.write_bytes(p.read_bytes()[:100]),
+        shas[1]: lambda p: np.save(p, np.ones(7, np.float32)),
+        shas[2]: lambda p: np.save(p, np.full(tiny.num_features, np.nan, np.float32)),
+    }
+    for sha, write in damage.items():
+        write(features.cache._path(sha))
+    with caplog.at_level(logging.WARNING, "headstart.features"):
+        again, n = Features(tiny, "torch", tmp_path / "cache", batch_size=4)(paths, shas)
+    assert n == 3 and caplog.text.count("damaged") == 3
+    assert all(sha in caplog.text for sha in damage)
+    np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-6)
+
+
+def _edited(monkeypatch, module: str) -> None:
+    """As if `module`'s source had changed: its code hash (and any hash naming it) differs."""
+    real = provenance.code_hash
+    monkeypatch.setattr(provenance, "code_hash", lambda *m: real(*m) + ("-edited" if module in m else ""))
+
+
+def test_feature_key_changes_with_code_libraries_and_opset(tmp_path, tiny, monkeypatch):
+    base = {rt: feature_key(tiny, rt) for rt in ("torch", "onnxruntime")}
+    assert base["torch"] != base["onnxruntime"] and base["torch"] == feature_key(tiny, "torch")
+    assert feature_key(tiny, "onnxruntime", opset=19) != base["onnxruntime"]
+    assert feature_key(tiny, "torch", opset=19) == base["torch"]  # torch runs no ONNX graph
+    with monkeypatch.context() as m:
+        _edited(m, "headstart.preprocess")
+        assert all(feature_key(tiny, rt) != key for rt, key in base.items())
+        assert Features(tiny, "torch", tmp_path).cache.dir.name != base["torch"]
+    real = provenance.version
+    with monkeypatch.context() as m:
+        m.setattr(provenance, "version", lambda d: "99.0" if d == "onnxruntime-gpu" else real(d))
+        assert feature_key(tiny, "onnxruntime") != base["onnxruntime"]
+        assert feature_key(tiny, "torch") == base["torch"]
+    with monkeypatch.context() as m:
+        m.setattr(provenance, "version", lambda d: "99.0" if d == "pillow" else real(d))
+        assert all(feature_key(tiny, rt) != key for rt, key in base.items())
+
+
+def test_editing_the_preprocessing_misses_the_cache(tmp_path, tiny, monkeypatch):
+    paths, shas, _, _ = _folder_features(tmp_path, tiny, per_class=2)
+    assert Features(tiny, "torch", tmp_path / "cache")(paths, shas)[1] == len(shas)
+    assert Features(tiny, "torch", tmp_path / "cache")(paths, shas)[1] == 0
+    _edited(monkeypatch, "headstart.preprocess")
+    assert Features(tiny, "torch", tmp_path / "cache")(paths, shas)[1] == len(shas)
+
+
+def test_views_tag_follows_the_augmentation_code(tmp_path, tiny, monkeypatch):
+    paths, shas, _, _ = _folder_features(tmp_path, tiny, per_class=1)
+    features = Features(tiny, "torch", tmp_path / "cache")
+    features.cache = FeatureCache(tmp_path / "cache", "fixed-dir")  # only the views' tag may change
+    assert features.views(paths, shas, 1, seed=0)[1] == len(shas)
+    assert features.views(paths, shas, 1, seed=0)[1] == 0
+    assert features.views(paths, shas, 1, seed=1)[1] == len(shas)
+    _edited(monkeypatch, "headstart.preprocess")
+    assert features.views(paths, shas, 1, seed=0)[1] == len(shas)
+    assert features.views(paths, shas, 1, seed=0)[1] == 0
+
+
+def test_engine_key_changes_with_opset_graph_code_and_libraries(tiny, monkeypatch):
+    base, probe = engine_key(tiny), engine_key(tiny, probe=True)
+    assert base != probe and base == engine_key(tiny)
+    assert engine_key(tiny, opset=19) != base
+    with monkeypatch.context() as m:
+        _edited(m, "headstart.domain")  # the probe's graph builder: only the probe engine changes
+        assert engine_key(tiny) == base and engine_key(tiny, probe=True) != probe
+    with monkeypatch.context() as m:
+        _edited(m, "headstart.export")
+        assert engine_key(tiny) != base and engine_key(tiny, probe=True) != probe
+    real = provenance.version
+    monkeypatch.setattr(provenance, "version", lambda d: "99.0" if d == "torch" else real(d))
+    assert engine_key(tiny) != base
+
+
+def test_damaged_engine_is_exported_again(tmp_path, tiny, caplog):
+    path = backbone_onnx(tiny, tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.WARNING, "headstart.features"):
+        assert backbone_onnx(tiny, tmp_path) == path
+    assert path.read_bytes() == good and path.name in caplog.text and "damaged" in caplog.text
+
+
+def test_engine_onnxruntime_refuses_is_exported_again_once(tmp_path, tiny, monkeypatch, caplog):
+    import headstart.features as features
+
+    path = backbone_onnx(tiny, tmp_path)
+    real, calls = features.OrtEngine, []
+
+    def refuse_first(onnx_path, **kw):
+        calls.append(onnx_path)
+        if len(calls) == 1:
+            raise RuntimeError("INVALID_PROTOBUF")
+        return real(onnx_path, **kw)
+
+    monkeypatch.setattr(features, "OrtEngine", refuse_first)
+    with caplog.at_level(logging.WARNING, "headstart.features"):
+        engine = make_engine(tiny, "onnxruntime", tmp_path)
+    assert calls == [path, path] and isinstance(engine, real) and "INVALID_PROTOBUF" in caplog.text
+    x = np.zeros((1, 3, tiny.spec.size, tiny.spec.size), np.float32)
+    assert engine(x).shape == (1, tiny.num_features)
 
 
 def test_runtime_resolution():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -172,7 +174,7 @@ def test_probe_files_rows(files, tmp_path):
 def test_cache_second_run_decodes_nothing(files, tmp_path, decodes):
     first = probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
     assert sorted(decodes) == ["a.png", "b.jpg", "bad.png", "c.gif"]  # the empty file is never decoded
-    assert (tmp_path / "cache" / "probe" / f"v{probe.PROBE_VERSION}.parquet").is_file()
+    assert (tmp_path / "cache" / "probe" / f"{probe.probe_key()}.parquet").is_file()
 
     decodes.clear()
     second = probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)  # a new run: read from disk
@@ -200,6 +202,45 @@ def test_cache_keyed_by_content_not_path(files, tmp_path, decodes):
     decodes.clear()
     rows = probe_files([moved], ProbeCache(tmp_path / "cache"), workers=1)
     assert decodes == [] and rows[0]["readable"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), id="truncated"),
+        pytest.param(lambda p: p.write_bytes(b"not parquet"), id="garbage"),
+        pytest.param(lambda p: pd.DataFrame({"sha256": ["x"]}).to_parquet(p), id="missing-fields"),
+    ],
+)
+def test_damaged_cache_is_rebuilt_with_a_warning(files, tmp_path, decodes, caplog, damage):
+    first = probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
+    path = ProbeCache(tmp_path / "cache").path
+    damage(path)
+    decodes.clear()
+    with caplog.at_level(logging.WARNING, "headstart.data.probe"):
+        cache = ProbeCache(tmp_path / "cache")
+    assert cache.entries == {} and path.name in caplog.text and "damaged" in caplog.text
+    assert probe_files(files, cache, workers=1) == first
+    assert sorted(decodes) == ["a.png", "b.jpg", "bad.png", "c.gif"]
+    assert len(ProbeCache(tmp_path / "cache").entries) == 4  # rewritten whole
+
+
+def test_cache_key_follows_the_code_and_the_libraries(files, tmp_path, decodes, monkeypatch):
+    from headstart import provenance
+
+    probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
+    key = probe.probe_key()
+    real_hash, real_version = provenance.code_hash, provenance.version
+    with monkeypatch.context() as m:
+        m.setattr(provenance, "code_hash", lambda *mods: real_hash(*mods) + "-edited")
+        assert probe.probe_key() != key
+        decodes.clear()
+        probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
+        assert len(decodes) == 4  # edited probe code: every file is probed again
+    with monkeypatch.context() as m:
+        m.setattr(provenance, "version", lambda d: "99.0" if d == "pillow" else real_version(d))
+        assert probe.probe_key() != key
+    assert probe.probe_key() == key
 
 
 def test_probe_files_in_worker_processes(files, tmp_path):
