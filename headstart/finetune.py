@@ -9,20 +9,36 @@ statistics and affine parameters never change), which is the keras#10045 / Light
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import io
 import math
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from headstart import HeadstartError
 from headstart.atomic import write_bytes
-from headstart.config import FinetuneParams
-from headstart.training import balanced_order
+from headstart.config import FinetuneParams, TrainHeadParams
+from headstart.features import decoded
+from headstart.provenance import code_hash, derive_key, library_versions
+from headstart.training import (
+    balanced_order,
+    changed,
+    class_weights,
+    digest,
+    fingerprint,
+    frozen_tensors,
+    load_model,
+    model_bytes,
+)
 
 EXPANDED = ("blocks", "features", "stages", "layers")  # containers whose children run one after another
 
@@ -40,7 +56,7 @@ def set_train_mode(model: nn.Module, training: bool = True) -> nn.Module:
 
 
 @dataclass
-class Split:
+class Partition:
     """The backbone as prefix (frozen, computed once per image) and tail (partly trainable)."""
 
     prefix: nn.Module
@@ -56,7 +72,7 @@ class _Flat(nn.Module):
         return x.flatten(1)
 
 
-def split_backbone(extractor: nn.Module, unfreeze: int | str, size: int) -> Split:
+def partition_backbone(extractor: nn.Module, unfreeze: int | str, size: int) -> Partition:
     """Cut the feature extractor before its last `unfreeze` units (a block, or a layer with its
     BatchNorm); `all` unfreezes everything but BatchNorm. Checked on a dummy image: prefix + tail
     must compute exactly what the extractor computes."""
@@ -103,7 +119,7 @@ def split_backbone(extractor: nn.Module, unfreeze: int | str, size: int) -> Spli
     trainable = [k for k, p in extractor.named_parameters() if id(p) in trainable_ids - bn_ids]
     in_tail = {id(q) for q in tail.parameters()}
     params = {k: q for k, q in extractor.named_parameters() if id(q) in in_tail}
-    return Split(prefix, tail, names, names[len(names) - n :], trainable, params)
+    return Partition(prefix, tail, names, names[len(names) - n :], trainable, params)
 
 
 @torch.inference_mode()
@@ -142,7 +158,7 @@ class FitResult:
 
 
 def fit(
-    split: Split,
+    split: Partition,
     head: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
@@ -288,3 +304,178 @@ def _restore(path: Path, key: str, model, opt, sched, scaler, gen) -> dict:
     if any(blob["bn_training"]):
         raise HeadstartError(f"finetune checkpoint {path} has BatchNorm in training mode; delete it")
     return {**blob["state"], "best_state": blob["best_state"]}
+
+
+def gate(p: FinetuneParams, n_train: int, verdict: str) -> str | None:
+    """Why fine-tuning must not run, or None when it may."""
+    if not p.enabled:
+        return "finetune.enabled is false"
+    if n_train < p.min_train_images:
+        return (
+            f"{n_train} training images < finetune.min_train_images={p.min_train_images}: too few to "
+            f"unfreeze backbone blocks without overfitting; the head alone is kept"
+        )
+    if p.require_shifted and verdict != "shifted":
+        return f"domain verdict is {verdict}, and finetune.require_shifted asks for shifted"
+    return None
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise HeadstartError("finetune.device=cuda, but torch sees no CUDA device")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def keep(tuned: float, base: float, margin: float) -> tuple[bool, str]:
+    """The keep rule: the fine-tuned model's validation accuracy must beat the head alone's, measured
+    the same way on the same images, by at least `margin` (and by something)."""
+    gain = tuned - base
+    if gain > 0 and gain >= margin:
+        return True, (
+            f"fine-tuned val accuracy {tuned:.4f} beats the head alone ({base:.4f}) by "
+            f"{gain:+.4f} >= margin {margin}"
+        )
+    return False, (
+        f"fine-tuned val accuracy {tuned:.4f} vs the head alone {base:.4f} ({gain:+.4f}) does not "
+        f"clear finetune.margin={margin}: the head-only model is kept"
+    )
+
+
+@dataclass
+class Images:
+    """One split's images as fine-tuning reads them."""
+
+    paths: list[Path]
+    shas: list[str]
+    labels: list[str]
+
+
+@dataclass
+class Tuned:
+    decision: dict
+    history: list[dict]
+    model: bytes  # the model file evaluate and export use: fine-tuned, or the head-only one as it was
+
+
+def checkpoint_key(
+    head: bytes, p: FinetuneParams, seed: int, balance: str, device: str, *splits: Images
+) -> str:
+    """What a checkpoint belongs to: the head-only model, the data, the params, the seed, the device,
+    and the code and libraries that train (derived, so a fix never resumes an old checkpoint)."""
+    data = hashlib.sha256()
+    for s in splits:
+        data.update("".join(s.shas).encode() + b"|" + "".join(s.labels).encode() + b"|")
+    return derive_key(
+        hashlib.sha256(head).hexdigest(),
+        p.model_dump(mode="json"),
+        [seed, balance, device],
+        data.hexdigest(),
+        code_hash("headstart.finetune", "headstart.training", "headstart.preprocess"),
+        library_versions("torch", "numpy", "pillow"),
+    )
+
+
+def tune(
+    head_file: Path,
+    train: Images,
+    val: Images,
+    p: FinetuneParams,
+    th: TrainHeadParams,
+    seed: int,
+    cache_dir: Path,
+) -> Tuned:
+    """The open gate: unfreeze the last blocks, train them with the head from the head-only model,
+    prove every other tensor unchanged, and keep the result only by the keep rule."""
+    start, device = time.perf_counter(), resolve_device(p.device)
+    model = load_model(head_file)
+    classes, spec = model.classes, model.backbone.spec
+    extractor = model.backbone.feature_extractor()
+    part = partition_backbone(extractor, p.unfreeze, spec.size)
+    before = fingerprint(frozen_tensors(extractor, part.trainable))
+    data = {}
+    for name, images in (("train", train), ("val", val)):
+        items = list(zip(images.shas, images.paths, strict=True))
+        x = run_prefix(
+            part.prefix, (x for _, x in decoded(spec, items, p.batch_size, f"prefix ({name})")), device
+        )
+        data[name] = (x, torch.tensor(np.array([classes.index(c) for c in images.labels], np.int64)))
+    head = copy.deepcopy(model.classifier.head)
+    weights = (
+        class_weights(data["train"][1].numpy(), len(classes)) if th.class_balance == "weighted" else None
+    )
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+    base_loss, base_acc = score(nn.Sequential(part.tail, head).to(device), data["val"], device, loss_fn)
+    key = checkpoint_key(head_file.read_bytes(), p, seed, th.class_balance, device, train, val)
+    checkpoint = cache_dir / "finetune" / key / "checkpoint.pt"
+    balanced = th.class_balance == "sampler"  # the same choice as the head's training
+    result = fit(part, head, data["train"], data["val"], p, seed, device, weights, checkpoint, key, balanced)
+    after = fingerprint(frozen_tensors(extractor, part.trainable))
+    if moved := changed(before, after):
+        raise HeadstartError(
+            f"finetune: {len(moved)} tensors that must stay frozen changed (e.g. {moved[:3]}); "
+            "the model is not saved"
+        )
+    best = result.history[result.best_epoch - 1]
+    kept, reason = keep(best["val_accuracy"], base_acc, p.margin)
+    decision = {
+        "finetuned": kept,
+        "reason": reason,
+        "gate_open": True,
+        "val_accuracy_head_only": base_acc,
+        "val_loss_head_only": base_loss,
+        "val_accuracy_finetuned": best["val_accuracy"],
+        "val_loss_finetuned": best["val_loss"],
+        "unfrozen": part.unfrozen,
+        "trainable_parameters": int(sum(part.params[n].numel() for n in part.trainable)),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "resumed_from_epoch": result.resumed_from,
+        "device": device,
+        "amp": p.amp and device == "cuda",
+        "frozen_check": {"tensors": len(after), "sha256": digest(after), "unchanged": True},
+        "wall_s": round(time.perf_counter() - start, 2),
+    }
+    blob = head_file.read_bytes()
+    if kept:
+        state = extractor.state_dict()
+        blob = model_bytes(
+            model.backbone,
+            result.head,
+            classes,
+            th,
+            backbone_state={n: state[n] for n in part.trainable},
+            extra={"finetune": {"unfrozen": part.unfrozen, "frozen_sha256": digest(after)}},
+        )
+    shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    return Tuned(decision, result.history, blob)
+
+
+def to_markdown(d: dict) -> str:
+    """The fine-tuning decision for a Prefect artifact and the MLflow run."""
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    g = d["gate"]
+    lines = [
+        f"# Fine-tuning: {'kept' if d['finetuned'] else 'not used'}",
+        "",
+        d["reason"],
+        "",
+        f"Gate: {g['n_train']} training images (min {g['min_train_images']}), domain verdict "
+        f"{g['domain_verdict']} (require shifted: {g['require_shifted']}); gate "
+        f"{'open' if d['gate_open'] else 'closed'}.",
+        "",
+        f"Validation accuracy: head only {f(d['val_accuracy_head_only'])}, fine-tuned "
+        f"{f(d['val_accuracy_finetuned'])}.",
+    ]
+    if d["gate_open"]:
+        lines += [
+            "",
+            f"Unfrozen: {', '.join(d['unfrozen'])} ({d['trainable_parameters']:,} parameters); "
+            f"{d['epochs_run']} epochs on {d['device']}, best {d['best_epoch']}, {d['wall_s']} s; "
+            f"{d['frozen_check']['tensors']} frozen tensors unchanged.",
+        ]
+    return "\n".join(lines) + "\n"

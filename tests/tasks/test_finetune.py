@@ -83,9 +83,15 @@ def test_frozen_tensors_and_batchnorm_stay_bit_identical(base, monkeypatch):
             m.register_forward_pre_hook(lambda mod, _a: seen_training.append(mod.training))
         return original(split, *args, **kwargs)
 
-    monkeypatch.setattr("tasks.finetune.fit", spy)
+    monkeypatch.setattr("headstart.finetune.fit", spy)
     # the tiny head is already perfect on validation: a weak baseline makes the fine-tune the keeper
-    monkeypatch.setattr("tasks.finetune.score", lambda *a: (9.9, 0.0))
+    real_score, calls = ft.score, []
+
+    def weak_baseline(*args, **kwargs):  # the first score is the head alone's, before any epoch
+        calls.append(1)
+        return (9.9, 0.0) if len(calls) == 1 else real_score(*args, **kwargs)
+
+    monkeypatch.setattr("headstart.finetune.score", weak_baseline)
     cfg = _cfg(base, "finetune.min_train_images=0", "finetune.margin=0", "finetune.unfreeze=2")
     finetune(cfg)
     d = _decision(cfg)
@@ -150,7 +156,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(base, monkeypatch):
 
 
 def test_a_checkpoint_of_other_inputs_is_refused(base, tmp_path):
-    split = ft.split_backbone(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten()), 1, 4)
+    split = ft.partition_backbone(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten()), 1, 4)
     head = torch.nn.Linear(32, 2)
     model = torch.nn.Sequential(split.tail, head)
     opt = torch.optim.AdamW(model.parameters())
@@ -163,7 +169,7 @@ def test_a_checkpoint_of_other_inputs_is_refused(base, tmp_path):
         ft._restore(path, "key-b", model, opt, sched, scaler, torch.Generator())
 
 
-def test_split_backbone_computes_what_the_extractor_computes(tiny_weights):
+def test_partition_backbone_computes_what_the_extractor_computes(tiny_weights):
     from headstart.backbones import load_backbone
     from tests.conftest import TINY_BACKBONE
 
@@ -172,13 +178,16 @@ def test_split_backbone_computes_what_the_extractor_computes(tiny_weights):
     size = backbone.spec.size
     x = torch.randn(2, 3, size, size)
     for unfreeze in (1, 2, "all"):
-        split = ft.split_backbone(extractor, unfreeze, size)
+        split = ft.partition_backbone(extractor, unfreeze, size)
         with torch.no_grad():
             assert torch.allclose(split.tail(split.prefix(x)), extractor(x), atol=1e-5)
         assert split.trainable and not any("bn" in n for n in split.trainable)
-    assert ft.split_backbone(extractor, "all", size).unfrozen == ft.split_backbone(extractor, 1, size).units
+    assert (
+        ft.partition_backbone(extractor, "all", size).unfrozen
+        == ft.partition_backbone(extractor, 1, size).units
+    )
     with pytest.raises(HeadstartError, match="units"):
-        ft.split_backbone(extractor, 99, size)
+        ft.partition_backbone(extractor, 99, size)
 
 
 def test_warmup_then_cosine():
