@@ -287,10 +287,10 @@ class Registry:
             m = pd.read_parquet(local, columns=["sha256", "split"])
         return seen(m)
 
-    def move_aliases(self, version: str, promoted: bool, champion: str | None, best: bool) -> None:
+    def move_aliases(self, version: str, promoted: bool, champion: str | None, best: str | None) -> None:
         """The alias protocol after a decision, one call each and `champion` before `best`, so a crash
         leaves exactly one champion: promoted -> `previous` = the old champion, `champion` = version,
-        `best` too when it is the best so far, no `challenger`; rejected -> `challenger` = version."""
+        `best` = best (the best champion so far), no `challenger`; rejected -> `challenger` = version."""
         if not promoted:
             self.set_alias("challenger", version)
             return
@@ -299,8 +299,8 @@ class Registry:
         if champion is not None:
             self.set_alias("previous", champion)
         self.set_alias("champion", version)
-        if best:
-            self.set_alias("best", version)
+        if best is not None:
+            self.set_alias("best", best)
         if self.alias("challenger") == version:
             self.delete_alias("challenger")
 

@@ -41,15 +41,17 @@ def promote(cfg: Params, version: str | None = None, model_name: str | None = No
     version = str(version or _registered(cfg, name) or registry.latest())
     mv = registry.version(version)
     run = registry.run(mv.run_id)
-    champion, best = registry.alias("champion"), registry.alias("best")
+    champion = registry.alias("champion")
+    best = registry.alias("best") or champion  # a registry from before `best`: its champion is the reference
     checks = gates(run.data.tags, run.data.metrics, cfg.promote)
     d = {"model_name": name, "version": version, "champion_version": champion, "best_version": best}
     d.update(gates=checks, margin=cfg.promote.margin, comparison=None, best_comparison=None, note="")
     if champion not in (None, version) and all(g["passed"] for g in checks.values()):
         d.update(_evidence(cfg, registry, version, champion, best))
-    promoted, reason = decide(checks, d["comparison"], cfg.promote.margin, d["note"], d["best_comparison"])
     if champion == version:
         promoted, reason = True, f"v{version} already holds alias champion"
+    else:
+        promoted, reason = decide(checks, d["comparison"], d["margin"], d["note"], d["best_comparison"])
     d.update(promoted=promoted, reason=reason)
     markdown = to_markdown(d)
     with directory(cfg.stage_dir("promote")) as out:
@@ -59,7 +61,7 @@ def promote(cfg: Params, version: str | None = None, model_name: str | None = No
     registry.tag(version, version_tags(d))
     registry.log_text(mv.run_id, markdown, "promote/comparison.md")
     new_best = becomes_best(promoted, d["comparison"], d["best_comparison"])
-    registry.move_aliases(version, promoted, champion, new_best)
+    registry.move_aliases(version, promoted, champion, version if new_best else best)
     return PromoteResult(promoted, name, version, registry.alias("champion"), reason)
 
 

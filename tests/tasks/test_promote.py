@@ -330,3 +330,16 @@ def test_only_images_neither_version_trained_on_count(world):
         f"Clean evidence: {both} of {len(m)} current images"
         in (cfg.stage_dir("promote") / "summary.md").read_text()
     )
+
+
+def test_a_registry_from_before_best_takes_its_champion_as_the_reference(world):
+    cfg = world["pipeline"]("legacy", "register.model_name=legacy", "promote.margin=1.0", run=False)
+    shutil.copytree(world["good"].project.artifacts_dir, cfg.project.artifacts_dir)
+    register(cfg)
+    promote(cfg)
+    mlflow.MlflowClient(cfg.mlflow.tracking_uri).delete_registered_model_alias("legacy", "best")
+    shutil.rmtree(cfg.project.artifacts_dir)
+    shutil.copytree(world["bad"].project.artifacts_dir, cfg.project.artifacts_dir)
+    register(cfg)
+    worse = promote(cfg)  # promoted only because margin=1.0; the good v1 stays the reference
+    assert worse.promoted and _aliases(cfg, "legacy") == {"champion": "2", "previous": "1", "best": "1"}
