@@ -174,6 +174,7 @@ class PromoteParams(Section):
     margin: float = Field(0.02, ge=0.0)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     n_bootstrap: int = Field(2000, ge=100)
+    min_clean_images: int = Field(30, ge=2)
 
 
 class ScheduleParams(Section):

@@ -1,16 +1,113 @@
-"""Promotion by evidence: the challenger against the champion on the same test images.
+"""Promotion by evidence: the challenger against the champion on images neither has seen.
 
 On a few hundred test images one accuracy figure is noise, so "newer and higher" is no rule. Both
-models predict the same images; a paired bootstrap of the accuracy difference gives a confidence
-interval, and the challenger is promoted when its lower bound clears -margin (not worse, with
-confidence). McNemar's exact test on the discordant pairs is reported beside it.
+models predict the same images, and only images that neither version trained or validated on count
+(a changed seed or fraction would otherwise put the champion's training images into the test split).
+A paired bootstrap of the accuracy difference gives a confidence interval; the challenger is promoted
+when its lower bound clears -margin (not worse, with confidence) against the champion and against the
+best champion so far (alias `best`), so a chain of slightly worse versions cannot drift down
+unnoticed. McNemar's exact test on the discordant pairs is reported beside it.
 """
 
 from __future__ import annotations
 
-import math
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+
+from headstart import HeadstartError
+from headstart.config import PromoteParams
+from headstart.metrics import classification_metrics
+
+TRAINED_SPLITS = ("train", "val")  # what a version has seen: the rest of its manifest is fair evidence
+_BOOTSTRAP_CELLS = 1_000_000  # resamples x images per batch: a peak near 70 MB at any data size
+
+
+@dataclass
+class Predictions:
+    """One registered version's top-1 predictions on the comparison images."""
+
+    version: str
+    classes: list[str]
+    pred: np.ndarray  # index into classes, one per image
+
+
+def gates(tags: Mapping[str, str], metrics: Mapping[str, float], p: PromoteParams) -> dict[str, dict]:
+    """Each gate from what the version's own MLflow run recorded (its tags and metrics)."""
+    verdict = tags.get("domain.verdict", "not recorded")
+    accuracy = metrics.get("test_accuracy")
+    return {
+        "validation": {
+            "passed": tags.get("validate.success") == "true",
+            "detail": f"validate.success={tags.get('validate.success', 'not recorded')}",
+        },
+        "domain": {
+            "passed": verdict in p.allowed_verdicts,
+            "detail": f"verdict {verdict}; allowed {', '.join(p.allowed_verdicts)}",
+        },
+        "export_parity": {
+            "passed": tags.get("export.parity_passed") == "true",
+            "detail": f"export.parity_passed={tags.get('export.parity_passed', 'not recorded')}",
+        },
+        "test_metric": {
+            "passed": accuracy is not None and accuracy >= p.min_test_accuracy,
+            "detail": f"test accuracy {accuracy if accuracy is None else round(accuracy, 4)} "
+            f"(floor {p.min_test_accuracy})",
+        },
+    }
+
+
+def seen(manifest: pd.DataFrame) -> frozenset[str]:
+    """The sha256s a version trained or validated on, from the manifest its run logged."""
+    return frozenset(manifest.loc[manifest["split"].isin(TRAINED_SPLITS), "sha256"])
+
+
+def clean_rows(rows: pd.DataFrame, seen_by: Iterable[frozenset[str]]) -> pd.DataFrame:
+    """The images whose content no compared version has seen: the only fair evidence between them."""
+    excluded = frozenset().union(*seen_by)
+    return rows[~rows["sha256"].isin(excluded)].reset_index(drop=True)
+
+
+def too_few(n_clean: int, n_rows: int, versions: Sequence[str], p: PromoteParams) -> str:
+    """Why a comparison on n_clean images is refused, or '' when there are enough."""
+    if n_clean >= p.min_clean_images:
+        return ""
+    return (
+        f"too few clean images: {n_clean} of {n_rows} current images were seen by none of "
+        f"{', '.join(f'v{v}' for v in versions)} in training or validation "
+        f"(promote.min_clean_images={p.min_clean_images}); add new images to compare on"
+    )
+
+
+def compare(
+    labels: Sequence[str],
+    new: Predictions,
+    old: Predictions,
+    p: PromoteParams,
+    seed: int,
+    role: str = "champion",
+) -> dict:
+    """new vs old (the `role` alias's version) on the same images: the paired bootstrap, McNemar and
+    both models' metrics; HeadstartError when their classes differ."""
+    if sorted(new.classes) != sorted(old.classes):
+        raise HeadstartError(f"v{old.version} predicts {old.classes}, v{new.version} predicts {new.classes}")
+    classes = new.classes
+    old_pred = np.array([classes.index(old.classes[i]) for i in old.pred], dtype=int)  # same names, any order
+    y = np.array([classes.index(c) for c in labels], dtype=int)
+    return {
+        **paired_bootstrap(y, new.pred, old_pred, p.n_bootstrap, p.confidence, seed),
+        "version_new": new.version,
+        "version_old": old.version,
+        "role": role,
+        "mcnemar": mcnemar(y, new.pred, old_pred),
+        "models": {
+            f"v{new.version} (new)": {**classification_metrics(y, new.pred, classes), "classes": classes},
+            f"v{old.version} ({role})": {**classification_metrics(y, old_pred, classes), "classes": classes},
+        },
+    }
 
 
 def paired_bootstrap(
@@ -22,14 +119,26 @@ def paired_bootstrap(
     seed: int = 0,
 ) -> dict:
     """Accuracy difference new - old with a percentile CI from resampling images (pairs kept)."""
+    from scipy.stats import bootstrap
+
     y, pred_new, pred_old = map(np.asarray, (y, pred_new, pred_old))
     right_new, right_old = (pred_new == y).astype(np.float64), (pred_old == y).astype(np.float64)
     diff = right_new - right_old
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), size=(n, len(y)))
-    samples = diff[idx].mean(1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    if len(y) > 1:
+        ci = bootstrap(
+            (right_new, right_old),
+            lambda a, b, axis: (a - b).mean(axis),
+            paired=True,
+            vectorized=True,
+            n_resamples=n,
+            batch=max(1, _BOOTSTRAP_CELLS // len(y)),
+            confidence_level=confidence,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
+        low, high = ci.low, ci.high
+    else:  # one image: no spread to resample
+        low = high = diff.mean() if len(y) else float("nan")
     return {
         "accuracy_new": float(right_new.mean()),
         "accuracy_old": float(right_old.mean()),
@@ -44,40 +153,76 @@ def paired_bootstrap(
 
 def mcnemar(y: np.ndarray, pred_new: np.ndarray, pred_old: np.ndarray) -> dict:
     """Exact two-sided McNemar test: b = only the old model right, c = only the new one right."""
+    from scipy.stats import binomtest
+
     y, pred_new, pred_old = map(np.asarray, (y, pred_new, pred_old))
     b = int(((pred_old == y) & (pred_new != y)).sum())
     c = int(((pred_old != y) & (pred_new == y)).sum())
-    m = b + c
-    if m == 0:
-        p = 1.0
-    else:
-        k = min(b, c)
-        tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
-        p = min(1.0, 2 * tail)
+    p = binomtest(c, b + c, 0.5).pvalue if b + c else 1.0
     return {"only_old_right": b, "only_new_right": c, "p_value": float(p)}
 
 
 def decide(
-    gates: dict[str, dict], comparison: dict | None, margin: float, note: str = ""
+    gates: dict[str, dict], comparison: dict | None, margin: float, note: str = "", best: dict | None = None
 ) -> tuple[bool, str]:
-    """(promote?, reason). Every gate must pass; then no champion -> promote; else the CI's lower
-    bound must clear -margin; a comparison that could not be made never promotes."""
+    """(promote?, reason). Every gate must pass; then no champion -> promote; else the CI's lower bound
+    of new - champion must clear -margin, and so must that of new - best (the best champion so far,
+    when another version holds it): steps each within the margin cannot add up to more than it. A
+    comparison that could not be made never promotes."""
     failed = [name for name, g in gates.items() if not g["passed"]]
     if failed:
         return False, "gate failed: " + "; ".join(f"{n} ({gates[n]['detail']})" for n in failed)
     if comparison is None:
         return (False, note) if note else (True, "no champion yet: the first model that passes every gate")
-    low = comparison["ci_low"]
-    if low >= -margin:
-        return True, (
-            f"not worse with {comparison['confidence']:.0%} confidence: accuracy difference "
-            f"{comparison['difference']:+.4f}, CI [{low:+.4f}, {comparison['ci_high']:+.4f}], lower bound "
-            f">= -{margin}"
+    if comparison["ci_low"] < -margin:
+        return False, f"could be worse: {_interval(comparison)}, lower bound < -{margin}"
+    if best is not None and best["ci_low"] < -margin:
+        return False, (
+            f"drift: not worse than the champion, but against the best champion so far "
+            f"v{best.get('version_old', '?')} {_interval(best)}, lower bound < -{margin} "
+            "(promote.margin bounds the total loss of a chain of promotions)"
         )
-    return False, (
-        f"could be worse: accuracy difference {comparison['difference']:+.4f}, CI [{low:+.4f}, "
-        f"{comparison['ci_high']:+.4f}], lower bound < -{margin}"
+    against_best = f"; against the best v{best.get('version_old', '?')}: {_interval(best)}" if best else ""
+    return True, (
+        f"not worse with {comparison['confidence']:.0%} confidence: {_interval(comparison)}, lower bound "
+        f">= -{margin}{against_best}"
     )
+
+
+def _interval(c: dict) -> str:
+    return f"accuracy difference {c['difference']:+.4f}, CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+
+
+def becomes_best(promoted: bool, comparison: dict | None, best: dict | None) -> bool:
+    """A new champion takes alias `best` when it is at least as accurate as the best so far on the
+    clean images they share (`best` None: the champion is the best); the first champion always."""
+    if not promoted:
+        return False
+    reference = best if best is not None else comparison
+    return reference is None or reference["difference"] >= 0
+
+
+def version_tags(decision: dict) -> dict[str, str]:
+    """The decision as model-version tags: what `promotion.*` records in the registry."""
+    c, b = decision.get("comparison"), decision.get("best_comparison")
+    tags = {
+        "promotion.decision": "champion" if decision["promoted"] else "challenger",
+        "promotion.reason": decision["reason"],
+        "promotion.champion_before": decision["champion_version"] or "none",
+        "promotion.best_before": decision.get("best_version") or "none",
+        "promotion.gates": json.dumps({k: g["passed"] for k, g in decision["gates"].items()}),
+    }
+    if decision.get("clean"):
+        tags["promotion.clean_images"] = str(decision["clean"]["n_images"])
+    for prefix, cmp_ in (("promotion", c), ("promotion.best", b)):
+        if cmp_:
+            tags |= {
+                f"{prefix}.ci_low": f"{cmp_['ci_low']:.4f}",
+                f"{prefix}.ci_high": f"{cmp_['ci_high']:.4f}",
+                f"{prefix}.difference": f"{cmp_['difference']:.4f}",
+                f"{prefix}.mcnemar_p": f"{cmp_['mcnemar']['p_value']:.4g}",
+            }
+    return tags
 
 
 def to_markdown(decision: dict) -> str:
@@ -95,37 +240,48 @@ def to_markdown(decision: dict) -> str:
             for n, g in decision["gates"].items()
         ],
     ]
-    cmp_, models = decision.get("comparison"), decision.get("models", {})
-    if cmp_:
-        mc = decision["mcnemar"]
+    clean = decision.get("clean")
+    if clean:
         lines += [
             "",
-            f"Paired on {cmp_['n_images']} test images: accuracy {cmp_['accuracy_new']:.4f} (new) vs "
-            f"{cmp_['accuracy_old']:.4f} (champion v{decision['champion_version']}), difference "
-            f"{cmp_['difference']:+.4f}, {cmp_['confidence']:.0%} CI "
-            f"[{cmp_['ci_low']:+.4f}, {cmp_['ci_high']:+.4f}] ({cmp_['n_bootstrap']} paired bootstrap "
-            f"resamples); McNemar: {mc['only_new_right']} images only the new model gets right, "
-            f"{mc['only_old_right']} only the champion, p = {mc['p_value']:.4g}.",
+            f"Clean evidence: {clean['n_images']} of {clean['n_current']} current images were seen by "
+            f"none of {', '.join(f'v{v}' for v in clean['versions'])} in training or validation.",
         ]
-    if models:
-        names = list(models)
-        classes = models[names[0]]["classes"]
-        lines += ["", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for key in ("accuracy", "macro_f1"):
-            lines.append(f"| {key} | " + " | ".join(f"{models[n][key]:.4f}" for n in names) + " |")
-        for c in classes:
-            for key in ("precision", "recall", "f1"):
-                lines.append(
-                    f"| {c} {key} | "
-                    + " | ".join(f"{models[n]['per_class'][c][key]:.4f}" for n in names)
-                    + " |"
-                )
-        for n in names:
-            m = models[n]["confusion_matrix"]
-            lines += ["", f"Confusion matrix, {n} (rows: actual, columns: predicted)", ""]
-            lines += ["| | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
-            lines += [
-                f"| {c} | " + " | ".join(str(v) for v in row) + " |"
-                for c, row in zip(classes, m, strict=True)
-            ]
+    for cmp_ in (decision.get("comparison"), decision.get("best_comparison")):
+        if cmp_:
+            lines += ["", _paragraph(cmp_)]
+    if decision.get("comparison"):
+        lines += _tables(decision["comparison"]["models"])
     return "\n".join(lines) + "\n"
+
+
+def _paragraph(c: dict) -> str:
+    mc = c["mcnemar"]
+    return (
+        f"Against the {c['role']} v{c['version_old']}, paired on {c['n_images']} images: accuracy "
+        f"{c['accuracy_new']:.4f} (new) vs {c['accuracy_old']:.4f}, difference {c['difference']:+.4f}, "
+        f"{c['confidence']:.0%} CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] ({c['n_bootstrap']} paired "
+        f"bootstrap resamples); McNemar: {mc['only_new_right']} images only the new model gets right, "
+        f"{mc['only_old_right']} only v{c['version_old']}, p = {mc['p_value']:.4g}."
+    )
+
+
+def _tables(models: dict) -> list[str]:
+    names = list(models)
+    classes = models[names[0]]["classes"]
+    lines = ["", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in ("accuracy", "macro_f1"):
+        lines.append(f"| {key} | " + " | ".join(f"{models[n][key]:.4f}" for n in names) + " |")
+    for c in classes:
+        for key in ("precision", "recall", "f1"):
+            lines.append(
+                f"| {c} {key} | " + " | ".join(f"{models[n]['per_class'][c][key]:.4f}" for n in names) + " |"
+            )
+    for n in names:
+        m = models[n]["confusion_matrix"]
+        lines += ["", f"Confusion matrix, {n} (rows: actual, columns: predicted)", ""]
+        lines += ["| | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        lines += [
+            f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(classes, m, strict=True)
+        ]
+    return lines

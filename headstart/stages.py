@@ -41,7 +41,7 @@ STAGES: tuple[Stage, ...] = (
         "validate",
         deps=("prepare/manifest.parquet",),
         outs=(MANIFEST, "validate/quarantine.csv", "validate/report.json"),
-        params=("project.seed", "prepare.val_fraction", "prepare.test_fraction", "validate"),
+        params=("validate",),  # the splits are prepare's, read from its manifest
         artifact="data-validation",
     ),
     Stage(

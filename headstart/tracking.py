@@ -259,3 +259,59 @@ class Registry:
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self._call("log artifact", self.client.log_text, run_id, text, path)
+
+    def trained_on(self, version: str) -> frozenset[str]:
+        """The sha256s `version` trained or validated on, from the validate/manifest.parquet its run
+        logged (register); a version without one cannot be compared on clean evidence."""
+        import tempfile
+
+        import pandas as pd
+
+        from headstart.promotion import seen
+
+        run_id = self.version(version).run_id
+        listed = self._call(f"artifacts of v{version}", self.client.list_artifacts, run_id, "validate")
+        if "validate/manifest.parquet" not in {a.path for a in listed or ()}:
+            raise HeadstartError(
+                f"v{version}'s MLflow run {run_id} has no validate/manifest.parquet: what it trained on is "
+                "unknown, so no image is clean evidence against it"
+            )
+        with tempfile.TemporaryDirectory(prefix="headstart-manifest-") as dest:
+            local = self._call(
+                f"download v{version}'s manifest",
+                self.client.download_artifacts,
+                run_id,
+                "validate/manifest.parquet",
+                dest,
+            )
+            m = pd.read_parquet(local, columns=["sha256", "split"])
+        return seen(m)
+
+    def move_aliases(self, version: str, promoted: bool, champion: str | None, best: str | None) -> None:
+        """The alias protocol after a decision, one call each and `champion` before `best`, so a crash
+        leaves exactly one champion: promoted -> `previous` = the old champion, `champion` = version,
+        `best` = best (the best champion so far), no `challenger`; rejected -> `challenger` = version."""
+        if not promoted:
+            self.set_alias("challenger", version)
+            return
+        if champion == version:
+            return
+        if champion is not None:
+            self.set_alias("previous", champion)
+        self.set_alias("champion", version)
+        if best is not None:
+            self.set_alias("best", best)
+        if self.alias("challenger") == version:
+            self.delete_alias("challenger")
+
+    def roll_back(self) -> tuple[str, str | None]:
+        """`champion` back to the version holding `previous`, the demoted one becomes `previous`;
+        `best` stays, the reference later versions must not fall behind. (new champion, demoted)."""
+        previous, current = self.alias("previous"), self.alias("champion")
+        if previous is None:
+            raise HeadstartError(f"{self.name}: no version holds alias previous; nothing to roll back to")
+        self.tag(previous, {"promotion.rollback_from": current or "none"})
+        self.set_alias("champion", previous)
+        if current is not None:
+            self.set_alias("previous", current)
+        return previous, current

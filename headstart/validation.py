@@ -9,7 +9,6 @@ be trained on go to the quarantine with a reason; nothing in the user's folder i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +43,12 @@ def validate_manifest(
     manifest: pd.DataFrame,
     p: ValidateParams,
     docs_dir: Path | None,
-    resplit: Callable[[pd.DataFrame], pd.Series] | None = None,
 ) -> Validation:
-    """Flag, quarantine, run the suites; Data Docs HTML into docs_dir when given.
-
-    `resplit` re-assigns the usable images' splits (prepare's assign_splits, same seed): every hash
-    split stays, but a small class whose only val/test image was quarantined lends another one.
-    """
+    """Flag, quarantine, run the suites; Data Docs HTML into docs_dir when given. The splits stay
+    prepare's: each image's split is its own (assign_splits), so quarantining one moves no other."""
     files = flag_files(manifest, p)
     quarantine = quarantine_reasons(files, p)
     clean = files[files["readable"] & ~files["path"].isin(quarantine["path"])].copy()
-    if resplit is not None and len(clean):
-        clean["split"] = resplit(clean)
     tables = {"files": files, "images": clean, **class_tables(clean, p)}
     results = run_suites(tables, expectations(p), docs_dir, p.max_examples)
     failed = [r["name"] for r in results if not r["success"] and r["level"] == "fail"]

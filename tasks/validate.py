@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from headstart.atomic import FAILED, directory, write_json, write_text
 from headstart.config import Params
-from headstart.data.manifest import assign_splits
 from headstart.validation import ValidationFailed, failure_message, to_markdown, validate_manifest
 from tasks import _inputs
 
@@ -23,14 +22,8 @@ class ValidateResult:
 def validate(cfg: Params) -> ValidateResult:
     manifest = _inputs.prepared_manifest(cfg)
     final = cfg.stage_dir("validate")
-    pp, seed = cfg.prepare, cfg.project.seed
     with directory(final) as out:
-        v = validate_manifest(
-            manifest,
-            cfg.validate,
-            out / "data_docs",
-            lambda m: assign_splits(m, pp.val_fraction, pp.test_fraction, seed),
-        )
+        v = validate_manifest(manifest, cfg.validate, out / "data_docs")
         v.clean.to_parquet(out / "manifest.parquet", index=False)
         v.quarantine.to_csv(out / "quarantine.csv", index=False)
         write_json(out / "report.json", v.report)

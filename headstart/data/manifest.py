@@ -67,27 +67,17 @@ def _skip_reason(path: Path, rel: str, real_root: Path, exts: set[str]) -> str |
 
 
 def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
-    """train/val/test from each image's content hash: adding images never moves existing ones.
+    """train/val/test from each image's content hash alone: u = sha256("seed:sha256") as a number in
+    [0, 1); test when u < test_fraction, val when u < test_fraction + val_fraction, else train.
 
-    Stratified in expectation (each class is split by the same hash thresholds). A class with at least
-    3 images that drew no val or test image lends its lowest-hash training image, so small classes are
-    still measured; once a class is large enough this never triggers and the split is purely by hash.
+    An image's split depends on nothing else, so it never changes as images are added or removed
+    (same seed and fractions), and copies of one file always share a split. Classes are split in
+    expectation only: a small class may draw no val or test image, which validation reports
+    (validate.min_per_class) rather than moving images here, as that would move them again later.
     """
-    u = manifest["sha256"].map(lambda s: _unit(f"{seed}:{s}"))
-    split = pd.Series(
-        np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train")),
-        index=manifest.index,
-        dtype=object,
-    )
-    for _, idx in manifest.groupby("label").groups.items():
-        if len(idx) < 3:
-            continue
-        for name, fraction in (("test", test_fraction), ("val", val_fraction)):
-            if fraction > 0 and not (split[idx] == name).any():
-                train = {manifest.at[i, "sha256"]: u[i] for i in idx if split[i] == "train"}
-                if len(train) > 1:  # lend by content, so every copy of a file moves together
-                    split[manifest["sha256"] == min(train, key=train.get)] = name
-    return split
+    u = manifest["sha256"].map(lambda s: _unit(f"{seed}:{s}")).to_numpy(dtype=float)
+    split = np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+    return pd.Series(split, index=manifest.index, dtype=object)
 
 
 def _unit(text: str) -> float:

@@ -1,5 +1,6 @@
 """promote on a real MLflow registry (sqlite, and a real tracking server on loopback): first model,
-better, worse, failed gates, rollback, models that cannot be compared, an unreachable server."""
+better, worse, drift against `best`, clean evidence, failed gates, rollback, models that cannot be
+compared, an unreachable server."""
 
 from __future__ import annotations
 
@@ -35,7 +36,12 @@ def world(tmp_path_factory, tiny_weights):
     """Two trained pipelines on the same data: a good head and a deliberately bad one."""
     root = tmp_path_factory.mktemp("promote")
     data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
-    base = [*tiny_overrides(root, data, tiny_weights), "register.model_name=promo"]
+    # 9 test images here; the comparisons below need a floor that tiny data can meet
+    base = [
+        *tiny_overrides(root, data, tiny_weights),
+        "register.model_name=promo",
+        "promote.min_clean_images=5",
+    ]
 
     def pipeline(name: str, *extra: str, run: bool = True):
         cfg = load_params(None, [*base, f"project.artifacts_dir={root / name}", *extra])
@@ -72,18 +78,18 @@ def test_champion_challenger_and_rollback(world):
     # the bad head first -> champion: there is no champion yet
     first = promote(bad)
     assert first.promoted and first.champion == b and "no champion yet" in first.reason
-    assert _aliases(bad) == {"champion": b}
+    assert _aliases(bad) == {"champion": b, "best": b}
 
     # the good head beats it on the same test images -> champion, the bad one -> previous
     second = promote(good)
     assert second.promoted and second.champion == g and "not worse" in second.reason
-    assert _aliases(good) == {"champion": g, "previous": b}
+    assert _aliases(good) == {"champion": g, "previous": b, "best": g}
     tags = _version_tags(good, g)
     assert tags["promotion.decision"] == "champion" and float(tags["promotion.ci_low"]) > 0
     assert float(tags["promotion.mcnemar_p"]) <= 1 and json.loads(tags["promotion.gates"])["export_parity"]
     decision = json.loads((good.stage_dir("promote") / "decision.json").read_text())
     n_test = json.loads((good.stage_dir("evaluate") / "metrics.json").read_text())["n"]
-    assert decision["comparison"]["n_images"] == n_test
+    assert decision["comparison"]["n_images"] == decision["clean"]["n_images"] == n_test  # same splits
     md = (good.stage_dir("promote") / "summary.md").read_text()
     assert f"v{g} (new)" in md and f"v{b} (champion)" in md and md.count("Confusion matrix") == 2
     client = mlflow.MlflowClient(good.mlflow.tracking_uri)
@@ -94,12 +100,32 @@ def test_champion_challenger_and_rollback(world):
     register(bad)
     third = promote(bad)  # the version from bad's new run.json
     assert third.version == "3" and not third.promoted and "could be worse" in third.reason
-    assert _aliases(bad) == {"champion": g, "previous": b, "challenger": "3"}
+    assert _aliases(bad) == {"champion": g, "previous": b, "challenger": "3", "best": g}
     assert _version_tags(bad, "3")["promotion.decision"] == "challenger"
 
-    # rollback: champion back to the previous version, and back again
+    # rollback: champion back to the previous version (`best` stays), and back again
     back = rollback(good)
-    assert back.champion == b and _aliases(good)["champion"] == b and _aliases(good)["previous"] == g
+    assert back.champion == b and _aliases(good) == {
+        "champion": b,
+        "previous": g,
+        "challenger": "3",
+        "best": g,
+    }
+    # the bad model again: no worse than the champion it equals, but worse than the best so far
+    register(bad)
+    drift = promote(bad)
+    assert (
+        not drift.promoted
+        and drift.reason.startswith("drift")
+        and f"best champion so far v{g}" in drift.reason
+    )
+    decision = json.loads((bad.stage_dir("promote") / "decision.json").read_text())
+    assert decision["comparison"]["difference"] == 0 and decision["best_comparison"]["difference"] < 0
+    assert (
+        decision["clean"]["versions"] == ["4", b, g]
+        and float(_version_tags(bad, "4")["promotion.best.ci_low"]) < 0
+    )
+    assert _aliases(bad) == {"champion": b, "previous": g, "challenger": "4", "best": g}
     rollback(good)
     assert _aliases(good)["champion"] == g
 
@@ -153,7 +179,7 @@ def test_a_champion_whose_artifact_is_gone_is_not_compared(world):
     register(cfg)
     result = promote(cfg)
     assert not result.promoted and "cannot compare with champion v1" in result.reason, (result, source)
-    assert _aliases(cfg, "lost") == {"champion": "1", "challenger": "2"}
+    assert _aliases(cfg, "lost") == {"champion": "1", "challenger": "2", "best": "1"}
 
 
 def test_an_unreachable_tracking_server_fails_clearly(world, monkeypatch):
@@ -265,4 +291,55 @@ def test_a_crash_while_moving_aliases_leaves_exactly_one_champion(world, monkeyp
         promote(cfg)
     assert _aliases(cfg, "crash")["champion"] == old  # still exactly one champion: the old one
     monkeypatch.undo()
-    assert promote(cfg).champion == new and _aliases(cfg, "crash") == {"champion": new, "previous": old}
+    assert promote(cfg).champion == new
+    assert _aliases(cfg, "crash") == {"champion": new, "previous": old, "best": new}
+
+
+def test_only_images_neither_version_trained_on_count(world):
+    """A version trained with another split (here: the good run's manifest re-split with another seed)
+    shares only some test images with the champion: the comparison uses just those, says how many,
+    and refuses when there are fewer than promote.min_clean_images."""
+    import pandas as pd
+
+    from headstart.data.manifest import assign_splits
+
+    cfg = world["pipeline"]("clean", "register.model_name=clean", run=False)
+    shutil.copytree(world["good"].project.artifacts_dir, cfg.project.artifacts_dir)
+    register(cfg)
+    assert promote(cfg).promoted  # v1: the good head, seed-0 splits
+    path = cfg.stage_dir("validate") / "manifest.parquet"
+    m = pd.read_parquet(path)
+    for seed in range(1, 100):  # a seed whose test split overlaps the old one in 2 to 4 images
+        split = assign_splits(m, 0.15, 0.2, seed)
+        both = int(((split == "test") & (m["split"] == "test")).sum())
+        if 2 <= both <= 4:
+            break
+    m.assign(split=split).to_parquet(path, index=False)
+    register(cfg)  # v2: what it trained on is the re-split manifest
+    refused = promote(cfg)
+    assert not refused.promoted and refused.reason.startswith(f"too few clean images: {both} of {len(m)}")
+    assert "v2, v1" in refused.reason and "promote.min_clean_images=5" in refused.reason
+    assert _aliases(cfg, "clean") == {"champion": "1", "best": "1", "challenger": "2"}
+
+    loose = cfg.model_copy(update={"promote": cfg.promote.model_copy(update={"min_clean_images": 2})})
+    result = promote(loose, version="2")
+    decision = json.loads((cfg.stage_dir("promote") / "decision.json").read_text())
+    assert decision["clean"] == {"n_images": both, "n_current": len(m), "versions": ["2", "1"]}
+    assert decision["comparison"]["n_images"] == both and result.promoted  # the same head: difference 0
+    assert (
+        f"Clean evidence: {both} of {len(m)} current images"
+        in (cfg.stage_dir("promote") / "summary.md").read_text()
+    )
+
+
+def test_a_registry_from_before_best_takes_its_champion_as_the_reference(world):
+    cfg = world["pipeline"]("legacy", "register.model_name=legacy", "promote.margin=1.0", run=False)
+    shutil.copytree(world["good"].project.artifacts_dir, cfg.project.artifacts_dir)
+    register(cfg)
+    promote(cfg)
+    mlflow.MlflowClient(cfg.mlflow.tracking_uri).delete_registered_model_alias("legacy", "best")
+    shutil.rmtree(cfg.project.artifacts_dir)
+    shutil.copytree(world["bad"].project.artifacts_dir, cfg.project.artifacts_dir)
+    register(cfg)
+    worse = promote(cfg)  # promoted only because margin=1.0; the good v1 stays the reference
+    assert worse.promoted and _aliases(cfg, "legacy") == {"champion": "2", "previous": "1", "best": "1"}

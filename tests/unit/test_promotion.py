@@ -1,11 +1,30 @@
-"""headstart.promotion: the paired bootstrap, McNemar, and the decision rule."""
+"""headstart.promotion: the paired bootstrap, McNemar, clean evidence, and the decision rule."""
 
 from __future__ import annotations
 
+import math
+import tracemalloc
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from headstart.promotion import decide, mcnemar, paired_bootstrap, to_markdown
+from headstart import HeadstartError
+from headstart.config import PromoteParams
+from headstart.promotion import (
+    Predictions,
+    becomes_best,
+    clean_rows,
+    compare,
+    decide,
+    gates,
+    mcnemar,
+    paired_bootstrap,
+    seen,
+    to_markdown,
+    too_few,
+    version_tags,
+)
 
 PASS = {"validation": {"passed": True, "detail": "ok"}, "domain": {"passed": True, "detail": "ok"}}
 
@@ -70,27 +89,173 @@ def test_gates_and_first_model():
     )
 
 
-def test_markdown_shows_both_models():
+def test_markdown_shows_both_models_and_the_clean_evidence():
     y, new, old = _preds(50, 0.9, 0.8)
-    from headstart.metrics import classification_metrics
-
+    labels = [("a", "b")[i] for i in y]
+    p = PromoteParams(n_bootstrap=100)
+    champion = compare(labels, Predictions("2", ["a", "b"], new), Predictions("1", ["a", "b"], old), p, 0)
+    best = compare(
+        labels, Predictions("2", ["a", "b"], new), Predictions("0", ["b", "a"], 1 - old), p, 0, "best"
+    )
     decision = {
         "model_name": "m",
         "version": "2",
         "champion_version": "1",
+        "best_version": "0",
         "promoted": True,
         "reason": "r",
         "gates": PASS,
-        "comparison": paired_bootstrap(y, new, old, n=100),
-        "mcnemar": mcnemar(y, new, old),
-        "models": {
-            "v2 (new)": {**classification_metrics(y, new, ["a", "b"]), "classes": ["a", "b"]},
-            "v1 (champion)": {**classification_metrics(y, old, ["a", "b"]), "classes": ["a", "b"]},
-        },
+        "clean": {"n_images": 50, "n_current": 80, "versions": ["2", "1", "0"]},
+        "comparison": champion,
+        "best_comparison": best,
     }
     md = to_markdown(decision)
+    assert "| metric | v2 (new) | v1 (champion) |" in md and md.count("Confusion matrix") == 2
+    assert "Against the champion v1" in md and "Against the best v0" in md and md.count("McNemar") == 2
+    assert "Clean evidence: 50 of 80 current images were seen by none of v2, v1, v0" in md
+    # the best's classes in another order are the same classes: identical predictions, same numbers
+    assert best["difference"] == champion["difference"] and best["ci_low"] == champion["ci_low"]
+    tags = version_tags(decision)
+    assert tags["promotion.clean_images"] == "50" and tags["promotion.best_before"] == "0"
+    assert float(tags["promotion.best.ci_low"]) == pytest.approx(best["ci_low"], abs=1e-4)
+
+
+# --- scipy gives the answers the hand-written versions gave -------------------------------------------
+
+
+def _old_bootstrap(y, pred_new, pred_old, n=2000, confidence=0.95, seed=0):
+    """The numpy implementation promotion used before scipy, kept as the reference."""
+    diff = (pred_new == y).astype(np.float64) - (pred_old == y).astype(np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n, len(y)))
+    alpha = (1 - confidence) / 2
+    return np.quantile(diff[idx].mean(1), [alpha, 1 - alpha])
+
+
+def _old_mcnemar_p(b: int, c: int) -> float:
+    m = b + c
+    return 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(b, c) + 1)) / 2**m)
+
+
+@pytest.mark.parametrize(
+    ("n", "acc_new", "acc_old", "seed"), [(7, 0.8, 0.7, 1), (301, 0.9, 0.8, 2), (1500, 0.7, 0.75, 3)]
+)
+def test_scipy_bootstrap_and_mcnemar_match_the_old_answers(n, acc_new, acc_old, seed):
+    y, new, old = _preds(n, acc_new, acc_old, seed)
+    r = paired_bootstrap(y, new, old, n=1000, confidence=0.9, seed=seed)
+    low, high = _old_bootstrap(y, new, old, 1000, 0.9, seed)
+    assert r["ci_low"] == pytest.approx(low, abs=1e-12) and r["ci_high"] == pytest.approx(high, abs=1e-12)
+    mc = mcnemar(y, new, old)
+    assert mc["p_value"] == pytest.approx(
+        _old_mcnemar_p(mc["only_old_right"], mc["only_new_right"]), rel=1e-9
+    )
+
+
+def test_fixed_inputs_give_fixed_numbers():
+    y = np.array([0, 1] * 20)
+    new, old = y.copy(), y.copy()
+    new[:3] = 1 - new[:3]  # 3 images only the old model gets right...
+    old[10:11] = 1 - old[10:11]  # ...1 only the new one
+    r = paired_bootstrap(y, new, old, n=500, seed=0)
+    # the values main computed with its numpy implementation before the move to scipy
+    assert (r["difference"], r["ci_low"], r["ci_high"]) == pytest.approx((-0.05, -0.15, 0.038125))
+    assert mcnemar(y, new, old) == {"only_old_right": 3, "only_new_right": 1, "p_value": pytest.approx(0.625)}
+
+
+def test_bootstrap_memory_stays_bounded_at_10k_images():
+    y, new, old = _preds(10_000, 0.9, 0.88)
+    tracemalloc.start()
+    try:
+        paired_bootstrap(y, new, old, n=2000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 120e6, peak  # all 2000 x 10k resamples at once would take 320 MB
+
+
+# --- drift: a chain of slightly worse versions --------------------------------------------------------
+
+
+def _worse(y: np.ndarray, pred: np.ndarray, share: float) -> np.ndarray:
+    """pred with `share` of all images, among those it gets right, turned wrong."""
+    out = pred.copy()
+    right = np.flatnonzero(out == y)
+    out[right[: round(share * len(y))]] = 1 - y[right[: round(share * len(y))]]
+    return out
+
+
+def test_a_chain_of_versions_each_worse_stops_before_losing_more_than_the_margin():
+    p = PromoteParams(n_bootstrap=500)  # margin 0.02
+    y = np.random.default_rng(0).integers(0, 2, 10_000)
+    labels = [("a", "b")[i] for i in y]
+    versions = {"1": np.where(np.arange(len(y)) % 10 == 0, 1 - y, y)}  # 90% right
+    for v in ("2", "3", "4"):
+        versions[v] = _worse(y, versions[str(int(v) - 1)], 0.015)
+    preds = {v: Predictions(v, ["a", "b"], pred) for v, pred in versions.items()}
+    champion, best, history = "1", "1", []
+    for v in ("2", "3", "4"):
+        vs_champion = compare(labels, preds[v], preds[champion], p, 0)
+        vs_best = compare(labels, preds[v], preds[best], p, 0, "best") if best != champion else None
+        promoted, reason = decide(PASS, vs_champion, p.margin, best=vs_best)
+        history.append((v, promoted, reason))
+        if promoted:
+            best = v if becomes_best(promoted, vs_champion, vs_best) else best
+            champion = v
+        assert not promoted or preds[v].pred.__eq__(y).mean() >= (versions["1"] == y).mean() - p.margin
+    assert [h[1] for h in history] == [True, False, False], history
+    assert history[0][2].startswith("not worse") and best == "1" and champion == "2"
+    assert history[1][2].startswith("drift") and "best champion so far v1" in history[1][2]
+    # each step alone is within the margin: without the best reference v3 would have been promoted
+    assert decide(PASS, compare(labels, preds["3"], preds["2"], p, 0), p.margin)[0]
+
+
+def test_becomes_best():
+    better, worse = {"difference": 0.01}, {"difference": -0.01}
+    assert becomes_best(True, None, None)  # the first champion
+    assert becomes_best(True, better, None) and not becomes_best(True, worse, None)
+    assert not becomes_best(True, better, worse) and becomes_best(True, worse, better)
+    assert not becomes_best(False, better, better)
+
+
+# --- clean evidence, gates -----------------------------------------------------------------------------
+
+
+def test_clean_rows_exclude_what_any_version_trained_or_validated_on():
+    rows = pd.DataFrame({"sha256": list("abcdef"), "label": ["x"] * 6, "split": ["test"] * 6})
+    champion = seen(pd.DataFrame({"sha256": list("abcz"), "split": ["train", "val", "test", "train"]}))
+    assert champion == frozenset("abz")
+    clean = clean_rows(rows, [champion, frozenset("d")])
+    assert list(clean["sha256"]) == ["c", "e", "f"]
+    p = PromoteParams(min_clean_images=4)
+    reason = too_few(len(clean), len(rows), ["2", "1"], p)
+    assert reason.startswith("too few clean images: 3 of 6") and "v2, v1" in reason
+    assert "promote.min_clean_images=4" in reason
+    assert too_few(4, 6, ["2", "1"], p) == ""
+    assert decide(PASS, None, 0.02, reason) == (False, reason)
+
+
+def test_models_with_other_classes_are_not_compared():
+    p = PromoteParams(n_bootstrap=100)
+    with pytest.raises(HeadstartError, match=r"v1 predicts \['a', 'c'\], v2 predicts"):
+        compare(
+            ["a", "b"],
+            Predictions("2", ["a", "b"], np.array([0, 1])),
+            Predictions("1", ["a", "c"], np.array([0, 1])),
+            p,
+            0,
+        )
+
+
+def test_gates_from_tags_and_metrics():
+    p = PromoteParams(min_test_accuracy=0.5, allowed_verdicts=["in_domain"])
+    tags = {"validate.success": "true", "domain.verdict": "shifted", "export.parity_passed": "true"}
+    g = gates(tags, {"test_accuracy": 0.6}, p)
+    assert {n: x["passed"] for n, x in g.items()} == {
+        "validation": True,
+        "domain": False,
+        "export_parity": True,
+        "test_metric": True,
+    }
     assert (
-        "| metric | v2 (new) | v1 (champion) |" in md
-        and "McNemar" in md
-        and md.count("Confusion matrix") == 2
+        not gates({}, {}, p)["test_metric"]["passed"]
+        and "not recorded" in gates({}, {}, p)["validation"]["detail"]
     )

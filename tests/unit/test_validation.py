@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -296,13 +295,17 @@ def test_too_few_images_per_split(tmp_path):
     v = validate_manifest(_prepare(root, tmp_path), ValidateParams(), docs_dir=None)
     assert not v.report["success"] and v.report["failed"] == ["min_per_class_per_split"]
     check = _check(v.report, "min_per_class_per_split")
-    # 3 images: the small-class rule lends one each to val and test, leaving at most 1 to train
-    assert check["count"] == 2
-    assert sorted(e.split(":")[0] for e in check["examples"]) == ["cat/train", "dog/train"]
-    for example in check["examples"]:
-        assert re.fullmatch(r"(cat|dog)/train: [01] images \(min 5\)", example)
+    # 3 images split by hash alone: cat draws 0 train, 1 val, 2 test; dog 3 train and no val or test
+    assert check["count"] == 4
+    assert sorted(e.split(":")[0] for e in check["examples"]) == [
+        "cat/train",
+        "dog/test",
+        "dog/train",
+        "dog/val",
+    ]
+    assert "dog/val: 0 images (min 1)" in check["examples"]
     message = failure_message(v.report, tmp_path / "report.json")
-    assert "min_per_class_per_split: 2 unexpected" in message and "cat/train" in message
+    assert "min_per_class_per_split: 4 unexpected" in message and "cat/train" in message
 
 
 def test_imbalance(tmp_path):
@@ -405,18 +408,17 @@ def test_labels_as_declared_message_names_the_labels(tmp_path):
     assert "owl" in message and "dog" in message
 
 
-def test_quarantining_a_small_class_s_only_val_image_lends_another(tmp_path):
+def test_quarantining_a_class_s_only_val_image_moves_no_other_image(tmp_path):
     root = make_folder(tmp_path / "data", per_class=8)
-    m = _prepare(root, tmp_path)
-    vals = m[(m["label"] == "cat") & (m["split"] == "val")]
-    assert len(vals) == 1  # a class this small draws its val image by lending
+    before = _prepare(root, tmp_path)
+    vals = before[(before["label"] == "cat") & (before["split"] == "val")]
+    assert len(vals) == 1
     only = vals["path"].iloc[0]
     shutil.copy(root / only, root / "dog" / "copy_of_cat.png")  # now a label conflict: quarantined
-    m = _prepare(root, tmp_path)
     params = ValidateParams(min_per_class={"train": 1, "val": 1, "test": 1})
-    without = validate_manifest(m, params, docs_dir=None)
-    assert "min_per_class_per_split" in without.report["failed"]
-    resplit = validate_manifest(m, params, None, lambda c: assign_splits(c, 0.15, 0.2, 0))
-    assert resplit.report["success"], resplit.report["failed"]
-    cats = resplit.clean[resplit.clean["label"] == "cat"]
-    assert only not in set(cats["path"]) and (cats["split"] == "val").sum() == 1
+    v = validate_manifest(_prepare(root, tmp_path), params, docs_dir=None)
+    assert "min_per_class_per_split" in v.report["failed"]
+    assert "cat/val: 0 images (min 1)" in _check(v.report, "min_per_class_per_split")["examples"]
+    kept = dict(zip(before["path"], before["split"], strict=True))
+    assert only not in set(v.clean["path"])
+    assert all(kept[p] == s for p, s in zip(v.clean["path"], v.clean["split"], strict=True))
