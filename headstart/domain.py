@@ -336,3 +336,28 @@ def to_markdown(report: dict) -> str:
         f"Action on mismatch: {report['on_mismatch']}; {report['n_images']} training images checked.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def build_report(
+    signals: dict, ref: dict, backbone: str, runtime: str, shared: int, on_mismatch: str
+) -> dict:
+    """The domain stage's report.json: the verdict against the calibrated reference, every signal,
+    the per-layer profile, and how many features the pass shared with train_head's cache."""
+    found, score = verdict(signals, ref)
+    report = {
+        "verdict": found,
+        "score": None if score is None else round(score, 4),
+        "on_mismatch": on_mismatch,
+        "n_images": signals["n_images"],
+        "backbone": backbone,
+        "runtime": runtime,
+        "features_shared": shared,
+        "thresholds": ref["thresholds"],
+        "reference": {k: ref[k] for k in ("auroc", "table") if k in ref}
+        | {"borrowed_from": ref.get("borrowed_from")},
+        "signals": {k: v for k, v in signals.items() if k != "profile"},
+        "profile": signals["profile"],
+    }
+    if signals["bn_layers"] == 0:
+        report["note"] = f"{backbone} has no BatchNorm layers: verdict from the pretrained head's confidence"
+    return report

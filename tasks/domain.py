@@ -8,7 +8,7 @@ from headstart import GateFailed
 from headstart.atomic import FAILED, directory, write_bytes, write_json, write_text
 from headstart.backbones import load_backbone
 from headstart.config import Params
-from headstart.domain import Probe, analyse, input_summary, profile_png, reference, to_markdown, verdict
+from headstart.domain import Probe, analyse, build_report, input_summary, profile_png, reference, to_markdown
 from headstart.features import Features
 from tasks import _inputs
 
@@ -36,25 +36,8 @@ def domain(cfg: Params) -> DomainResult:
     signals = analyse(features.probe(probe, paths, list(rows["sha256"])), probe.layers)
     signals.update(input_summary(rows, backbone.spec.size, backbone.spec.resize_to))
     ref = reference(backbone.name)
-    found, score = verdict(signals, ref)
-    report = {
-        "verdict": found,
-        "score": None if score is None else round(score, 4),
-        "on_mismatch": p.on_mismatch,
-        "n_images": signals["n_images"],
-        "backbone": backbone.name,
-        "runtime": features.runtime,
-        "features_shared": features.shared,  # put in the feature cache for train_head
-        "thresholds": ref["thresholds"],
-        "reference": {k: ref[k] for k in ("auroc", "table") if k in ref}
-        | {"borrowed_from": ref.get("borrowed_from")},
-        "signals": {k: v for k, v in signals.items() if k != "profile"},
-        "profile": signals["profile"],
-    }
-    if signals["bn_layers"] == 0:
-        report["note"] = (
-            f"{backbone.name} has no BatchNorm layers: verdict from the pretrained head's confidence"
-        )
+    report = build_report(signals, ref, backbone.name, features.runtime, features.shared, p.on_mismatch)
+    found = report["verdict"]
     final = cfg.stage_dir("domain")
     with directory(final) as out:
         write_json(out / "report.json", report)
@@ -64,7 +47,7 @@ def domain(cfg: Params) -> DomainResult:
                 out / "profile.png",
                 profile_png(
                     signals["profile"],
-                    ref["thresholds"],
+                    report["thresholds"],
                     f"{backbone.name}: {found}",
                     signals["input_mean"],
                     signals["input_std"],
@@ -73,7 +56,7 @@ def domain(cfg: Params) -> DomainResult:
         if found == "mismatch" and p.on_mismatch == "fail":
             raise DomainMismatch(
                 f"domain check: the training images are far from {backbone.name}'s pretraining data "
-                f"(score {report['score']} >= mismatch threshold {ref['thresholds']['mismatch_at']}); "
+                f"(score {report['score']} >= mismatch threshold {report['thresholds']['mismatch_at']}); "
                 f"transfer learning is unlikely to help: train from scratch or choose another backbone, "
                 f"or rerun with --set domain.on_mismatch=warn to go on anyway; "
                 f"see {final / FAILED / 'report.json'}"
