@@ -22,7 +22,7 @@ from tasks.export import export
 from tasks.finetune import finetune
 from tasks.prepare import prepare
 from tasks.promote import promote
-from tasks.register import record_failure, register
+from tasks.register import open_run, record_failure, register
 from tasks.train_head import train_head
 from tasks.validate import validate
 
@@ -75,9 +75,7 @@ def _transient(_task, _run, state) -> bool:
         exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
     except Exception:
         return False
-    if isinstance(exc, TransientError):
-        return True
-    return isinstance(exc, OSError) and not isinstance(exc, HeadstartError)
+    return isinstance(exc, TransientError)  # a tracking server down or failing (HTTP 5xx), nothing else
 
 
 def fingerprint(cfg, data_hash: str) -> str:
@@ -98,7 +96,7 @@ def training(
     tags = {"prefect.flow_run_id": str(flow_run.id)}
     state_file = cfg.project.cache_dir / "last_success.json"
     with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
-        results = {}
+        results, started = {}, time.time()  # the MLflow run's start: its duration is the pipeline's
         for stage, fn, artifact in STAGES:
             try:
                 results[stage] = _stage(fn, cfg)(cfg)
@@ -121,7 +119,13 @@ def training(
                         "reason": skipped,
                         "artifacts_dir": str(cfg.project.artifacts_dir),
                     }
-        results["register"] = _stage(register, cfg)(cfg, tags=tags)  # its own failure has no run to mark
+            if stage == "prepare":  # opened after the skip check, so a skipped run leaves no MLflow run
+                _stage(open_run, cfg)(cfg, tags=tags, started=started)
+        try:
+            results["register"] = _stage(register, cfg)(cfg, tags=tags)
+        except Exception as exc:
+            _record(cfg, "register", exc, tags)
+            raise
         _link(results["register"])
         if cfg.promote.enabled:
             try:

@@ -273,6 +273,10 @@ def _stage(args) -> int:
 
     cfg = load_params(args.params, _overrides(args))
     fn = getattr(importlib.import_module(f"tasks.{args.name}"), args.name)
+    if args.name == "prepare":  # under dvc repro the first stage opens the pipeline's MLflow run
+        from headstart.tracking import pipeline_run
+
+        pipeline_run(cfg, fresh=True)
     print(f"headstart {args.name}: {fn(cfg)}")
     return 0
 

@@ -19,6 +19,7 @@ from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
 from headstart.features import decoded
 from headstart.finetune import fit, run_prefix, score, split_backbone
+from headstart.tracking import curve_logger
 from headstart.training import (
     changed,
     class_weights,
@@ -130,6 +131,9 @@ def finetune(cfg: Params) -> FinetuneResult:
         checkpoint,
         key,
         balanced,
+        on_epoch=curve_logger(
+            cfg, "finetune", offset=_inputs.read_json(cfg, "train_head", "metrics.json")["epochs_run"]
+        ),
     )
     after = fingerprint(frozen_tensors(extractor, split.trainable))
     if moved := changed(before, after):
