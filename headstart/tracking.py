@@ -298,6 +298,10 @@ def _register(client, params: Params, run_id: str, onnx_path: Path, requirements
     import onnx
 
     name = params.register.model_name
+    # a logged model made here, in the run's experiment: log_model alone would put it in the
+    # active (default) experiment, as no run is active in the fluent API
+    exp_id = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(exp_id, name="model", source_run_id=run_id)
     with _using(uri):
         info = mlflow.onnx.log_model(
             onnx.load(onnx_path),
@@ -305,6 +309,7 @@ def _register(client, params: Params, run_id: str, onnx_path: Path, requirements
             pip_requirements=requirements,
             extra_files=[str(v) for v in variants] or None,
             run_id=run_id,
+            model_id=model.model_id,
         )
         if _call(uri, "get model", client.get_registered_model, name, missing_ok=True) is None:
             client.create_registered_model(name)

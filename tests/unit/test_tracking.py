@@ -172,6 +172,8 @@ def test_register_failed_once_after_the_version_was_made_and_retried_leaves_one_
     versions = _client(cfg).search_model_versions(f"name='{cfg.register.model_name}'")
     assert [str(v.version) for v in versions] == ["1"] and calls == [1]
     assert ids["model_version"] == "1" and versions[0].run_id == ids["run_id"]
+    model = _client(cfg).get_logged_model(versions[0].source.removeprefix("models:/"))
+    assert model.experiment_id == ids["experiment_id"]  # beside its run, not in the default experiment
 
 
 def test_a_server_down_mid_register_leaves_no_half_version(cfg, tmp_path, monkeypatch):
