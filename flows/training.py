@@ -17,7 +17,7 @@ from headstart.config import load_params
 from headstart.lock import exclusive
 from headstart.provenance import fingerprint_changes, run_fingerprint
 from headstart.stages import STAGES
-from tasks.register import record_failure
+from tasks.register import open_run, record_failure
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -56,9 +56,7 @@ def _transient(_task, _run, state) -> bool:
         exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
     except Exception:
         return False
-    if isinstance(exc, TransientError):
-        return True
-    return isinstance(exc, OSError) and not isinstance(exc, HeadstartError)
+    return isinstance(exc, TransientError)  # a tracking server down or failing (HTTP 5xx), nothing else
 
 
 @flow(name="training", log_prints=True)
@@ -74,11 +72,10 @@ def training(
     tags = {"prefect.flow_run_id": str(flow_run.id)}
     state_file = cfg.project.cache_dir / "last_success.json"
     with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
-        results, changed = {}, []
+        results, changed, started = {}, [], time.time()  # the MLflow run's start is the pipeline's
         for stage in STAGES:
             if stage.optional and not _enabled(cfg, stage.optional):
                 continue
-            # register's own failure has no run to mark FAILED; it carries the flow run's tags
             kwargs = {"tags": tags} if stage.name == "register" else {}
             try:
                 results[stage.name] = _stage(stage.function, cfg)(cfg, **kwargs)
@@ -86,7 +83,7 @@ def training(
             except Exception as exc:
                 if stage.artifact:
                     _publish(cfg, stage.name, stage.artifact, failed=isinstance(exc, GateFailed))
-                if stage.name not in ("register", "promote"):
+                if stage.name != "promote":  # the run a failed stage leaves is marked FAILED
                     _record(cfg, stage.name, exc, tags)
                 raise
             if stage.artifact:
@@ -107,6 +104,8 @@ def training(
                         "reason": skipped,
                         "artifacts_dir": str(cfg.project.artifacts_dir),
                     }
+            if stage.name == "prepare":  # opened after the skip check: a skipped run leaves no MLflow run
+                _stage(open_run, cfg)(cfg, tags=tags, started=started)
         reg = results["register"]
         fp = run_fingerprint(cfg, results["prepare"].data_hash)
         write_json(

@@ -276,6 +276,10 @@ def _stage(args) -> int:
     stage = get(args.name)
     with _writing(cfg):
         require(cfg, stage)
+        if args.name == "prepare":  # under dvc repro the first stage opens the pipeline's MLflow run
+            from headstart.tracking import pipeline_run
+
+            pipeline_run(cfg, fresh=True)
         print(f"headstart {args.name}: {stage.function(cfg)}")
     return 0
 

@@ -169,10 +169,12 @@ def fit(
     checkpoint: Path,
     key: str,
     balanced: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train tail + head on prefix outputs: discriminative learning rates, warm-up then cosine,
     gradient clipping, AMP on CUDA, early stopping on validation loss; a checkpoint after every
-    epoch, from which a killed run resumes to the same result as an uninterrupted one."""
+    epoch, from which a killed run resumes to the same result as an uninterrupted one. `on_epoch`
+    gets each epoch's history row as it is computed (live curves)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tail, head = split.tail.to(device), head.to(device)
@@ -238,6 +240,8 @@ def fit(
             }
         )
         bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}", refresh=False)
+        if on_epoch:
+            on_epoch(state["history"][-1])
         if val_loss < state["best"] - 1e-6:
             state.update(best=val_loss, best_epoch=epoch, waited=0)
             state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -385,6 +389,7 @@ def tune(
     th: TrainHeadParams,
     seed: int,
     cache_dir: Path,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> Tuned:
     """The open gate: unfreeze the last blocks, train them with the head from the head-only model,
     prove every other tensor unchanged, and keep the result only by the keep rule."""
@@ -410,7 +415,9 @@ def tune(
     key = checkpoint_key(head_file.read_bytes(), p, seed, th.class_balance, device, train, val)
     checkpoint = cache_dir / "finetune" / key / "checkpoint.pt"
     balanced = th.class_balance == "sampler"  # the same choice as the head's training
-    result = fit(part, head, data["train"], data["val"], p, seed, device, weights, checkpoint, key, balanced)
+    result = fit(
+        part, head, data["train"], data["val"], p, seed, device, weights, checkpoint, key, balanced, on_epoch
+    )
     after = fingerprint(frozen_tensors(extractor, part.trainable))
     if moved := changed(before, after):
         raise HeadstartError(

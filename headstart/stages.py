@@ -22,6 +22,9 @@ class Stage:
     files: tuple[str, ...] = ()  # package data it reads besides its code (derived from imports)
     artifact: str | None = None  # key of the Prefect markdown artifact made from its summary.md
     optional: str | None = None  # a boolean param that switches the stage off in the flow
+    # params of where it reports as it runs (live curves to MLflow): read, but no output depends on
+    # them, so DVC does not rerun the stage when they change
+    reports_to: tuple[str, ...] = ()
 
     @property
     def function(self) -> Callable:
@@ -67,6 +70,7 @@ STAGES: tuple[Stage, ...] = (
         # the domain pass put its features in the cache: which images it saw is an input here
         params=("project.seed", "train_head", "domain.max_images"),
         reads_data=True,
+        reports_to=("mlflow", "register.model_name"),
     ),
     Stage(
         "finetune",
@@ -74,6 +78,7 @@ STAGES: tuple[Stage, ...] = (
         outs=("finetune/model.pt", "finetune/decision.json", "finetune/history.json"),
         params=("project.seed", "train_head", "finetune"),  # a kept model stores train_head's params
         reads_data=True,
+        reports_to=("mlflow", "register.model_name"),
         artifact="finetune-decision",
     ),
     Stage(

@@ -1,14 +1,44 @@
-"""MLflow: one run per pipeline execution with everything it produced; the ONNX model registered."""
+"""MLflow: one run per pipeline execution, opened at its start, curves logged live, the ONNX registered.
+
+Retries live in one place, the Prefect flow (schedule.retries): this module classifies MLflow's errors
+by their error_code into TransientError (server down or failing: retried) and HeadstartError (the
+rest), and register is idempotent, so a retried stage never makes a second model version."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from headstart import HeadstartError, TransientError
+from headstart.atomic import write_json
 from headstart.config import Params, flatten
+
+# The flow's retries are the one retry layer; MLflow's own HTTP retries would multiply them (and by
+# default retry an unreachable server for minutes per call). Users may still set them.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+# error codes of a server that is down, overloaded or failing (HTTP 5xx, 429); MLflow gives an
+# unreachable server's connection error INTERNAL_ERROR
+TRANSIENT_CODES = frozenset(
+    {
+        "INTERNAL_ERROR",
+        "TEMPORARILY_UNAVAILABLE",
+        "DEADLINE_EXCEEDED",
+        "REQUEST_LIMIT_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+    }
+)
+# MLflow reports a missing alias as INVALID_PARAMETER_VALUE, a missing model or run as RESOURCE_DOES_NOT_EXIST
+MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(params: Params) -> str:
@@ -16,28 +46,57 @@ def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
 
 
-def log_pipeline_run(
-    params: Params,
-    metrics: dict[str, float],
-    artifacts: dict[str, Path],
-    onnx_path: Path,
-    tags: dict[str, str],
-    pip_requirements: list[str],
-    curves: list[tuple[str, float, int]] = (),
-    variants: list[Path] = (),
-) -> dict[str, str]:
-    """Log params, metrics, (key, value, step) curves, tags and artifacts, register the ONNX model
-    (other exported variants, e.g. model_fp16.onnx, ride in the same model version under
-    extra_files/); returns ids and the version."""
-    uri = tracking_uri(params)
-    with _using(uri):
-        return _log(params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, curves, variants)
+def classify(exc: BaseException, what: str, uri: str) -> BaseException:
+    """MLflow's failure as TransientError (retry may help) or HeadstartError (it will not), by error
+    code; anything MLflow did not raise (a bug) is returned as it is, to keep its traceback."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    text = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout) or (
+        isinstance(exc, MlflowException) and exc.error_code in TRANSIENT_CODES
+    ):
+        return TransientError(f"MLflow {uri} unreachable or failing ({what}): {text}")
+    if isinstance(exc, MlflowException):
+        return HeadstartError(f"MLflow {uri}: {what}: {text}")
+    return exc
+
+
+@contextmanager
+def _classified(what: str, uri: str) -> Iterator[None]:
+    try:
+        yield
+    except HeadstartError:
+        raise
+    except Exception as exc:
+        raise classify(exc, what, uri) from exc
+
+
+def _call(uri: str, what: str, fn, *args, missing_ok: bool = False, **kwargs):
+    """fn(*args, **kwargs), once; None when missing_ok and MLflow says the thing does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as exc:
+        if missing_ok and exc.error_code in MISSING_CODES:
+            return None
+        raise classify(exc, what, uri) from exc
+    except Exception as exc:
+        raise classify(exc, what, uri) from exc
+
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @contextmanager
 def _using(uri: str) -> Iterator[None]:
-    """Point MLflow at `uri` for this call only: set_tracking_uri also exports MLFLOW_TRACKING_URI,
-    which would otherwise override params.yaml for every later run and child process (dvc)."""
+    """Point MLflow's fluent API at `uri` for this call only: set_tracking_uri also exports
+    MLFLOW_TRACKING_URI, which would otherwise override params.yaml for every later run and child
+    process (dvc)."""
     import mlflow
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -48,65 +107,240 @@ def _using(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
-def _log(
-    params, metrics, artifacts, onnx_path, tags, pip_requirements, uri, curves, variants
-) -> dict[str, str]:
-    import time
+# --- the pipeline execution's run -------------------------------------------------------------
 
-    import mlflow
-    import mlflow.onnx
-    import onnx
+
+def run_file(params: Params) -> Path:
+    """Where the pipeline run's id travels between stages (under DVC each stage is its own process)."""
+    return params.project.artifacts_dir / "run" / "mlflow.json"
+
+
+def pipeline_run(
+    params: Params, tags: dict[str, str] | None = None, fresh: bool = False, started: float | None = None
+) -> str:
+    """The id of this pipeline execution's MLflow run: the one recorded in run_file(params) while it
+    is still RUNNING with the same params (a retried or resumed stage continues it), else a new
+    RUNNING run with the params logged, starting at `started` (epoch seconds; default now).
+    `fresh` (a new flow run) always opens a new one; a recorded run left RUNNING is marked KILLED."""
+    uri = tracking_uri(params)
+    client, digest = _client(uri), _params_digest(params)
+    with _classified("pipeline run", uri):
+        recorded = _recorded_run(client, params, uri)
+        if recorded is not None and recorded.info.status == "RUNNING":
+            if not fresh and recorded.data.tags.get("headstart.params_sha256") == digest:
+                if tags:
+                    client.log_batch(recorded.info.run_id, tags=_tags(tags))
+                return recorded.info.run_id
+            client.set_terminated(recorded.info.run_id, "KILLED")
+        exp_id = _experiment(client, params, uri)
+        start = int((started or time.time()) * 1000)
+        run = client.create_run(
+            exp_id, start_time=start, tags={**(tags or {}), "headstart.params_sha256": digest}
+        )
+        _log_params(client, run.info.run_id, params)
+    write_json(
+        run_file(params),
+        {
+            "run_id": run.info.run_id,
+            "tracking_uri": uri,
+            "experiment_id": exp_id,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start / 1000)),
+        },
+    )
+    return run.info.run_id
+
+
+def _recorded_run(client, params: Params, uri: str):
+    """The run named by run_file(params) if it is in this store and not deleted, else None."""
+    path = run_file(params)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("tracking_uri") != uri:
+        return None
+    run = _call(uri, "get run", client.get_run, record.get("run_id", ""), missing_ok=True)
+    return run if run is not None and run.info.lifecycle_stage == "active" else None
+
+
+def _params_digest(params: Params) -> str:
+    return hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tags(tags: dict[str, str]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+
+
+def _log_params(client, run_id: str, params: Params) -> None:
+    from mlflow.entities import Param
+
+    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):  # MLflow's batch limit for params
+        client.log_batch(run_id, params=flat[i : i + 100])
+
+
+def _experiment(client, params: Params, uri: str) -> str:
+    exp = _call(uri, "get experiment", client.get_experiment_by_name, params.mlflow.experiment)
+    if exp:
+        return exp.experiment_id
+    location = params.mlflow.artifact_location.resolve().as_uri()
+    return _call(uri, "create experiment", client.create_experiment, params.mlflow.experiment, location)
+
+
+def finish_run(params: Params, run_id: str, status: str = "FINISHED") -> None:
+    """End the pipeline run, so the next pipeline execution opens a new one."""
+    uri = tracking_uri(params)
+    _call(uri, f"end run {run_id}", _client(uri).set_terminated, run_id, status)
+
+
+def curve_logger(params: Params, phase: str, offset: int = 0) -> Callable[[dict], None]:
+    """An `on_epoch` callback for the fit loops: each epoch's row goes to the pipeline run as
+    curve.<key> at step offset + epoch while training runs. A tracking outage never costs a training
+    run: the first failure is a warning and the phase stops sending (register logs any missing steps
+    from history.json)."""
+    state: dict = {"run": None, "off": False}
+
+    def on_epoch(row: dict) -> None:
+        if state["off"]:
+            return
+        try:
+            if state["run"] is None:
+                state["run"] = pipeline_run(params)
+            _log_curves(params, state["run"], [row], offset)
+        except Exception as exc:
+            state["off"] = True
+            log.warning("%s: learning curves not sent to MLflow (%s); register logs them later", phase, exc)
+
+    return on_epoch
+
+
+def _log_curves(params: Params, run_id: str, history: list[dict], offset: int, skip: dict | None = None):
     from mlflow.entities import Metric
 
-    exp_id = _experiment(params, uri)
-    with mlflow.start_run(experiment_id=exp_id) as run:
-        mlflow.log_params(flatten(params))
-        mlflow.log_metrics(metrics)
-        now = int(time.time() * 1000)
-        history = [Metric(f"curve.{k}", v, now, step) for k, v, step in curves]
-        for i in range(0, len(history), 1000):  # MLflow's batch limit
-            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=history[i : i + 1000])
-        mlflow.set_tags(tags)
-        _log_artifacts(artifacts)
-        info = mlflow.onnx.log_model(
-            onnx.load(onnx_path),
-            name="model",
-            registered_model_name=params.register.model_name,
-            pip_requirements=pip_requirements,
-            extra_files=[str(v) for v in variants] or None,
-        )
+    now = int(time.time() * 1000)
+    rows = [
+        Metric(f"curve.{k}", float(v), now, offset + row["epoch"])
+        for row in history
+        for k, v in row.items()
+        if k != "epoch"
+        and isinstance(v, int | float)
+        and offset + row["epoch"] not in (skip or {}).get(k, ())
+    ]
+    uri = tracking_uri(params)
+    for i in range(0, len(rows), 1000):  # MLflow's batch limit for metrics
+        _call(uri, "log curves", _client(uri).log_batch, run_id, metrics=rows[i : i + 1000])
+
+
+def log_curves(params: Params, run_id: str, phases: list[tuple[list[dict], int]]) -> None:
+    """Each (history, offset) phase's curves, except the steps the run already has (logged live)."""
+    uri = tracking_uri(params)
+    client = _client(uri)
+    for history, offset in phases:
+        keys = {k for row in history for k in row if k != "epoch"}
+        have = {
+            k: {m.step for m in _call(uri, "curve history", client.get_metric_history, run_id, f"curve.{k}")}
+            for k in keys
+        }
+        _log_curves(params, run_id, history, offset, have)
+
+
+# --- register -----------------------------------------------------------------------------------
+
+
+def log_pipeline_run(
+    params: Params,
+    metrics: dict[str, float],
+    artifacts: dict[str, Path],
+    onnx_path: Path,
+    tags: dict[str, str],
+    pip_requirements: list[str],
+    variants: list[Path] = (),
+) -> dict[str, str]:
+    """Log metrics, tags and artifacts to the pipeline run and register its ONNX model (other exported
+    variants, e.g. model_fp16.onnx, ride in the same version under extra_files/); returns ids and the
+    version. Idempotent: a retried or rerun register of the same run finds the version it made and
+    returns it. The run stays RUNNING until finish_run."""
+    from mlflow.entities import Metric
+
+    uri, name = tracking_uri(params), params.register.model_name
+    client, run_id = _client(uri), pipeline_run(params)
+    with _classified("register", uri):
+        version = _version_of(client, name, run_id, uri)
+        if version is None:
+            now = int(time.time() * 1000)
+            scalars = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+            client.log_batch(run_id, metrics=scalars, tags=_tags(tags))
+            _log_artifacts(client, run_id, artifacts)
+            version = _register(client, params, run_id, onnx_path, pip_requirements, variants, uri)
+        exp_id = client.get_run(run_id).info.experiment_id
     return {
         "tracking_uri": uri,
         "experiment_id": exp_id,
-        "run_id": run.info.run_id,
-        "model_name": params.register.model_name,
-        "model_version": str(info.registered_model_version),
-        "model_uri": f"models:/{params.register.model_name}/{info.registered_model_version}",
+        "run_id": run_id,
+        "model_name": name,
+        "model_version": version,
+        "model_uri": f"models:/{name}/{version}",
     }
 
 
-def _experiment(params: Params, uri: str) -> str:
-    import mlflow
+def _version_of(client, name: str, run_id: str, uri: str) -> str | None:
+    """The version of `name` that `run_id` registered, if it did."""
+    found = _call(uri, "find version", client.search_model_versions, f"name='{name}' and run_id='{run_id}'")
+    return str(min(int(v.version) for v in found)) if found else None
 
-    try:
-        exp = mlflow.get_experiment_by_name(params.mlflow.experiment)
-        if exp:
-            return exp.experiment_id
-        return mlflow.create_experiment(
-            params.mlflow.experiment, artifact_location=params.mlflow.artifact_location.resolve().as_uri()
+
+def _register(client, params: Params, run_id: str, onnx_path: Path, requirements, variants, uri) -> str:
+    """The model is logged in full first, then one create_model_version call: a version exists
+    complete or not at all, whatever fails in between."""
+    import mlflow.onnx
+    import onnx
+
+    name = params.register.model_name
+    # a logged model made here, in the run's experiment: log_model alone would put it in the
+    # active (default) experiment, as no run is active in the fluent API
+    exp_id = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(exp_id, name="model", source_run_id=run_id)
+    with _using(uri):
+        info = mlflow.onnx.log_model(
+            onnx.load(onnx_path),
+            name="model",
+            pip_requirements=requirements,
+            extra_files=[str(v) for v in variants] or None,
+            run_id=run_id,
+            model_id=model.model_id,
         )
-    except Exception as exc:
-        raise HeadstartError(f"MLflow tracking store {uri} is not usable: {exc}") from None
+        if _call(uri, "get model", client.get_registered_model, name, missing_ok=True) is None:
+            client.create_registered_model(name)
+        # inside _using: the client resolves a models:/ source through the fluent tracking URI
+        made = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
+    return str(made.version)
 
 
-def _log_artifacts(artifacts: dict[str, Path]) -> None:
-    import mlflow
-
+def _log_artifacts(client, run_id: str, artifacts: dict[str, Path]) -> None:
     for dest, path in artifacts.items():
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=dest)
+            client.log_artifacts(run_id, str(path), artifact_path=dest)
         elif path.exists():
-            mlflow.log_artifact(str(path), artifact_path=dest)
+            client.log_artifact(run_id, str(path), artifact_path=dest)
+
+
+def log_failed_run(
+    params: Params, stage: str, error: str, artifacts: dict[str, Path], tags: dict[str, str]
+) -> str:
+    """The pipeline run (a new one if none is open) marked FAILED, saying which stage failed and why,
+    with the reports it left."""
+    uri = tracking_uri(params)
+    client, run_id = _client(uri), pipeline_run(params)
+    with _classified("record failure", uri):
+        client.log_batch(run_id, tags=_tags({**tags, "failed_stage": stage, "error": error}))
+        _log_artifacts(client, run_id, artifacts)
+        client.set_terminated(run_id, "FAILED")
+    return run_id
+
+
+# --- the registry, read back ------------------------------------------------------------------
 
 
 def _variant_file(variant: str) -> str:
@@ -123,8 +357,8 @@ def _variant_file(variant: str) -> str:
 def downloaded_model(uri: str, params: Params, variant: str = "fp32") -> Iterator[Path]:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> the local path of its ONNX file (`variant`
     fp32: the registered model.onnx; fp16: extra_files/model_fp16.onnx), through the MLflow registry
-    at tracking_uri(params); retried with backoff while the server is unreachable. The download is
-    a temporary folder, removed when the block ends (load the model inside it)."""
+    at tracking_uri(params). The download is a temporary folder, removed when the block ends (load
+    the model inside it). An unreachable server raises TransientError (the flow retries the stage)."""
     import tempfile
 
     _variant_file(variant)  # an unknown variant fails before any download
@@ -133,23 +367,19 @@ def downloaded_model(uri: str, params: Params, variant: str = "fp32") -> Iterato
 
 
 def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
-    import time
-
     import mlflow
 
     where = tracking_uri(params)
     with _using(where):
-        for attempt in range(4):
-            try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-                break
-            except Exception as exc:
-                text = str(exc)
-                if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or attempt == 3:
-                    raise HeadstartError(
-                        f"cannot resolve {uri} in {where}: {text.splitlines()[0][:300]}"
-                    ) from None
-                time.sleep(0.5 * 2**attempt)
+        local = Path(
+            _call(
+                where,
+                f"resolve {uri}",
+                mlflow.artifacts.download_artifacts,
+                artifact_uri=uri,
+                dst_path=str(dest),
+            )
+        )
     if local.is_file():
         return local
     want = local / _variant_file(variant)
@@ -162,61 +392,16 @@ def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
     return want
 
 
-def log_failed_run(
-    params: Params, stage: str, error: str, artifacts: dict[str, Path], tags: dict[str, str]
-) -> str:
-    """A run marked FAILED that says which stage failed and why, with the reports it left."""
-    import mlflow
-
-    uri = tracking_uri(params)
-    with _using(uri):
-        exp_id = _experiment(params, uri)
-        with mlflow.start_run(experiment_id=exp_id) as run:
-            mlflow.log_params(flatten(params))
-            mlflow.set_tags({**tags, "failed_stage": stage, "error": error[:5000]})
-            _log_artifacts(artifacts)
-            mlflow.end_run(status="FAILED")
-        return run.info.run_id
-
-
-# MLflow's REST client retries an unreachable server for minutes by default; fail sooner, clearly
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
 class Registry:
-    """The few model-registry operations promotion needs, each retried with backoff and turned into
-    a HeadstartError naming the store when it keeps failing."""
+    """The few model-registry operations promotion needs, each called once (the flow retries the
+    stage) with its failure classified: TransientError or HeadstartError naming the store."""
 
     def __init__(self, params: Params, name: str):
-        import mlflow
-
         self.uri, self.name = tracking_uri(params), name
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.client = _client(self.uri)
 
     def _call(self, what: str, fn, *args, missing_ok: bool = False, **kwargs):
-        import time
-
-        for attempt in range(3):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                text = str(exc)
-                if (
-                    "RESOURCE_DOES_NOT_EXIST" in text
-                    or "not found" in text.lower()
-                    or "INVALID_PARAMETER" in text
-                ):
-                    if missing_ok:
-                        return None
-                    raise HeadstartError(f"MLflow {self.uri}: {what}: {text.splitlines()[0][:300]}") from None
-                if attempt == 2:
-                    raise TransientError(
-                        f"MLflow {self.uri} unreachable or failing ({what}): {text.splitlines()[0][:300]}; "
-                        "nothing was changed in the registry by this step"
-                    ) from None
-                time.sleep(1.0 * 2**attempt)
+        return _call(self.uri, what, fn, *args, missing_ok=missing_ok, **kwargs)
 
     def alias(self, alias: str) -> str | None:
         """The version holding `alias`, or None."""

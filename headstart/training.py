@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,10 +85,12 @@ def fit_head(
     p: TrainHeadParams,
     seed: int,
     views: np.ndarray | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[nn.Sequential, list[dict], int]:
     """Train the head on cached features; early stopping on validation loss; returns the best head.
     `views` (n, K, F): features of K augmented views per training image; each epoch shows every
-    image once, as its original or one of its views, drawn by the seeded generator."""
+    image once, as its original or one of its views, drawn by the seeded generator. `on_epoch` gets
+    each epoch's history row as it is computed (live curves)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     head = make_head(x_train.shape[1], num_classes, p.hidden, p.dropout)
@@ -123,6 +126,8 @@ def fit_head(
             {"epoch": epoch, "train_loss": total / len(yt), "val_loss": val_loss, "val_accuracy": val_acc}
         )
         bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}", refresh=False)
+        if on_epoch:
+            on_epoch(history[-1])
         if val_loss < best - 1e-6:
             best, best_epoch, waited = val_loss, epoch, 0
             best_state = {k: v.clone() for k, v in head.state_dict().items()}

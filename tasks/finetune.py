@@ -10,6 +10,7 @@ from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
 from headstart.finetune import Images, Tuned, gate, to_markdown, tune
+from headstart.tracking import curve_logger
 from tasks import _inputs
 
 
@@ -47,7 +48,9 @@ def finetune(cfg: Params) -> FinetuneResult:
     elif not val.paths:
         raise HeadstartError("finetune needs a validation split to decide; raise prepare.val_fraction")
     else:
-        tuned = tune(head_file, train, val, p, cfg.train_head, cfg.project.seed, cfg.project.cache_dir)
+        epochs = _inputs.read_json(cfg, "train_head", "metrics.json")["epochs_run"]  # one step axis
+        live = curve_logger(cfg, "finetune", offset=epochs)
+        tuned = tune(head_file, train, val, p, cfg.train_head, cfg.project.seed, cfg.project.cache_dir, live)
     d = {**tuned.decision, "gate": inputs}
     with directory(cfg.stage_dir("finetune")) as out:
         write_bytes(out / "model.pt", tuned.model)

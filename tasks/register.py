@@ -1,4 +1,4 @@
-"""register: one MLflow run holding the pipeline's params, metrics, reports and the registered ONNX."""
+"""register: the pipeline's MLflow run completed (metrics, reports, the registered ONNX) and finished."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class RegisterResult:
 
 
 def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
-    from headstart.tracking import log_pipeline_run
+    from headstart.tracking import finish_run, log_curves, log_pipeline_run
 
     parity = _inputs.read_json(cfg, "export", "parity.json")
     if not parity.get("passed"):
@@ -75,23 +75,22 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         root / "export" / EXPORT_FILES["fp32"],
         all_tags,
         _runtime_requirements(),
-        curves(
-            _inputs.read_json(cfg, "train_head", "history.json"),
-            _inputs.read_json(cfg, "finetune", "history.json"),
-        ),
         [root / "export" / EXPORT_FILES[v] for v in parity["registered"] if v != "fp32"],
     )
+    head = _inputs.read_json(cfg, "train_head", "history.json")
+    tuned = _inputs.read_json(cfg, "finetune", "history.json")
+    log_curves(cfg, ids["run_id"], [(head, 0), (tuned, len(head))])  # what was not logged live
     write_json(cfg.stage_dir("register") / "run.json", ids)
+    finish_run(cfg, ids["run_id"])  # last: until here a retry reuses the run and its version
     return RegisterResult(**ids)
 
 
-def curves(head: list[dict], tune: list[dict]) -> list[tuple[str, float, int]]:
-    """Both phases' learning curves on one step axis: fine-tuning's epochs continue the head's."""
-    out = []
-    for offset, history in ((0, head), (len(head), tune)):
-        for row in history:
-            out += [(k, float(v), offset + row["epoch"]) for k, v in row.items() if k != "epoch"]
-    return out
+def open_run(cfg: Params, tags: dict[str, str] | None = None, started: float | None = None) -> str:
+    """A new MLflow run for this pipeline execution, started at `started` (the flow's start): later
+    stages log to it, register finishes it."""
+    from headstart.tracking import pipeline_run
+
+    return pipeline_run(cfg, tags=tags, fresh=True, started=started)
 
 
 def record_failure(cfg: Params, stage: str, error: str, tags: dict[str, str] | None = None) -> str:

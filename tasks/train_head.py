@@ -12,6 +12,7 @@ from headstart.atomic import directory, write_json
 from headstart.backbones import load_backbone
 from headstart.config import Params
 from headstart.features import Features
+from headstart.tracking import curve_logger
 from headstart.training import changed, digest, fingerprint, fit_head, frozen_tensors, save_model
 from tasks import _inputs
 
@@ -46,7 +47,13 @@ def train_head(cfg: Params) -> TrainHeadResult:
             views, n = features.views(paths, list(rows["sha256"]), p.augment_views, cfg.project.seed)
             computed, seconds = computed + n, seconds + (time.perf_counter() - start if n else 0.0)
     head, history, best_epoch = fit_head(
-        *data["train"], *data["val"], len(classes), p, cfg.project.seed, views=views
+        *data["train"],
+        *data["val"],
+        len(classes),
+        p,
+        cfg.project.seed,
+        views=views,
+        on_epoch=curve_logger(cfg, "train_head"),
     )
     after = fingerprint(frozen_tensors(backbone.model, []))
     if moved := changed(before, after):

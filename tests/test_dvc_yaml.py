@@ -140,7 +140,7 @@ def test_dvc_deps_cover_every_module_the_stage_imports(dvc, stage):
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
 def test_stage_params_cover_every_param_its_code_reads(stage):
     read = set().union(*(params_read(p) for p in closure(stage)))
-    declared = set(stage.params)
+    declared = set(stage.params) | set(stage.reports_to)
     uncovered = sorted(
         f"{s}.{k}" if k else s
         for s, k in read

@@ -54,6 +54,8 @@ def test_flow_runs_every_stage_and_tags_the_mlflow_run(flow_run):
         )
     ]
     assert sorted(steps) == list(range(1, len(head) + decision["epochs_run"] + 1))  # one axis, both phases
+    prepared = (root / "artifacts" / "prepare" / "report.json").stat().st_mtime * 1000
+    assert run.info.start_time < prepared < run.info.end_time  # the run's duration is the pipeline's
 
 
 def test_flow_again_reuses_cached_features_and_registers_a_new_version(flow_run):

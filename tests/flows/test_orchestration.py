@@ -96,7 +96,7 @@ def test_only_transient_failures_are_retried():
         return SimpleNamespace(data=exc)
 
     assert _transient(None, None, state(TransientError("server down")))
-    assert _transient(None, None, state(OSError("disk hiccup")))
+    assert not _transient(None, None, state(OSError("disk hiccup")))  # only TransientError is retried
     assert not _transient(None, None, state(HeadstartError("bad data")))
     assert not _transient(None, None, state(ValueError("a bug")))
 

@@ -227,6 +227,22 @@ def test_register_logs_one_run_with_everything(pipeline):
     assert run_json["model_uri"] == "models:/tiny/1"
 
 
+def test_the_run_spans_training_and_holds_each_curve_point_once(pipeline):
+    """Curves were logged while train_head ran (the run opened then) and register did not re-log them."""
+    import mlflow
+
+    cfg, r = pipeline
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(r["register"].run_id)
+    epochs = json.loads((cfg.stage_dir("train_head") / "metrics.json").read_text())["epochs_run"]
+    tuned = len(json.loads((cfg.stage_dir("finetune") / "history.json").read_text()))
+    points = client.get_metric_history(run.info.run_id, "curve.val_loss")
+    assert epochs > 1 and sorted(m.step for m in points) == list(range(1, epochs + tuned + 1))
+    times = sorted(m.timestamp for m in points)  # one per epoch as it ended, not one batch at register
+    assert run.info.start_time <= times[0] < times[epochs - 1] < run.info.end_time
+    assert run.info.status == "FINISHED"
+
+
 def test_registered_model_loads_and_predicts(pipeline):
     import mlflow.onnx
 

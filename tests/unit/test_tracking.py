@@ -1,0 +1,210 @@
+"""tracking: errors classified by MLflow's error code, one pipeline run reused across stages, curves
+logged while training runs, and a register that, failed once and retried, leaves one version."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from headstart import HeadstartError, TransientError
+from headstart.config import load_params
+from headstart.tracking import (
+    classify,
+    curve_logger,
+    finish_run,
+    log_failed_run,
+    log_pipeline_run,
+    pipeline_run,
+    run_file,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (creating its tables takes seconds); each test has its own
+    experiment and model name in it."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def cfg(tmp_path, store, request):
+    return load_params(
+        None,
+        [
+            f"project.artifacts_dir={tmp_path / 'artifacts'}",
+            f"project.cache_dir={tmp_path / 'cache'}",
+            f"mlflow.tracking_uri=sqlite:///{store / 'mlflow.db'}",
+            f"mlflow.artifact_location={store / 'mlruns'}",
+            f"mlflow.experiment={request.node.name}",
+            f"register.model_name={request.node.name[-40:]}",
+        ],
+    )
+
+
+def _client(cfg):
+    import mlflow
+
+    return mlflow.MlflowClient(cfg.mlflow.tracking_uri, registry_uri=cfg.mlflow.tracking_uri)
+
+
+def _onnx(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "tiny", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _register(cfg, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    return log_pipeline_run(
+        cfg, {"test_accuracy": 0.9}, {"evaluate": report}, _onnx(tmp_path / "m.onnx"), {"t": "1"}, []
+    )
+
+
+def test_errors_are_classified_by_error_code_not_message():
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import (
+        INTERNAL_ERROR,
+        INVALID_PARAMETER_VALUE,
+        RESOURCE_DOES_NOT_EXIST,
+        TEMPORARILY_UNAVAILABLE,
+    )
+
+    def kind(exc):
+        return type(classify(exc, "x", "http://h"))
+
+    assert kind(MlflowException("model not found, try later", TEMPORARILY_UNAVAILABLE)) is TransientError
+    assert kind(MlflowException("API request failed: connection refused", INTERNAL_ERROR)) is TransientError
+    assert kind(MlflowException("bad", RESOURCE_DOES_NOT_EXIST)) is HeadstartError
+    assert kind(MlflowException("server unavailable", INVALID_PARAMETER_VALUE)) is HeadstartError
+    assert kind(requests.exceptions.ConnectionError("refused")) is TransientError
+    bug = ValueError("a bug")
+    assert classify(bug, "x", "http://h") is bug  # not MLflow's: kept as it is, with its traceback
+
+
+def test_the_pipeline_run_is_reused_until_finished(cfg):
+    first = pipeline_run(cfg, tags={"a": "1"})
+    assert pipeline_run(cfg) == first  # a later stage, another process: same run, from the file
+    assert json.loads(run_file(cfg).read_text())["run_id"] == first
+    assert _client(cfg).get_run(first).info.status == "RUNNING"
+    finish_run(cfg, first)
+    second = pipeline_run(cfg)  # the next pipeline execution
+    assert second != first and _client(cfg).get_run(first).info.status == "FINISHED"
+    third = pipeline_run(cfg, fresh=True)  # a new flow run abandons one left RUNNING
+    assert third != second and _client(cfg).get_run(second).info.status == "KILLED"
+    _client(cfg).delete_run(third)
+    assert pipeline_run(cfg) not in (first, second, third)
+
+
+def test_changed_params_open_a_new_run(cfg):
+    first = pipeline_run(cfg)
+    changed = cfg.model_copy(update={"project": cfg.project.model_copy(update={"seed": 7})})
+    assert pipeline_run(changed) != first
+    assert _client(cfg).get_run(first).info.status == "KILLED"
+
+
+def test_curves_reach_the_run_while_training_and_its_clock_started_before(cfg):
+    from headstart.training import fit_head
+
+    started = time.time() - 60  # the flow's start, a minute before training
+    run_id = pipeline_run(cfg, fresh=True, started=started)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 8)).astype(np.float32), np.arange(20) % 2
+    p = cfg.train_head.model_copy(update={"max_epochs": 5, "patience": 10, "hidden": 4})
+    seen = []
+
+    def probe(row):
+        logger(row)
+        seen.append(len(_client(cfg).get_metric_history(run_id, "curve.val_loss")))
+
+    logger = curve_logger(cfg, "train_head")
+    _, history, _ = fit_head(x, y, x, y, 2, p, 0, on_epoch=probe)
+    assert seen == [1, 2, 3, 4, 5]  # each epoch in MLflow as it ended, not at register
+    points = _client(cfg).get_metric_history(run_id, "curve.val_loss")
+    assert [m.step for m in points] == [1, 2, 3, 4, 5]
+    assert points[-1].value == pytest.approx(history[-1]["val_loss"])
+    run = _client(cfg).get_run(run_id)
+    assert run.info.start_time == int(started * 1000) < min(m.timestamp for m in points)
+
+
+def test_a_tracking_outage_never_stops_training(cfg, monkeypatch, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    logger = curve_logger(cfg, "finetune", offset=3)
+    for epoch in (1, 2):
+        logger({"epoch": epoch, "val_loss": 1.0})
+    assert sum("curves not sent" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_register_failed_once_after_the_version_was_made_and_retried_leaves_one_version(
+    cfg, tmp_path, monkeypatch
+):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    real = mlflow.MlflowClient.create_model_version
+    calls = []
+
+    def dies_after(self, *args, **kwargs):
+        version = real(self, *args, **kwargs)
+        calls.append(version.version)
+        if len(calls) == 1:  # the server went down before it answered
+            raise MlflowException("gateway timeout", TEMPORARILY_UNAVAILABLE)
+        return version
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_model_version", dies_after)
+    with pytest.raises(TransientError, match="unreachable or failing"):
+        _register(cfg, tmp_path)
+    ids = _register(cfg, tmp_path)  # the flow's retry
+    versions = _client(cfg).search_model_versions(f"name='{cfg.register.model_name}'")
+    assert [str(v.version) for v in versions] == ["1"] and calls == [1]
+    assert ids["model_version"] == "1" and versions[0].run_id == ids["run_id"]
+    model = _client(cfg).get_logged_model(versions[0].source.removeprefix("models:/"))
+    assert model.experiment_id == ids["experiment_id"]  # beside its run, not in the default experiment
+
+
+def test_a_server_down_mid_register_leaves_no_half_version(cfg, tmp_path, monkeypatch):
+    import mlflow
+    import requests
+
+    real = mlflow.MlflowClient.create_model_version
+    monkeypatch.setattr(
+        mlflow.MlflowClient,
+        "create_model_version",
+        lambda self, *a, **k: (_ for _ in ()).throw(requests.exceptions.ConnectionError("refused")),
+    )
+    with pytest.raises(TransientError):
+        _register(cfg, tmp_path)  # the model's files were uploaded; the version never made
+    assert _client(cfg).search_model_versions(f"name='{cfg.register.model_name}'") == []
+    monkeypatch.setattr(mlflow.MlflowClient, "create_model_version", real)
+    ids = _register(cfg, tmp_path)
+    versions = _client(cfg).search_model_versions(f"name='{cfg.register.model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    from headstart.tracking import downloaded_model
+
+    with downloaded_model(ids["model_uri"], cfg) as path:
+        assert path.name == "model.onnx" and path.stat().st_size > 0
+
+
+def test_a_failure_marks_the_pipeline_run_failed_not_another(cfg, tmp_path):
+    run_id = pipeline_run(cfg)
+    report = tmp_path / "validate"
+    report.mkdir()
+    (report / "report.json").write_text("{}")
+    assert log_failed_run(cfg, "validate", "bad data", {"validate": report}, {"x": "y"}) == run_id
+    run = _client(cfg).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "validate"
+    assert len(_client(cfg).search_runs([run.info.experiment_id])) == 1
