@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from headstart import GateFailed, HeadstartError, TransientError
 from headstart.atomic import FAILED, write_json
 from headstart.config import load_params
-from headstart.lock import exclusive
+from headstart.ops.lock import exclusive
 from headstart.provenance import fingerprint_changes, run_fingerprint
 from headstart.stages import STAGES
 from tasks.register import open_run, record_failure

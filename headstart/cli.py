@@ -181,7 +181,7 @@ def _validate(args) -> int:
 
 def _writing(cfg):
     """The project lock every writer of artifacts takes (the flow, each stage, these commands)."""
-    from headstart.lock import exclusive
+    from headstart.ops.lock import exclusive
 
     return exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s)
 
@@ -362,8 +362,8 @@ def _promote(args) -> int:
 
 
 def _server(args) -> int:
-    from headstart import server
     from headstart.config import load_params
+    from headstart.ops import server
 
     cfg = load_params(args.params, _overrides(args))
     if args.action == "start":
@@ -388,8 +388,8 @@ def _serve(args) -> int:
     """The training flow as a deployment with a cron schedule, served by this process (flow.serve)."""
     import os
 
-    from headstart import server
     from headstart.config import load_params
+    from headstart.ops import server
 
     cfg = load_params(args.params, _overrides(args))
     os.environ.setdefault("PREFECT_API_URL", server.prefect_api(cfg))

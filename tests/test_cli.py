@@ -94,7 +94,7 @@ def test_stage_without_inputs_fails_cleanly(tmp_path, capsys):
 
 def test_a_stage_refuses_while_a_flow_holds_the_project_lock(tmp_path, capsys):
     """dvc repro runs `headstart stage`: it must not overwrite artifacts a running flow is using."""
-    from headstart.lock import exclusive
+    from headstart.ops.lock import exclusive
 
     sets = ["--set", f"project.artifacts_dir={tmp_path}", "--set", f"project.cache_dir={tmp_path / 'c'}"]
     with exclusive(tmp_path / "c" / "run.lock"):  # what a flow run holds while it runs

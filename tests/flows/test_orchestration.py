@@ -52,7 +52,7 @@ def test_unchanged_data_is_skipped_and_new_data_retrains(
 def test_a_second_run_while_one_trains_is_refused_clearly(tmp_path, tiny_weights, prefect_harness):
     from flows.training import training
     from headstart.config import load_params
-    from headstart.lock import Busy, exclusive
+    from headstart.ops.lock import Busy, exclusive
 
     data = make_folder(tmp_path / "data", per_class=12)
     params = _params(tmp_path, data, tiny_weights)

@@ -56,8 +56,8 @@ def _wait_for(api: str, n: int, serve: subprocess.Popen, log: Path, timeout: flo
 
 
 def test_scheduled_runs_train_retrain_and_skip(tmp_path, tiny_weights, monkeypatch):
-    from headstart import server
     from headstart.config import load_params
+    from headstart.ops import server
 
     data = make_folder(tmp_path / "data", per_class=12)
     overrides = [

@@ -1,5 +1,7 @@
 """`headstart server`: a Prefect server and an MLflow tracking server on loopback, their state under
-the project folder (.headstart/), started in the background and stopped cleanly."""
+the project folder (.headstart/), started in the background and stopped cleanly. Prefect's own
+`server start --background` / `server stop` would do for Prefect alone; `mlflow server` has no such
+commands, so one mechanism runs both."""
 
 from __future__ import annotations
 
