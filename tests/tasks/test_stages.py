@@ -37,6 +37,18 @@ def pipeline(tmp_path_factory, tiny_weights):
     return cfg, results
 
 
+@pytest.fixture
+def own_copy(pipeline, tmp_path):
+    """The pipeline's artifacts copied for one test that rewrites them (the module's stay as written)."""
+    import shutil
+
+    cfg, _ = pipeline
+    shutil.copytree(cfg.project.artifacts_dir, tmp_path / "artifacts")
+    project = cfg.project.model_copy(update={"artifacts_dir": tmp_path / "artifacts"})
+    mlflow = cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    return cfg.model_copy(update={"project": project, "mlflow": mlflow})
+
+
 def test_prepare_writes_manifest_with_every_file(pipeline):
     cfg, r = pipeline
     out = cfg.stage_dir("prepare")
@@ -142,9 +154,8 @@ def test_train_head_writes_model_history_metrics(pipeline):
     assert metrics["val_accuracy"] >= 0.9  # class colours are trivially separable
 
 
-def test_train_head_again_uses_the_feature_cache(pipeline):
-    cfg, _ = pipeline
-    assert train_head(cfg).features_computed == 0
+def test_train_head_again_uses_the_feature_cache(own_copy):
+    assert train_head(own_copy).features_computed == 0
 
 
 def test_evaluate_metrics_and_confusion(pipeline):
@@ -204,15 +215,15 @@ def test_register_logs_one_run_with_everything(pipeline):
     assert run_json["model_uri"] == "models:/tiny/1"
 
 
-def test_registered_model_loads_and_predicts(pipeline):
+def test_registered_model_loads_and_predicts(pipeline, monkeypatch):
     import mlflow.onnx
 
     from headstart.runtime import Predictor
 
     cfg, r = pipeline
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    # undone after the test, even a failed one
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow.tracking_uri)
     proto = mlflow.onnx.load_model(r["register"].model_uri)
-    mlflow.set_tracking_uri(None)
     path = cfg.project.artifacts_dir.parent / "from_registry.onnx"
     path.write_bytes(proto.SerializeToString())
     probs = Predictor(path).predict([cfg.prepare.data_dir / "dog" / "dog_000.png"])
@@ -225,8 +236,8 @@ def test_no_temporary_folders_left(pipeline):
     assert leftovers == []
 
 
-def test_failed_parity_gate_stops_registration(pipeline, tmp_path):
-    cfg, _ = pipeline
+def test_failed_parity_gate_stops_registration(own_copy, pipeline):
+    cfg = own_copy
     tol = cfg.export.tolerances
     tight = tol.model_copy(update={"fp32": tol.fp32.model_copy(update={"max_abs_diff": 1e-30})})
     strict = cfg.model_copy(update={"export": cfg.export.model_copy(update={"tolerances": tight})})
@@ -235,7 +246,7 @@ def test_failed_parity_gate_stops_registration(pipeline, tmp_path):
     assert json.loads((cfg.stage_dir("export") / "parity.json").read_text())["passed"] is False
     with pytest.raises(HeadstartError, match="refusing to register"):
         register(cfg)
-    export(cfg)  # leave the module's artifacts as they were
+    assert json.loads((pipeline[0].stage_dir("export") / "parity.json").read_text())["passed"]  # untouched
 
 
 def test_stage_before_its_inputs_names_the_missing_file(tiny_params):
@@ -269,14 +280,14 @@ def test_one_class_passes_prepare_and_fails_validation(tmp_path, tiny_params):
         validate(cfg)
 
 
-def test_a_perturbed_export_fails_the_gate(pipeline, monkeypatch):
+def test_a_perturbed_export_fails_the_gate(own_copy, monkeypatch):
     """An ONNX file that disagrees with torch (one weight nudged after export) never passes."""
     import onnx
     from onnx import numpy_helper
 
     import headstart.export as ex
 
-    cfg, _ = pipeline
+    cfg = own_copy
     real = ex.export_onnx
 
     def perturbed(*args, **kwargs):
@@ -294,8 +305,6 @@ def test_a_perturbed_export_fails_the_gate(pipeline, monkeypatch):
         export(cfg)
     parity = json.loads((cfg.stage_dir("export") / "parity.json").read_text())
     assert parity["passed"] is False and parity["max_abs_logit_diff"] > 1e-3
-    monkeypatch.undo()
-    export(cfg)  # leave the module's artifacts as they were
 
 
 def test_predict_cli_matches_evaluate_and_reports_bad_files(pipeline, capsys, tmp_path):
