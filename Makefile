@@ -1,5 +1,8 @@
 # The two commands a newcomer types: `make run` (the demo pipeline) and `make test` (what CI runs).
 # Each sets up what it needs (.venv, packages, demo data) and is safe to run twice.
+# Two test lanes: `make test-fast` for the edit loop (no `slow` or `pretrained` tests: no servers, no
+# Prefect or DVC pipelines, no real weights; about 3 minutes on 2 busy cores) and `make test`, everything,
+# what CI runs (.ci/run), ending with the 15 slowest tests.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,13 +14,16 @@ PYTEST_ARGS ?=
 export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true GX_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 \
        PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: run test venv data repro bench lint clean
+.PHONY: run test test-fast venv data repro bench lint clean
 
 run: venv data  ## the demo: train, evaluate, export and register a model on the built-in data
 	$(BIN)/headstart run --data $(DATA)
 
-test: venv  ## the test suite (what CI runs)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: venv  ## the test suite, everything (what CI runs)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+test-fast: venv  ## the edit loop: unit tests and each stage on tiny data, without `slow` and `pretrained`
+	$(BIN)/python -m pytest -m "not slow and not pretrained" --durations=15 $(PYTEST_ARGS)
 
 venv: $(VENV)/.installed
 

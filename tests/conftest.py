@@ -92,6 +92,26 @@ def _no_ambient_mlflow(monkeypatch):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture(autouse=True)
+def _packaged_weights_need_the_marker(request, monkeypatch):
+    """Only tests marked `pretrained` load the packaged ImageNet weights: an unmarked one fails here,
+    naming the marker, instead of quietly slowing the fast lane (`make test-fast`) down."""
+    if request.node.get_closest_marker("pretrained"):
+        return
+    import headstart.backbones as backbones
+
+    real = backbones._builtin
+
+    def guarded(name, weights, sha):
+        if weights is None:
+            raise AssertionError(
+                f"this test loads the packaged {name} weights: mark it pytest.mark.pretrained"
+            )
+        return real(name, weights, sha)
+
+    monkeypatch.setattr(backbones, "_builtin", guarded)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run where a CUDA device exists and are reported as skipped elsewhere."""
     import torch

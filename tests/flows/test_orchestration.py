@@ -66,21 +66,55 @@ def test_a_second_run_while_one_trains_is_refused_clearly(tmp_path, tiny_weights
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_two_processes_started_together_one_trains(tmp_path, tiny_weights):
-    """Two `headstart run` processes on one project at the same moment: one trains, the other is
-    refused with the lock's message; the MLflow store is intact and holds one run."""
+def _park_hook(hook, parked, release) -> None:
+    """A sitecustomize for a subprocess's PYTHONPATH: once the run holds the project lock, it touches
+    `parked` and waits until `release` exists. Nothing in the package knows of it."""
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\n"
+        "from contextlib import contextmanager\n"
+        "from pathlib import Path\n"
+        "import headstart.lock\n"
+        "_exclusive = headstart.lock.exclusive\n"
+        "@contextmanager\n"
+        "def exclusive(*args, **kwargs):\n"
+        "    with _exclusive(*args, **kwargs):\n"
+        f"        Path({str(parked)!r}).touch()\n"
+        f"        while not Path({str(release)!r}).exists():\n"
+        "            time.sleep(0.1)\n"
+        "        yield\n"
+        "headstart.lock.exclusive = exclusive\n"
+    )
+
+
+def test_a_second_process_while_one_holds_the_lock_is_refused(tmp_path, tiny_weights):
+    """Two `headstart run` processes on one project: the first is parked holding the project lock, the
+    second, started only then, is refused with the lock's message (exit 2); the first, released, trains;
+    the MLflow store is intact and holds one run."""
+    import os
+    import time
+
     data = make_folder(tmp_path / "data", per_class=12)
     params = _params(tmp_path, data, tiny_weights)
     exe = [sys.executable, "-m", "headstart.cli", "run", "--params", str(params)]
-    procs = [
-        subprocess.Popen(exe, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=900) for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 2], outs
-    refused = next(err for (_, err), p in zip(outs, procs, strict=True) if p.returncode == 2)
-    assert "another headstart run" in refused
+    hook, parked, release = tmp_path / "hook", tmp_path / "parked", tmp_path / "release"
+    _park_hook(hook, parked, release)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    log = tmp_path / "first.log"  # a file, not a pipe: a parked process must never block on a full pipe
+    with open(log, "w") as out:
+        first = subprocess.Popen(exe, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None and not parked.exists():
+            time.sleep(0.2)
+        assert parked.exists() and first.poll() is None, (first.poll(), log.read_text()[-3000:])
+        second = subprocess.run(exe, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "another headstart run" in second.stderr, second
+    finally:
+        release.touch()  # never leave the first run parked, whatever failed
+        first.wait(timeout=900)
+    assert first.returncode == 0, log.read_text()[-3000:]
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("select count(*) from runs").fetchone()[0] == 1

@@ -37,6 +37,18 @@ def pipeline(tmp_path_factory, tiny_weights):
     return cfg, results
 
 
+@pytest.fixture
+def own_copy(pipeline, tmp_path):
+    """The pipeline's artifacts copied for one test that rewrites them (the module's stay as written)."""
+    import shutil
+
+    cfg, _ = pipeline
+    shutil.copytree(cfg.project.artifacts_dir, tmp_path / "artifacts")
+    project = cfg.project.model_copy(update={"artifacts_dir": tmp_path / "artifacts"})
+    mlflow = cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    return cfg.model_copy(update={"project": project, "mlflow": mlflow})
+
+
 def test_prepare_writes_manifest_with_every_file(pipeline):
     cfg, r = pipeline
     out = cfg.stage_dir("prepare")
@@ -163,9 +175,8 @@ def test_train_head_writes_model_history_metrics(pipeline):
     assert metrics["val_accuracy"] >= 0.9  # class colours are trivially separable
 
 
-def test_train_head_again_uses_the_feature_cache(pipeline):
-    cfg, _ = pipeline
-    assert train_head(cfg).features_computed == 0
+def test_train_head_again_uses_the_feature_cache(own_copy):
+    assert train_head(own_copy).features_computed == 0
 
 
 def test_evaluate_metrics_and_confusion(pipeline):
@@ -243,15 +254,15 @@ def test_the_run_spans_training_and_holds_each_curve_point_once(pipeline):
     assert run.info.status == "FINISHED"
 
 
-def test_registered_model_loads_and_predicts(pipeline):
+def test_registered_model_loads_and_predicts(pipeline, monkeypatch):
     import mlflow.onnx
 
     from headstart.runtime import Predictor
 
     cfg, r = pipeline
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    # undone after the test, even a failed one
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow.tracking_uri)
     proto = mlflow.onnx.load_model(r["register"].model_uri)
-    mlflow.set_tracking_uri(None)
     path = cfg.project.artifacts_dir.parent / "from_registry.onnx"
     path.write_bytes(proto.SerializeToString())
     probs = Predictor(path).predict([cfg.prepare.data_dir / "dog" / "dog_000.png"])
@@ -275,12 +286,12 @@ def _with_tolerance(cfg, variant: str, **changes):
     return cfg.model_copy(update={"export": cfg.export.model_copy(update={"tolerances": tight})})
 
 
-def test_failed_parity_gate_keeps_the_last_good_model(pipeline, capsys):
+def test_failed_parity_gate_keeps_the_last_good_model(own_copy, capsys):
     """The fp32 gate fails: the report goes to export/failed/, model.onnx stays byte-identical and
     `headstart predict` still serves it."""
     from headstart.cli import main
 
-    cfg, _ = pipeline
+    cfg = own_copy
     before = _exported(cfg)
     with pytest.raises(HeadstartError, match="parity failed: fp32: max abs logit diff"):
         export(_with_tolerance(cfg, "fp32", max_abs_diff=1e-30))
@@ -295,8 +306,8 @@ def test_failed_parity_gate_keeps_the_last_good_model(pipeline, capsys):
     assert "failed/parity.json" not in _exported(cfg)
 
 
-def test_a_failed_optional_variant_drops_out_and_the_model_still_ships(pipeline):
-    cfg, _ = pipeline
+def test_a_failed_optional_variant_drops_out_and_the_model_still_ships(own_copy):
+    cfg = own_copy
     result = export(_with_tolerance(cfg, "fp16", max_abs_diff=1e-30))
     parity = json.loads((cfg.stage_dir("export") / "parity.json").read_text())
     assert result.variants == ["fp32"] and parity["passed"] and parity["registered"] == ["fp32"]
@@ -309,7 +320,6 @@ def test_a_failed_optional_variant_drops_out_and_the_model_still_ships(pipeline)
     )
     with pytest.raises(HeadstartError, match="parity failed: fp16"):
         export(required)
-    export(cfg)  # leave the module's artifacts as they were
 
 
 def test_stage_before_its_inputs_names_the_missing_file(tiny_params):
@@ -343,14 +353,14 @@ def test_one_class_passes_prepare_and_fails_validation(tmp_path, tiny_params):
         validate(cfg)
 
 
-def test_a_perturbed_export_fails_the_gate(pipeline, monkeypatch):
+def test_a_perturbed_export_fails_the_gate(own_copy, monkeypatch):
     """An ONNX file that disagrees with torch (one weight nudged after export) never passes."""
     import onnx
     from onnx import numpy_helper
 
     import headstart.export as ex
 
-    cfg, _ = pipeline
+    cfg = own_copy
     real = ex.export_onnx
 
     def perturbed(*args, **kwargs):
@@ -368,8 +378,6 @@ def test_a_perturbed_export_fails_the_gate(pipeline, monkeypatch):
         export(cfg)
     parity = json.loads((cfg.stage_dir("export") / "failed" / "parity.json").read_text())
     assert parity["passed"] is False and parity["max_abs_logit_diff"] > 1e-3
-    monkeypatch.undo()
-    export(cfg)  # leave the module's artifacts as they were
 
 
 def test_predict_cli_matches_evaluate_and_reports_bad_files(pipeline, capsys, tmp_path):
