@@ -15,9 +15,11 @@ import hashlib
 import io
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
@@ -208,6 +210,12 @@ class FeatureCache:
         write_bytes(self._path(sha), buf.getvalue())
 
 
+@dataclass
+class Extracted:
+    computed: int  # features that went through the backbone (the rest came from the cache)
+    rate: float | None  # images per second over those
+
+
 class Features:
     """A backbone's features for any list of images, through its cache; the engine (and the ONNX
     export it may need) is only built when some image is not cached yet."""
@@ -232,6 +240,22 @@ class Features:
         if self._engine is None:
             self._engine = make_engine(self.backbone, self.runtime, self.cache_dir, opset=self.opset)
         return self._engine
+
+    def for_training(self, train, val, k: int, seed: int) -> tuple[tuple, Extracted]:
+        """(train features, their K augmented views, val features) for (rows, paths) of each split,
+        and how many were computed (not read from the cache) at what rate."""
+        out, computed, seconds = [], 0, 0.0
+        for (rows, paths), views in ((train, k), (val, None)):
+            shas = list(rows["sha256"])
+            start = time.perf_counter()
+            x, n = self(paths, shas, desc="features (train)" if views is not None else "features (val)")
+            out.append(x)
+            if views is not None:
+                v, m = self.views(paths, shas, views, seed)
+                out.append(v)
+                n += m
+            computed, seconds = computed + n, seconds + (time.perf_counter() - start if n else 0.0)
+        return tuple(out), Extracted(computed, computed / seconds if computed else None)
 
     def views(self, paths: list[Path], shas: list[str], k: int, seed: int) -> tuple[np.ndarray, int]:
         """Features of K augmented views per image (preprocess.augment), each cached under its own

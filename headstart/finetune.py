@@ -31,13 +31,10 @@ from headstart.features import decoded
 from headstart.provenance import code_hash, derive_key, library_versions
 from headstart.training import (
     balanced_order,
-    changed,
     class_weights,
-    digest,
-    fingerprint,
-    frozen_tensors,
     load_model,
     model_bytes,
+    proven_frozen,
 )
 
 EXPANDED = ("blocks", "features", "stages", "layers")  # containers whose children run one after another
@@ -398,31 +395,36 @@ def tune(
     classes, spec = model.classes, model.backbone.spec
     extractor = model.backbone.feature_extractor()
     part = partition_backbone(extractor, p.unfreeze, spec.size)
-    before = fingerprint(frozen_tensors(extractor, part.trainable))
-    data = {}
-    for name, images in (("train", train), ("val", val)):
-        items = list(zip(images.shas, images.paths, strict=True))
-        x = run_prefix(
-            part.prefix, (x for _, x in decoded(spec, items, p.batch_size, f"prefix ({name})")), device
+    with proven_frozen(extractor, part.trainable, "finetune") as frozen:
+        data = {}
+        for name, images in (("train", train), ("val", val)):
+            items = list(zip(images.shas, images.paths, strict=True))
+            x = run_prefix(
+                part.prefix, (x for _, x in decoded(spec, items, p.batch_size, f"prefix ({name})")), device
+            )
+            data[name] = (x, torch.tensor(np.array([classes.index(c) for c in images.labels], np.int64)))
+        head = copy.deepcopy(model.classifier.head)
+        weights = (
+            class_weights(data["train"][1].numpy(), len(classes)) if th.class_balance == "weighted" else None
         )
-        data[name] = (x, torch.tensor(np.array([classes.index(c) for c in images.labels], np.int64)))
-    head = copy.deepcopy(model.classifier.head)
-    weights = (
-        class_weights(data["train"][1].numpy(), len(classes)) if th.class_balance == "weighted" else None
-    )
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
-    base_loss, base_acc = score(nn.Sequential(part.tail, head).to(device), data["val"], device, loss_fn)
-    key = checkpoint_key(head_file.read_bytes(), p, seed, th.class_balance, device, train, val)
-    checkpoint = cache_dir / "finetune" / key / "checkpoint.pt"
-    balanced = th.class_balance == "sampler"  # the same choice as the head's training
-    result = fit(
-        part, head, data["train"], data["val"], p, seed, device, weights, checkpoint, key, balanced, on_epoch
-    )
-    after = fingerprint(frozen_tensors(extractor, part.trainable))
-    if moved := changed(before, after):
-        raise HeadstartError(
-            f"finetune: {len(moved)} tensors that must stay frozen changed (e.g. {moved[:3]}); "
-            "the model is not saved"
+        loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+        base_loss, base_acc = score(nn.Sequential(part.tail, head).to(device), data["val"], device, loss_fn)
+        key = checkpoint_key(head_file.read_bytes(), p, seed, th.class_balance, device, train, val)
+        checkpoint = cache_dir / "finetune" / key / "checkpoint.pt"
+        balanced = th.class_balance == "sampler"  # the same choice as the head's training
+        result = fit(
+            part,
+            head,
+            data["train"],
+            data["val"],
+            p,
+            seed,
+            device,
+            weights,
+            checkpoint,
+            key,
+            balanced,
+            on_epoch,
         )
     best = result.history[result.best_epoch - 1]
     kept, reason = keep(best["val_accuracy"], base_acc, p.margin)
@@ -441,7 +443,7 @@ def tune(
         "resumed_from_epoch": result.resumed_from,
         "device": device,
         "amp": p.amp and device == "cuda",
-        "frozen_check": {"tensors": len(after), "sha256": digest(after), "unchanged": True},
+        "frozen_check": frozen,
         "wall_s": round(time.perf_counter() - start, 2),
     }
     blob = head_file.read_bytes()
@@ -453,7 +455,7 @@ def tune(
             classes,
             th,
             backbone_state={n: state[n] for n in part.trainable},
-            extra={"finetune": {"unfrozen": part.unfrozen, "frozen_sha256": digest(after)}},
+            extra={"finetune": {"unfrozen": part.unfrozen, "frozen_sha256": frozen["sha256"]}},
         )
     shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return Tuned(decision, result.history, blob)

@@ -93,3 +93,25 @@ def fingerprint_changes(old_parts: dict, new_parts: dict) -> list[str]:
 def _diff(old: dict | None, new: dict | None) -> list[tuple[str, object, object]]:
     old, new = old or {}, new or {}
     return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def git_commit() -> str:
+    """The project checkout's commit, "-dirty" when tracked files changed; "unknown" outside git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+
+
+def serving_requirements() -> list[str]:
+    """What serving the ONNX model needs (headstart.runtime), pinned to what produced it."""
+    return [f"{name}=={v}" for name, v in library_versions("onnxruntime-gpu", "numpy", "pillow").items()]

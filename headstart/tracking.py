@@ -249,6 +249,44 @@ def log_curves(params: Params, run_id: str, phases: list[tuple[list[dict], int]]
 # --- register -----------------------------------------------------------------------------------
 
 
+def pipeline_record(reports: dict[str, dict], backbone: str) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) of a pipeline run from its stages' reports (prepare and validate report.json,
+    domain report.json, train_head metrics.json, finetune decision.json, evaluate metrics.json,
+    export parity.json): what the run, its registered version and promotion's gates read."""
+    prep, val, dom, train, tune, test, parity = (
+        reports[k] for k in ("prepare", "validate", "domain", "train_head", "finetune", "evaluate", "export")
+    )
+    metrics = {
+        "n_files": prep["n_files"],
+        "n_images": val["n_images"],
+        "n_quarantined": val["n_quarantined"],
+        "validate.n_warnings": len(val["warnings"]),
+        **({"domain.score": dom["score"]} if dom["score"] is not None else {}),
+        **{f"train_head.{k}": v for k, v in train.items() if isinstance(v, int | float)},
+        **{
+            f"finetune.{k}": v
+            for k, v in tune.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        **{f"test_recall.{c}": v["recall"] for c, v in test["per_class"].items()},
+        "export.max_abs_logit_diff": parity["max_abs_logit_diff"],
+        "export.top1_agreement": parity["top1_agreement"],
+    }
+    tags = {
+        "data_hash": prep["data_hash"],
+        "backbone": backbone,
+        "domain.verdict": dom["verdict"],
+        "validate.success": str(val["success"]).lower(),
+        "export.parity_passed": str(parity["passed"]).lower(),
+        "export.variants": ",".join(parity["registered"]),
+        "finetune.finetuned": str(tune["finetuned"]).lower(),
+        "finetune.reason": tune["reason"],
+    }
+    return metrics, tags
+
+
 def log_pipeline_run(
     params: Params,
     metrics: dict[str, float],

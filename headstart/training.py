@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from headstart.config import TrainHeadParams
 MODEL_FORMAT = "headstart.model/1"
 
 
-def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+def tensor_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """sha256 of each tensor's bytes: the proof that what should be frozen stayed frozen."""
     return {
         name: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
@@ -43,6 +44,22 @@ def frozen_tensors(extractor: nn.Module, trainable: list[str]) -> dict[str, torc
     out = {k: p for k, p in extractor.named_parameters() if k not in keep}
     out.update(dict(extractor.named_buffers()))
     return out
+
+
+@contextmanager
+def proven_frozen(model: nn.Module, trainable: list[str], what: str) -> Iterator[dict]:
+    """Hash every tensor that must stay frozen (all but `trainable`, BatchNorm buffers included)
+    before and after the block; a change refuses the block's result. Yields the proof for the report."""
+    before = tensor_hashes(frozen_tensors(model, trainable))
+    proof: dict = {}
+    yield proof
+    after = tensor_hashes(frozen_tensors(model, trainable))
+    if moved := changed(before, after):
+        raise HeadstartError(
+            f"{what}: {len(moved)} tensors that must stay frozen changed (e.g. {moved[:3]}); "
+            "the model is not saved"
+        )
+    proof.update(tensors=len(after), sha256=digest(after), unchanged=True)
 
 
 def make_head(num_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Sequential:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
-from importlib import metadata
 
 from headstart import HeadstartError
 from headstart.atomic import write_json
 from headstart.config import Params
+from headstart.provenance import git_commit, serving_requirements
 from headstart.runtime import EXPORT_FILES
+from headstart.stages import NAMES
 from tasks import _inputs
+
+# each stage's report that the run's metrics and tags come from
+REPORTS = {
+    "prepare": "report.json",
+    "validate": "report.json",
+    "domain": "report.json",
+    "train_head": "metrics.json",
+    "finetune": "decision.json",
+    "evaluate": "metrics.json",
+}
 
 
 @dataclass
@@ -24,58 +34,22 @@ class RegisterResult:
 
 
 def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
-    from headstart.tracking import finish_run, log_curves, log_pipeline_run
+    from headstart.tracking import finish_run, log_curves, log_pipeline_run, pipeline_record
 
     parity = _inputs.read_json(cfg, "export", "parity.json")
     if not parity.get("passed"):
         raise HeadstartError("export parity did not pass; refusing to register the model")
-    prepare = _inputs.read_json(cfg, "prepare", "report.json")
-    validation = _inputs.read_json(cfg, "validate", "report.json")
-    domain = _inputs.read_json(cfg, "domain", "report.json")
-    train = _inputs.read_json(cfg, "train_head", "metrics.json")
-    tune = _inputs.read_json(cfg, "finetune", "decision.json")
-    test = _inputs.read_json(cfg, "evaluate", "metrics.json")
-    metrics = {
-        "n_files": prepare["n_files"],
-        "n_images": validation["n_images"],
-        "n_quarantined": validation["n_quarantined"],
-        "validate.n_warnings": len(validation["warnings"]),
-        **({"domain.score": domain["score"]} if domain["score"] is not None else {}),
-        **{f"train_head.{k}": v for k, v in train.items() if isinstance(v, int | float)},
-        **{
-            f"finetune.{k}": v
-            for k, v in tune.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        },
-        "test_accuracy": test["accuracy"],
-        "test_macro_f1": test["macro_f1"],
-        **{f"test_recall.{c}": v["recall"] for c, v in test["per_class"].items()},
-        "export.max_abs_logit_diff": parity["max_abs_logit_diff"],
-        "export.top1_agreement": parity["top1_agreement"],
-    }
-    all_tags = {
-        "data_hash": prepare["data_hash"],
-        "git_commit": _git_commit(),
-        "backbone": cfg.train_head.backbone,
-        "domain.verdict": domain["verdict"],
-        "validate.success": str(validation["success"]).lower(),
-        "export.parity_passed": str(parity["passed"]).lower(),
-        "export.variants": ",".join(parity["registered"]),
-        "finetune.finetuned": str(tune["finetuned"]).lower(),
-        "finetune.reason": tune["reason"],
-        **(tags or {}),
-    }
-    root = cfg.project.artifacts_dir
-    artifacts = _stage_artifacts(cfg)
-    artifacts["export"] = root / "export" / "parity.json"
+    reports = {s: _inputs.read_json(cfg, s, f) for s, f in REPORTS.items()}
+    metrics, record = pipeline_record({**reports, "export": parity}, cfg.train_head.backbone)
+    export = cfg.stage_dir("export")
     ids = log_pipeline_run(
         cfg,
         metrics,
-        artifacts,
-        root / "export" / EXPORT_FILES["fp32"],
-        all_tags,
-        _runtime_requirements(),
-        [root / "export" / EXPORT_FILES[v] for v in parity["registered"] if v != "fp32"],
+        {**_stage_artifacts(cfg), "export": export / "parity.json"},
+        export / EXPORT_FILES["fp32"],
+        {**record, "git_commit": git_commit(), **(tags or {})},
+        serving_requirements(),
+        [export / EXPORT_FILES[v] for v in parity["registered"] if v != "fp32"],
     )
     head = _inputs.read_json(cfg, "train_head", "history.json")
     tuned = _inputs.read_json(cfg, "finetune", "history.json")
@@ -97,34 +71,11 @@ def record_failure(cfg: Params, stage: str, error: str, tags: dict[str, str] | N
     """An MLflow run marked FAILED: the failing stage, the error, and the reports written so far."""
     from headstart.tracking import log_failed_run
 
-    all_tags = {"git_commit": _git_commit(), "backbone": cfg.train_head.backbone, **(tags or {})}
+    all_tags = {"git_commit": git_commit(), "backbone": cfg.train_head.backbone, **(tags or {})}
     return log_failed_run(cfg, stage, error, _stage_artifacts(cfg), all_tags)
 
 
 def _stage_artifacts(cfg: Params) -> dict:
-    """Each finished stage's folder (reports, plots, the head's model.pt); the ONNX is logged as the model."""
-    root = cfg.project.artifacts_dir
-    return {
-        stage: root / stage
-        for stage in ("prepare", "validate", "domain", "train_head", "finetune", "evaluate")
-        if (root / stage).is_dir()
-    }
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
-
-
-def _runtime_requirements() -> list[str]:
-    """What serving the ONNX model needs (headstart.runtime): pinned to what produced it."""
-    return [f"{name}=={metadata.version(name)}" for name in ("onnxruntime-gpu", "numpy", "pillow")]
+    """Each finished stage's folder before export (reports, plots, the head's model.pt); the ONNX
+    is logged as the model."""
+    return {s: cfg.stage_dir(s) for s in NAMES[: NAMES.index("export")] if cfg.stage_dir(s).is_dir()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +12,7 @@ from headstart.backbones import load_backbone
 from headstart.config import Params
 from headstart.features import Features
 from headstart.tracking import curve_logger
-from headstart.training import changed, digest, fingerprint, fit_head, frozen_tensors, save_model
+from headstart.training import fit_head, proven_frozen, save_model
 from tasks import _inputs
 
 
@@ -27,59 +26,40 @@ class TrainHeadResult:
 
 
 def train_head(cfg: Params) -> TrainHeadResult:
-    p = cfg.train_head
-    frame = _inputs.manifest(cfg)
+    p, frame, seed = cfg.train_head, _inputs.manifest(cfg), cfg.project.seed
     classes = sorted(frame["label"].unique())
     backbone = load_backbone(p.backbone, p.weights, p.weights_sha256)
-    before = fingerprint(frozen_tensors(backbone.model, []))  # the whole backbone is frozen here
     features = Features(backbone, p.runtime, cfg.project.cache_dir, p.extract_batch_size)
-    data, computed, seconds = {}, 0, 0.0
-    for split in ("train", "val"):
-        rows, paths = _inputs.split_paths(cfg, frame, split)
-        if split == "train" and rows.empty:
-            raise HeadstartError("the training split is empty; add images or lower the fractions")
-        start = time.perf_counter()
-        x, n = features(paths, list(rows["sha256"]), desc=f"features ({split})")
-        computed, seconds = computed + n, seconds + (time.perf_counter() - start if n else 0.0)
-        data[split] = (x, rows["label"].map(classes.index).to_numpy(np.int64))
-        if split == "train":
-            start = time.perf_counter()
-            views, n = features.views(paths, list(rows["sha256"]), p.augment_views, cfg.project.seed)
-            computed, seconds = computed + n, seconds + (time.perf_counter() - start if n else 0.0)
-    head, history, best_epoch = fit_head(
-        *data["train"],
-        *data["val"],
-        len(classes),
-        p,
-        cfg.project.seed,
-        views=views,
-        on_epoch=curve_logger(cfg, "train_head"),
-    )
-    after = fingerprint(frozen_tensors(backbone.model, []))
-    if moved := changed(before, after):
-        raise HeadstartError(
-            f"train_head: frozen backbone tensors changed (e.g. {moved[:3]}); model not saved"
+    train, val = (_inputs.split_paths(cfg, frame, s) for s in ("train", "val"))
+    if train[0].empty:
+        raise HeadstartError("the training split is empty; add images or lower the fractions")
+    with proven_frozen(backbone.model, [], "train_head") as frozen:  # the whole backbone is frozen here
+        (xt, views, xv), extracted = features.for_training(train, val, p.augment_views, seed)
+        yt, yv = (rows["label"].map(classes.index).to_numpy(np.int64) for rows, _ in (train, val))
+        live = curve_logger(cfg, "train_head")
+        head, history, best_epoch = fit_head(
+            xt, yt, xv, yv, len(classes), p, seed, views=views, on_epoch=live
         )
     best = history[best_epoch - 1]
-    rate = computed / seconds if computed else None
+    n_features = len(yt) * (1 + p.augment_views) + len(yv)
     metrics = {
         "best_epoch": best_epoch,
         "epochs_run": len(history),
-        "train_loss": best["train_loss"],
-        "val_loss": best["val_loss"],
-        "val_accuracy": best["val_accuracy"],
-        "n_train": len(data["train"][1]),
-        "n_val": len(data["val"][1]),
-        "features_computed": computed,
+        **{k: best[k] for k in ("train_loss", "val_loss", "val_accuracy")},
+        "n_train": len(yt),
+        "n_val": len(yv),
+        "features_computed": extracted.computed,
         "augment_views": p.augment_views,
         "class_balance": p.class_balance,
-        "features_cached": len(data["train"][1]) * (1 + p.augment_views) + len(data["val"][1]) - computed,
-        "extract_images_per_s": rate,
+        "features_cached": n_features - extracted.computed,
+        "extract_images_per_s": extracted.rate,
         "runtime": features.runtime,
-        "frozen_check": {"tensors": len(after), "sha256": digest(after), "unchanged": True},
+        "frozen_check": frozen,
     }
     with directory(cfg.stage_dir("train_head")) as out:
         save_model(out / "model.pt", backbone, head, classes, p)
         write_json(out / "history.json", history)
         write_json(out / "metrics.json", metrics)
-    return TrainHeadResult(best_epoch, best["val_accuracy"], computed, metrics["features_cached"], rate)
+    return TrainHeadResult(
+        best_epoch, best["val_accuracy"], extracted.computed, metrics["features_cached"], extracted.rate
+    )

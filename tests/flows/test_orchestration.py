@@ -74,8 +74,8 @@ def _park_hook(hook, parked, release) -> None:
         "import time\n"
         "from contextlib import contextmanager\n"
         "from pathlib import Path\n"
-        "import headstart.lock\n"
-        "_exclusive = headstart.lock.exclusive\n"
+        "import headstart.ops.lock\n"
+        "_exclusive = headstart.ops.lock.exclusive\n"
         "@contextmanager\n"
         "def exclusive(*args, **kwargs):\n"
         "    with _exclusive(*args, **kwargs):\n"
@@ -83,7 +83,7 @@ def _park_hook(hook, parked, release) -> None:
         f"        while not Path({str(release)!r}).exists():\n"
         "            time.sleep(0.1)\n"
         "        yield\n"
-        "headstart.lock.exclusive = exclusive\n"
+        "headstart.ops.lock.exclusive = exclusive\n"
     )
 
 
