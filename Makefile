@@ -1,7 +1,7 @@
 # The two commands a newcomer types: `make run` (the demo pipeline) and `make test` (what CI runs).
 # Each sets up what it needs (.venv, packages, demo data) and is safe to run twice.
 # Two test lanes: `make test-fast` for the edit loop (no `slow` or `pretrained` tests: no servers, no
-# Prefect or DVC pipelines, no real weights; about 3 minutes on 2 busy cores) and `make test`, everything,
+# Prefect or DVC pipelines, no real weights; 2-3 minutes on 2 busy cores) and `make test`, everything,
 # what CI runs (.ci/run), ending with the 15 slowest tests.
 
 PYTHON ?= python3

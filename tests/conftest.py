@@ -112,6 +112,19 @@ def _packaged_weights_need_the_marker(request, monkeypatch):
     monkeypatch.setattr(backbones, "_builtin", guarded)
 
 
+def pytest_configure(config):
+    """torch on one intra-op thread in the tests and the processes they start (the same arithmetic on
+    both sides of a comparison): the tensors are tiny, and where cores are shared a second thread
+    waiting for a busy core made fit_head 3-20x slower (2 cores). An explicit OMP_NUM_THREADS wins."""
+    import os
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run where a CUDA device exists and are reported as skipped elsewhere."""
     import torch
