@@ -17,7 +17,7 @@ import pandas as pd
 
 from headstart import GateFailed
 from headstart.config import ValidateParams
-from headstart.data.probe import hamming
+from headstart.data.inspection import hamming
 
 SPLITS = ("train", "val", "test")
 DUPLICATE_FLAGS = {

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 
 from headstart import HeadstartError
-from headstart.data.probe import FIELDS, ProbeCache, probe_files
+from headstart.data.inspection import FIELDS, InspectionCache, inspect_files
 
 PATH_COLUMNS = ["path", "label", "sha256", "bytes"]
 
 
 def scan(root: str | Path, extensions: list[str], cache_dir: str | Path) -> pd.DataFrame:
-    """One row per file under root: where it is, its hash, and what decoding it found (probe.FIELDS).
+    """One row per file under root: where it is, its hash, and what decoding it found (inspection.FIELDS).
 
     Files that are not candidate images (outside a class folder, hidden, another extension, a link
     out of the root) are listed with the reason and never read; the rest are decoded once, in
@@ -29,13 +29,13 @@ def scan(root: str | Path, extensions: list[str], cache_dir: str | Path) -> pd.D
     rels = [f.relative_to(root).as_posix() for f in files]
     reasons = [_skip_reason(f, rel, real_root, exts) for f, rel in zip(files, rels, strict=True)]
     candidates = [f for f, r in zip(files, reasons, strict=True) if r is None]
-    probed = iter(probe_files(candidates, ProbeCache(cache_dir)))
+    inspected = iter(inspect_files(candidates, InspectionCache(cache_dir)))
     blank = {k: t() for k, t in FIELDS.items()}
     rows = []
     for f, rel, reason in zip(files, rels, reasons, strict=True):
         label = rel.split("/")[0] if "/" in rel else ""
         if reason is None:
-            rows.append({"path": rel, "label": label, **next(probed)})
+            rows.append({"path": rel, "label": label, **next(inspected)})
         else:
             size = f.lstat().st_size
             rows.append({"path": rel, "label": label, "sha256": "", "bytes": size, **blank, "reason": reason})

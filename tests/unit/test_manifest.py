@@ -11,8 +11,8 @@ import pytest
 
 from headstart import HeadstartError
 from headstart.config import PrepareParams
+from headstart.data.inspection import FIELDS
 from headstart.data.manifest import PATH_COLUMNS, assign_splits, data_hash, preflight, scan
-from headstart.data.probe import FIELDS
 from tests.conftest import COLOURS, make_folder, make_image
 
 EXTS = PrepareParams().extensions
@@ -176,7 +176,7 @@ def test_scan_single_class_returns_rows(tmp_path):
 def test_scan_reuses_cache_and_sees_changes(tmp_path):
     root = make_folder(tmp_path / "data", per_class=3)
     first = _scan(root, tmp_path)
-    assert (tmp_path / "cache" / "probe").is_dir()
+    assert (tmp_path / "cache" / "inspection").is_dir()
     pd.testing.assert_frame_equal(first, _scan(root, tmp_path))
     make_image(root / "cat" / "cat_000.png", COLOURS[0], seed=4242, size=(50, 60))
     row = _scan(root, tmp_path).set_index("path").loc["cat/cat_000.png"]

@@ -38,7 +38,7 @@ FIELDS = {
 _BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
 
 
-def probe_bytes(data: bytes) -> dict:
+def inspect_bytes(data: bytes) -> dict:
     """Everything validation needs from one file's content; never raises (reason says what failed)."""
     import io
 
@@ -98,25 +98,25 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(a[:, None] ^ b[None, :]).astype(np.int16)
 
 
-def _probe_file(path: str) -> tuple[str, int, dict | None]:
+def _inspect_file(path: str) -> tuple[str, int, dict | None]:
     data = _read(Path(path))  # None: vanished since it was hashed; its row says so below
     if data is None:
         return "", -1, None
-    return hashlib.sha256(data).hexdigest(), len(data), probe_bytes(data) if data else None
+    return hashlib.sha256(data).hexdigest(), len(data), inspect_bytes(data) if data else None
 
 
-def probe_key() -> str:
+def inspection_key() -> str:
     """What the cached results depend on: this module's and the decoder's code, their libraries."""
-    code = provenance.code_hash("headstart.data.probe", "headstart.preprocess")
-    return provenance.derive_key("probe", code, provenance.library_versions("pillow", "numpy", "scipy"))
+    code = provenance.code_hash("headstart.data.inspection", "headstart.preprocess")
+    return provenance.derive_key("inspection", code, provenance.library_versions("pillow", "numpy", "scipy"))
 
 
-class ProbeCache:
-    """sha256 -> probe results, one parquet file per probe_key, rewritten atomically after each scan;
-    a file that does not read back as those fields is discarded with a warning and rebuilt."""
+class InspectionCache:
+    """sha256 -> inspection results, one parquet file per inspection_key, rewritten atomically after
+    each scan; a file that does not read back as those fields is discarded with a warning and rebuilt."""
 
     def __init__(self, root: str | Path):
-        self.path = Path(root) / "probe" / f"{probe_key()}.parquet"
+        self.path = Path(root) / "inspection" / f"{inspection_key()}.parquet"
         self.entries: dict[str, dict] = self._read() if self.path.exists() else {}
 
     def _read(self) -> dict[str, dict]:
@@ -125,7 +125,10 @@ class ProbeCache:
             return {row.pop("sha256"): {k: FIELDS[k](row[k]) for k in FIELDS} for row in rows}
         except Exception as exc:  # truncated, overwritten, other columns: rebuilt, never trusted
             log.warning(
-                "probe cache %s is damaged (%s: %s); probing again", self.path, type(exc).__name__, exc
+                "inspection cache %s is damaged (%s: %s); inspecting again",
+                self.path,
+                type(exc).__name__,
+                exc,
             )
             self.path.unlink(missing_ok=True)
             return {}
@@ -143,8 +146,8 @@ class ProbeCache:
         write_bytes(self.path, frame.to_parquet(index=False))
 
 
-def probe_files(paths: list[Path], cache: ProbeCache, workers: int | None = None) -> list[dict]:
-    """sha256, bytes and probe results for each file: hashing is cheap, decoding only on a cache miss."""
+def inspect_files(paths: list[Path], cache: InspectionCache, workers: int | None = None) -> list[dict]:
+    """sha256, bytes and inspection results for each file: hashing is cheap, decoding only on a cache miss."""
     hashed = [_hash(p) for p in paths]
     misses = {
         sha: str(p) for p, (sha, n) in zip(paths, hashed, strict=True) if n > 0 and cache.get(sha) is None
@@ -153,17 +156,17 @@ def probe_files(paths: list[Path], cache: ProbeCache, workers: int | None = None
     workers = workers or min(len(todo) // 64 + 1, os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            fresh = list(pool.map(_probe_file, todo, chunksize=64))
+            fresh = list(pool.map(_inspect_file, todo, chunksize=64))
     else:
-        fresh = [_probe_file(p) for p in todo]
+        fresh = [_inspect_file(p) for p in todo]
     new = {sha: info for sha, _, info in fresh if info is not None}
     cache.save(new)
     out = []
     for sha, n in hashed:
         if n <= 0:
-            info = probe_bytes(b"") if n == 0 else {**probe_bytes(b""), "reason": "cannot be read"}
+            info = inspect_bytes(b"") if n == 0 else {**inspect_bytes(b""), "reason": "cannot be read"}
         else:
-            info = cache.get(sha) or {**probe_bytes(b""), "reason": "changed while read"}
+            info = cache.get(sha) or {**inspect_bytes(b""), "reason": "changed while read"}
         out.append({"sha256": sha, "bytes": max(n, 0), **info})
     return out
 

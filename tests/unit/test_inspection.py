@@ -1,4 +1,4 @@
-"""headstart.data.probe: what one decode records for every kind of file, the perceptual hash, the cache."""
+"""headstart.data.inspection: what one decode records for every kind of file, the phash, the cache."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import headstart.data.probe as probe
-from headstart.data.probe import FIELDS, ProbeCache, hamming, phash, probe_bytes, probe_files
+import headstart.data.inspection as inspection
+from headstart.data.inspection import FIELDS, InspectionCache, hamming, inspect_bytes, inspect_files, phash
 from tests.unit import imagebytes as ib
 
-# --- probe_bytes: readable files -------------------------------------------------------------------
+# --- inspect_bytes: readable files -------------------------------------------------------------------
 
 READABLE = {
     # name: (bytes, format, mode, channels, bit_depth, frames, (width, height) after EXIF)
@@ -39,9 +39,9 @@ def _check_types(info: dict) -> None:
 
 
 @pytest.mark.parametrize("name", READABLE)
-def test_probe_readable(name):
+def test_inspect_readable(name):
     data, fmt, mode, channels, bit_depth, frames, size = READABLE[name]
-    info = probe_bytes(data)
+    info = inspect_bytes(data)
     _check_types(info)
     assert info["readable"] and info["reason"] == ""
     assert (info["format"], info["mode"]) == (fmt, mode)
@@ -54,19 +54,19 @@ def test_probe_readable(name):
     int(info["phash"], 16)
 
 
-def test_probe_channel_statistics():
-    info = probe_bytes(ib.encode(Image.new("RGB", (40, 40), (255, 0, 51)), "PNG"))
+def test_inspect_channel_statistics():
+    info = inspect_bytes(ib.encode(Image.new("RGB", (40, 40), (255, 0, 51)), "PNG"))
     assert (info["mean_r"], info["mean_g"], info["mean_b"]) == pytest.approx((1.0, 0.0, 0.2))
     assert (info["std_r"], info["std_g"], info["std_b"]) == pytest.approx((0.0, 0.0, 0.0), abs=1e-6)
 
 
-def test_probe_grey16_is_rescaled_not_clipped():
+def test_inspect_grey16_is_rescaled_not_clipped():
     # 16-bit values (mostly > 255) decode to the full 8-bit range, not to white
-    info = probe_bytes(ib.grey16(7))
+    info = inspect_bytes(ib.grey16(7))
     assert 0.3 < info["mean_r"] < 0.7 and info["std_r"] > 0.1
 
 
-# --- probe_bytes: files that are not images --------------------------------------------------------
+# --- inspect_bytes: files that are not images --------------------------------------------------------
 
 UNREADABLE = {
     "text": (ib.TEXT, "not a readable image"),
@@ -82,19 +82,19 @@ UNREADABLE = {
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("name", UNREADABLE)
-def test_probe_unreadable_never_raises(name):
+def test_inspect_unreadable_never_raises(name):
     data, reason = UNREADABLE[name]
-    info = probe_bytes(data)
+    info = inspect_bytes(data)
     _check_types(info)
     assert not info["readable"]
     assert info["reason"].startswith(reason), info["reason"]
     assert len(info["reason"]) <= 300
     assert (info["width"], info["height"], info["phash"]) == (0, 0, "")
-    assert probe_bytes(data) == info  # reproducible: the reason lands in manifests and reports
+    assert inspect_bytes(data) == info  # reproducible: the reason lands in manifests and reports
 
 
-def test_probe_empty_bytes():
-    info = probe_bytes(b"")
+def test_inspect_empty_bytes():
+    info = inspect_bytes(b"")
     _check_types(info)
     assert not info["readable"] and info["reason"] == "empty file"
 
@@ -110,9 +110,9 @@ def _distance(a: str, b: str) -> int:
 def test_phash_survives_resize_and_jpeg(seed):
     original = ib.scene(seed, (96, 80))
     copy = ib.encode(original.resize((72, 60), Image.Resampling.BILINEAR), "JPEG", quality=90)
-    a, b = probe_bytes(ib.encode(original, "PNG"))["phash"], probe_bytes(copy)["phash"]
+    a, b = inspect_bytes(ib.encode(original, "PNG"))["phash"], inspect_bytes(copy)["phash"]
     assert _distance(a, b) <= 2
-    assert phash(original) == a  # probe records phash of the decoded RGB image
+    assert phash(original) == a  # inspection records the phash of the decoded RGB image
 
 
 def test_phash_separates_unrelated_images():
@@ -132,7 +132,7 @@ def test_hamming_shape_and_values():
     assert hamming(a[:0], b).shape == (0, 2)
 
 
-# --- probe_files and ProbeCache --------------------------------------------------------------------
+# --- inspect_files and InspectionCache --------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -148,59 +148,59 @@ def files(tmp_path):
 
 @pytest.fixture
 def decodes(monkeypatch):
-    """Paths decoded by probe_files (in this process: workers=1)."""
+    """Paths decoded by inspect_files (in this process: workers=1)."""
     seen: list[str] = []
-    original = probe._probe_file
+    original = inspection._inspect_file
 
     def counting(path):
         seen.append(os.path.basename(path))
         return original(path)
 
-    monkeypatch.setattr(probe, "_probe_file", counting)
+    monkeypatch.setattr(inspection, "_inspect_file", counting)
     return seen
 
 
-def test_probe_files_rows(files, tmp_path):
-    rows = probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
+def test_inspect_files_rows(files, tmp_path):
+    rows = inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)
     assert len(rows) == len(files)
     for path, row in zip(files, rows, strict=True):
         data = path.read_bytes()
         assert row["sha256"] == hashlib.sha256(data).hexdigest() and row["bytes"] == len(data)
-        assert {k: row[k] for k in FIELDS} == probe_bytes(data)
+        assert {k: row[k] for k in FIELDS} == inspect_bytes(data)
     assert [r["readable"] for r in rows] == [True, True, True, False, False]
     assert rows[-1]["reason"] == "empty file"
 
 
 def test_cache_second_run_decodes_nothing(files, tmp_path, decodes):
-    first = probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
+    first = inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)
     assert sorted(decodes) == ["a.png", "b.jpg", "bad.png", "c.gif"]  # the empty file is never decoded
-    assert (tmp_path / "cache" / "probe" / f"{probe.probe_key()}.parquet").is_file()
+    assert (tmp_path / "cache" / "inspection" / f"{inspection.inspection_key()}.parquet").is_file()
 
     decodes.clear()
-    second = probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)  # a new run: read from disk
+    second = inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)  # a new run: read from disk
     assert decodes == []
     assert second == first
     for row in second:
         _check_types({k: row[k] for k in FIELDS})
 
 
-def test_cache_reprobes_a_changed_file(files, tmp_path, decodes):
-    probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
+def test_cache_reinspects_a_changed_file(files, tmp_path, decodes):
+    inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)
     files[0].write_bytes(ib.png(99, (64, 50)))
     decodes.clear()
-    rows = probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
+    rows = inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)
     assert decodes == ["a.png"]
     assert (rows[0]["width"], rows[0]["height"]) == (64, 50)
     # the old entry stays (another copy may still have that content) and the new one is added
-    assert len(ProbeCache(tmp_path / "cache").entries) == 5
+    assert len(InspectionCache(tmp_path / "cache").entries) == 5
 
 
 def test_cache_keyed_by_content_not_path(files, tmp_path, decodes):
-    probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
+    inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)
     moved = files[0].with_name("renamed.png")
     files[0].rename(moved)
     decodes.clear()
-    rows = probe_files([moved], ProbeCache(tmp_path / "cache"), workers=1)
+    rows = inspect_files([moved], InspectionCache(tmp_path / "cache"), workers=1)
     assert decodes == [] and rows[0]["readable"]
 
 
@@ -213,43 +213,43 @@ def test_cache_keyed_by_content_not_path(files, tmp_path, decodes):
     ],
 )
 def test_damaged_cache_is_rebuilt_with_a_warning(files, tmp_path, decodes, caplog, damage):
-    first = probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
-    path = ProbeCache(tmp_path / "cache").path
+    first = inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)
+    path = InspectionCache(tmp_path / "cache").path
     damage(path)
     decodes.clear()
-    with caplog.at_level(logging.WARNING, "headstart.data.probe"):
-        cache = ProbeCache(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, "headstart.data.inspection"):
+        cache = InspectionCache(tmp_path / "cache")
     assert cache.entries == {} and path.name in caplog.text and "damaged" in caplog.text
-    assert probe_files(files, cache, workers=1) == first
+    assert inspect_files(files, cache, workers=1) == first
     assert sorted(decodes) == ["a.png", "b.jpg", "bad.png", "c.gif"]
-    assert len(ProbeCache(tmp_path / "cache").entries) == 4  # rewritten whole
+    assert len(InspectionCache(tmp_path / "cache").entries) == 4  # rewritten whole
 
 
 def test_cache_key_follows_the_code_and_the_libraries(files, tmp_path, decodes, monkeypatch):
     from headstart import provenance
 
-    probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
-    key = probe.probe_key()
+    inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)
+    key = inspection.inspection_key()
     real_hash, real_version = provenance.code_hash, provenance.version
     with monkeypatch.context() as m:
         m.setattr(provenance, "code_hash", lambda *mods: real_hash(*mods) + "-edited")
-        assert probe.probe_key() != key
+        assert inspection.inspection_key() != key
         decodes.clear()
-        probe_files(files, ProbeCache(tmp_path / "cache"), workers=1)
-        assert len(decodes) == 4  # edited probe code: every file is probed again
+        inspect_files(files, InspectionCache(tmp_path / "cache"), workers=1)
+        assert len(decodes) == 4  # edited inspection code: every file is inspected again
     with monkeypatch.context() as m:
         m.setattr(provenance, "version", lambda d: "99.0" if d == "pillow" else real_version(d))
-        assert probe.probe_key() != key
-    assert probe.probe_key() == key
+        assert inspection.inspection_key() != key
+    assert inspection.inspection_key() == key
 
 
-def test_probe_files_in_worker_processes(files, tmp_path):
-    serial = probe_files(files, ProbeCache(tmp_path / "serial"), workers=1)
-    parallel = probe_files(files, ProbeCache(tmp_path / "parallel"), workers=2)
+def test_inspect_files_in_worker_processes(files, tmp_path):
+    serial = inspect_files(files, InspectionCache(tmp_path / "serial"), workers=1)
+    parallel = inspect_files(files, InspectionCache(tmp_path / "parallel"), workers=2)
     assert parallel == serial
 
 
-def test_probe_files_survives_what_cannot_be_read(tmp_path):
+def test_inspect_files_survives_what_cannot_be_read(tmp_path):
     # running as root, chmod 000 does not stop reads; a directory and a dangling link do
     (tmp_path / "a_dir.png").mkdir()
     links = [tmp_path / "a_dir.png"]
@@ -258,7 +258,7 @@ def test_probe_files_survives_what_cannot_be_read(tmp_path):
         links.append(tmp_path / "dangling.png")
     except OSError:
         pass
-    rows = probe_files(links, ProbeCache(tmp_path / "cache"), workers=1)
+    rows = inspect_files(links, InspectionCache(tmp_path / "cache"), workers=1)
     for row in rows:
         assert not row["readable"] and row["reason"] == "cannot be read"
         assert row["sha256"] == "" and row["bytes"] == 0
