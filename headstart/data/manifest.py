@@ -220,7 +220,8 @@ def preflight(root: str | Path, extensions: list[str]) -> dict[str, int]:
     entries = walk(root, extensions)
     counts = {e.label: 0 for e in entries if _holds_images(e.label, e.reason)}
     for e in entries:
-        counts[e.label] += int(e.reason is None)
+        if e.reason is None:
+            counts[e.label] += 1
     if not any(counts.values()):
         raise HeadstartError(
             f"data folder {root} has no images in class folders "

@@ -190,6 +190,8 @@ def test_preflight_counts(tmp_path):
     root = make_folder(tmp_path / "data", per_class=4)
     (root / "dog" / "notes.txt").write_text("x")
     make_image(root / ".hidden" / "h.png", COLOURS[0], seed=1)
+    (root / "docs").mkdir()
+    (root / "docs" / "notes.txt").write_text("x")  # no image extension: not a class
     assert preflight(root, EXTS) == {"cat": 4, "dog": 4}
 
 
