@@ -152,15 +152,26 @@ def pipeline_run(
 
 def _recorded_run(client, params: Params, uri: str):
     """The run named by run_file(params) if it is in this store and not deleted, else None."""
-    path = run_file(params)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    record = _read_record(run_file(params))
     if record.get("tracking_uri") != uri:
         return None
-    run = _call(uri, "get run", client.get_run, record.get("run_id", ""), missing_ok=True)
+    run = _call(uri, "get run", client.get_run, record["run_id"], missing_ok=True)
     return run if run is not None and run.info.lifecycle_stage == "active" else None
+
+
+def _read_record(path: Path) -> dict:
+    """run_file's record, or {} when there is none; a damaged one (truncated, not JSON, the wrong
+    shape) is a cache gone bad: {} with a warning, and a new run is opened."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        record = f"{type(exc).__name__}: {str(exc)[:120]}"
+    if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("run_id", "tracking_uri")):
+        return record
+    log.warning("%s is damaged (%s); a new MLflow run is opened", path, str(record)[:120])
+    return {}
 
 
 def _params_digest(params: Params) -> str:

@@ -307,3 +307,20 @@ def test_a_register_that_mlflow_refuses_is_recorded_with_its_stage(cfg, tmp_path
     run = _client(cfg).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "register"
     assert "cats & dogs" in run.data.tags["error"]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b'{"run_id": "0123', b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'{"run_id": 5, "tracking_uri": 7}'],
+    ids=["truncated", "binary", "a list", "null", "wrong types"],
+)
+def test_a_damaged_run_file_opens_a_new_run_with_a_warning(cfg, garbage, caplog):
+    path = run_file(cfg)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(garbage)
+    with caplog.at_level("WARNING", logger="headstart.tracking"):
+        run_id = pipeline_run(cfg)
+    assert f"{path} is damaged" in caplog.text and "a new MLflow run is opened" in caplog.text
+    assert json.loads(path.read_text())["run_id"] == run_id
+    assert _client(cfg).get_run(run_id).info.status == "RUNNING"
+    assert pipeline_run(cfg) == run_id  # the rewritten record is trusted again
