@@ -1,5 +1,6 @@
-"""Hostile but valid class names: any folder name the file system allows trains, exports and registers;
-MLflow sees safe keys, and the exact names travel as data (classes.json, the `classes` tag)."""
+"""Hostile input (#14): any folder name the file system allows is a class that trains, exports and
+registers (MLflow sees safe keys; the exact names travel as data: classes.json, the `classes` tag);
+a damaged state file is a cache gone bad, rebuilt with a warning."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import colorsys
 import json
 from pathlib import Path
 
+import pytest
+
+from flows.training import _unchanged  # imported first: Prefect sets up logging (caplog's handler after it)
 from headstart.config import load_params
+from headstart.provenance import run_fingerprint
 from tasks.domain import domain
 from tasks.evaluate import evaluate
 from tasks.export import export
@@ -48,3 +53,28 @@ def test_awkward_class_names_train_export_and_register(tmp_path, tiny_weights):
     assert [c["name"] for c in record] == classes and json.loads(run.data.tags["classes"]) == classes
     per_class = json.loads((cfg.stage_dir("evaluate") / "metrics.json").read_text())["per_class"]
     assert all(run.data.metrics[c["test_recall"]] == per_class[c["name"]]["recall"] for c in record)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b'{"parts": {"data_hash": "ab', b"\xff\xfe\x00", b"[]", b'{"parts": "x"}', "no flow run id"],
+    ids=["truncated", "binary", "a list", "parts not a dict", "fields missing"],
+)
+def test_a_damaged_last_success_record_means_retrain_with_a_warning(tmp_path, garbage, caplog):
+    """The skip rule's state file is a cache: damaged, it means "no previous success" (retrain), never
+    a crash of the scheduled run."""
+    cfg = load_params(None, [f"project.artifacts_dir={tmp_path / 'artifacts'}"])
+    (cfg.stage_dir("register") / "run.json").parent.mkdir(parents=True)
+    (cfg.stage_dir("register") / "run.json").write_text("{}")
+    state = tmp_path / "last_success.json"
+    good = {"flow_run_id": "f", "finished_at": "t", "model_uri": "models:/m/1"}
+    state.write_text(json.dumps({**good, "parts": run_fingerprint(cfg, "abc")["parts"]}))
+    assert _unchanged(cfg, state, "abc")[0]  # an intact record of the same inputs: skipped
+    if isinstance(garbage, bytes):
+        state.write_bytes(garbage)
+    else:
+        state.write_text(json.dumps({"parts": run_fingerprint(cfg, "abc")["parts"]}))
+    with caplog.at_level("WARNING", logger="flows.training"):
+        skipped, changed = _unchanged(cfg, state, "abc")
+    assert skipped is None and changed == [f"the record of the last success, {state}, is damaged"]
+    assert f"{state} is damaged" in caplog.text
