@@ -133,7 +133,9 @@ def _unchanged(cfg, state_file, data_hash: str) -> tuple[str | None, list[str]]:
     same data, params, code and libraries as the last success, whose artifacts are still there."""
     if not state_file.exists() or not (cfg.stage_dir("register") / "run.json").exists():
         return None, ["no successful run with its artifacts"]
-    last = json.loads(state_file.read_text())
+    last = _last_success(state_file)
+    if last is None:
+        return None, [f"the record of the last success, {state_file}, is damaged"]
     changed = fingerprint_changes(last.get("parts") or {}, run_fingerprint(cfg, data_hash)["parts"])
     if changed:
         return None, changed
@@ -141,6 +143,26 @@ def _unchanged(cfg, state_file, data_hash: str) -> tuple[str | None, list[str]]:
         f"data hash {data_hash[:12]}, params, code and library versions equal the last successful run's "
         f"(flow run {last['flow_run_id']}, {last['finished_at']}, {last['model_uri']})"
     ), []
+
+
+def _last_success(state_file) -> dict | None:
+    """The last success's record; None, with a warning, when it is damaged (truncated, not JSON, the
+    wrong shape): no previous success, so this run retrains and writes a good one."""
+    try:
+        last = json.loads(state_file.read_text(encoding="utf-8"))
+        parts = last.get("parts") or {}
+        ok = all(isinstance(parts.get(k, {}), dict) for k in ("params", "libraries")) and all(
+            isinstance(last[k], str) for k in ("flow_run_id", "finished_at", "model_uri")
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        ok, why = False, f"{type(exc).__name__}: {str(exc)[:120]}"
+    else:
+        why = "fields of the wrong type"
+    if not ok:
+        logging.getLogger(__name__).warning(
+            "%s is damaged (%s); retraining as if no run had succeeded", state_file, why
+        )
+    return last if ok else None
 
 
 def _link(reg) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import logging
 import math
 import shutil
 import time
@@ -37,6 +38,7 @@ from headstart.training import (
     proven_frozen,
 )
 
+log = logging.getLogger(__name__)
 EXPANDED = ("blocks", "features", "stages", "layers")  # containers whose children run one after another
 
 
@@ -204,7 +206,7 @@ def fit(
     }
     resumed_from = 0
     if checkpoint.exists():
-        state = _restore(checkpoint, key, model, opt, sched, scaler, gen)
+        state = _restore(checkpoint, key, model, opt, sched, scaler, gen) or state
         resumed_from = state["epoch"]
     xt, yt = train
     for epoch in (bar := tqdm(range(state["epoch"] + 1, p.max_epochs + 1), desc="finetune", unit="epoch")):
@@ -285,15 +287,20 @@ def _save(path: Path, key: str, state: dict, model, opt, sched, scaler, gen) -> 
     write_bytes(path, buf.getvalue())
 
 
-def _restore(path: Path, key: str, model, opt, sched, scaler, gen) -> dict:
+def _restore(path: Path, key: str, model, opt, sched, scaler, gen) -> dict | None:
+    """The training state saved at `path`, applied to model, optimiser, scheduler, scaler and RNGs; or
+    None, with a warning and the file removed, when it is damaged (a kill mid-write on a file system
+    without atomic rename, a full disk) or not this run's: a cache is rebuilt, so training restarts
+    from epoch 1, untouched by the bad file, rather than asking the user to delete it."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _damage(blob, key, model)
     except Exception as exc:
-        raise HeadstartError(
-            f"finetune checkpoint {path} is unreadable ({type(exc).__name__}); delete it"
-        ) from None
-    if blob.get("key") != key:
-        raise HeadstartError(f"finetune checkpoint {path} belongs to other inputs; delete it")
+        problem = f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    if problem:
+        log.warning("finetune checkpoint %s is %s; discarded, fine-tuning starts from epoch 1", path, problem)
+        path.unlink(missing_ok=True)
+        return None
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
@@ -302,9 +309,28 @@ def _restore(path: Path, key: str, model, opt, sched, scaler, gen) -> dict:
     torch.set_rng_state(blob["torch_rng"])
     for n, q in model.named_parameters():
         q.requires_grad_(blob["requires_grad"][n])
-    if any(blob["bn_training"]):
-        raise HeadstartError(f"finetune checkpoint {path} has BatchNorm in training mode; delete it")
     return {**blob["state"], "best_state": blob["best_state"]}
+
+
+# what _save writes, each needed to resume
+_BLOB = set("key state best_state model optimizer scheduler scaler generator torch_rng".split())
+_BLOB |= {"requires_grad", "bn_training"}
+_STATE = {"epoch", "history", "best", "best_epoch", "waited"}
+
+
+def _damage(blob, key: str, model: nn.Module) -> str | None:
+    """What makes `blob` unusable as this run's checkpoint, checked before anything is applied (a
+    half-applied checkpoint would leave a run that is neither resumed nor fresh), or None."""
+    if not isinstance(blob, dict) or not _BLOB <= blob.keys() or not _STATE <= set(blob["state"]):
+        return "incomplete"
+    if blob["key"] != key:
+        return "of other inputs"
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    if {k: getattr(v, "shape", None) for k, v in blob["model"].items()} != want:
+        return "of another model (tensor names or shapes differ)"
+    if set(blob["requires_grad"]) != {n for n, _ in model.named_parameters()} or any(blob["bn_training"]):
+        return "inconsistent (trainable flags or BatchNorm mode)"
+    return None
 
 
 def gate(p: FinetuneParams, n_train: int, verdict: str) -> str | None:

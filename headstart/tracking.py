@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -134,9 +135,8 @@ def pipeline_run(
             client.set_terminated(recorded.info.run_id, "KILLED")
         exp_id = _experiment(client, params, uri)
         start = int((started or time.time()) * 1000)
-        run = client.create_run(
-            exp_id, start_time=start, tags={**(tags or {}), "headstart.params_sha256": digest}
-        )
+        given = {**(tags or {}), "headstart.params_sha256": digest}
+        run = client.create_run(exp_id, start_time=start, tags={t.key: t.value for t in _tags(given)})
         _log_params(client, run.info.run_id, params)
     write_json(
         run_file(params),
@@ -152,31 +152,81 @@ def pipeline_run(
 
 def _recorded_run(client, params: Params, uri: str):
     """The run named by run_file(params) if it is in this store and not deleted, else None."""
-    path = run_file(params)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    record = _read_record(run_file(params))
     if record.get("tracking_uri") != uri:
         return None
-    run = _call(uri, "get run", client.get_run, record.get("run_id", ""), missing_ok=True)
+    run = _call(uri, "get run", client.get_run, record["run_id"], missing_ok=True)
     return run if run is not None and run.info.lifecycle_stage == "active" else None
+
+
+def _read_record(path: Path) -> dict:
+    """run_file's record, or {} when there is none; a damaged one (truncated, not JSON, the wrong
+    shape) is a cache gone bad: {} with a warning, and a new run is opened."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        record = f"{type(exc).__name__}: {str(exc)[:120]}"
+    if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("run_id", "tracking_uri")):
+        return record
+    log.warning("%s is damaged (%s); a new MLflow run is opened", path, str(record)[:120])
+    return {}
 
 
 def _params_digest(params: Params) -> str:
     return hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode()).hexdigest()
 
 
+# MLflow keys allow word characters, '-', '.', ' ', ':' and '/'; ':' (Windows) and '/' (a path) and
+# ' ' (unreadable at an end) are left out too
+_UNSAFE = re.compile(r"[^\w\-.]+")
+KEY_LIMIT = 250  # MLflow's MAX_ENTITY_KEY_LENGTH
+NAME_CHARS = 64  # a class name's share of its metric key: readable, far below KEY_LIMIT
+
+
+def safe_key(name: str) -> str:
+    """`name` as a valid MLflow metric, param or tag key: each run of other characters becomes '_'
+    (so `cats & dogs` -> `cats_dogs`), never empty, at most KEY_LIMIT characters."""
+    return _UNSAFE.sub("_", name).strip("._")[:KEY_LIMIT] or "_"
+
+
+def class_keys(prefix: str, classes: list[str]) -> list[str]:
+    """One key per class, `prefix.<index>_<name made safe and short>` (`test_recall.3_coffee_hot`):
+    unique by the model's class index whatever the names, readable by them. The names themselves
+    travel as data (classes.json, the `classes` tag), which any folder name can be."""
+    safe = [_UNSAFE.sub("_", c).strip("._")[:NAME_CHARS].rstrip("._") for c in classes]
+    return [f"{prefix}.{i}_{s}" if s else f"{prefix}.{i}" for i, s in enumerate(safe)]
+
+
+def _unique(keys: list[str]) -> list[str]:
+    """Safe keys, a repeat (two user keys made safe alike) suffixed with its position."""
+    out, seen = [], set()
+    for i, k in enumerate(keys):
+        k = safe_key(k)
+        k = k if k not in seen else f"{k[: KEY_LIMIT - 8]}_{i}"
+        seen.add(k)
+        out.append(k)
+    return out
+
+
+def _text(value, limit: int | None = None) -> str:
+    """A value MLflow can store: a name's undecodable bytes (lone surrogates) escaped as `\\udcff`,
+    which inside JSON text reads back as the same name."""
+    return str(value).encode("utf-8", "backslashreplace").decode()[:limit]
+
+
 def _tags(tags: dict[str, str]) -> list:
     from mlflow.entities import RunTag
 
-    return [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+    return [RunTag(k, _text(v, 5000)) for k, v in zip(_unique(list(tags)), tags.values(), strict=True)]
 
 
 def _log_params(client, run_id: str, params: Params) -> None:
     from mlflow.entities import Param
 
-    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+    values = flatten(params)  # keys under schedule.timeout_s are the user's: made safe, kept distinct
+    flat = [Param(k, _text(v, 6000)) for k, v in zip(_unique(list(values)), values.values(), strict=True)]
     for i in range(0, len(flat), 100):  # MLflow's batch limit for params
         client.log_batch(run_id, params=flat[i : i + 100])
 
@@ -249,13 +299,17 @@ def log_curves(params: Params, run_id: str, phases: list[tuple[list[dict], int]]
 # --- register -----------------------------------------------------------------------------------
 
 
-def pipeline_record(reports: dict[str, dict], backbone: str) -> tuple[dict[str, float], dict[str, str]]:
+def pipeline_record(
+    reports: dict[str, dict], backbone: str, classes: list[str]
+) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) of a pipeline run from its stages' reports (prepare and validate report.json,
     domain report.json, train_head metrics.json, finetune decision.json, evaluate metrics.json,
-    export parity.json): what the run, its registered version and promotion's gates read."""
+    export parity.json) and the model's `classes` in its output order: what the run, its registered
+    version and promotion's gates read."""
     prep, val, dom, train, tune, test, parity = (
         reports[k] for k in ("prepare", "validate", "domain", "train_head", "finetune", "evaluate", "export")
     )
+    names, recall_keys = json.dumps(classes, ensure_ascii=False), class_keys("test_recall", classes)
     metrics = {
         "n_files": prep["n_files"],
         "n_images": val["n_images"],
@@ -270,7 +324,7 @@ def pipeline_record(reports: dict[str, dict], backbone: str) -> tuple[dict[str, 
         },
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
-        **{f"test_recall.{c}": v["recall"] for c, v in test["per_class"].items()},
+        **{k: test["per_class"][c]["recall"] for k, c in zip(recall_keys, classes, strict=True)},
         "export.max_abs_logit_diff": parity["max_abs_logit_diff"],
         "export.top1_agreement": parity["top1_agreement"],
     }
@@ -283,8 +337,26 @@ def pipeline_record(reports: dict[str, dict], backbone: str) -> tuple[dict[str, 
         "export.variants": ",".join(parity["registered"]),
         "finetune.finetuned": str(tune["finetuned"]).lower(),
         "finetune.reason": tune["reason"],
+        "classes": names if len(names) <= 5000 else f"{len(classes)} classes: see classes.json",
     }
     return metrics, tags
+
+
+def classes_record(classes: list[str]) -> list[dict]:
+    """classes.json, the run's artifact: each class's index (the model's output), exact name and
+    metric key, so a `test_recall.<index>_...` key leads back to its folder name."""
+    keys = class_keys("test_recall", classes)
+    return [
+        {"index": i, "name": c, "test_recall": k} for i, (c, k) in enumerate(zip(classes, keys, strict=True))
+    ]
+
+
+def onnx_classes(path: Path) -> list[str]:
+    """The class names in output order, from the exported model's own metadata (the served contract)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    return json.loads(meta["headstart.classes"])
 
 
 def log_pipeline_run(
@@ -295,11 +367,12 @@ def log_pipeline_run(
     tags: dict[str, str],
     pip_requirements: list[str],
     variants: list[Path] = (),
+    classes: list[str] | None = None,
 ) -> dict[str, str]:
-    """Log metrics, tags and artifacts to the pipeline run and register its ONNX model (other exported
-    variants, e.g. model_fp16.onnx, ride in the same version under extra_files/); returns ids and the
-    version. Idempotent: a retried or rerun register of the same run finds the version it made and
-    returns it. The run stays RUNNING until finish_run."""
+    """Log metrics, tags and artifacts (with `classes` as classes.json) to the pipeline run and
+    register its ONNX model (other exported variants, e.g. model_fp16.onnx, ride in the same version
+    under extra_files/); returns ids and the version. Idempotent: a retried or rerun register of the
+    same run finds the version it made and returns it. The run stays RUNNING until finish_run."""
     from mlflow.entities import Metric
 
     uri, name = tracking_uri(params), params.register.model_name
@@ -311,6 +384,9 @@ def log_pipeline_run(
             scalars = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
             client.log_batch(run_id, metrics=scalars, tags=_tags(tags))
             _log_artifacts(client, run_id, artifacts)
+            if classes is not None:
+                text = json.dumps(classes_record(classes), indent=2, ensure_ascii=False)
+                client.log_text(run_id, _text(text), "classes.json")
             version = _register(client, params, run_id, onnx_path, pip_requirements, variants, uri)
         exp_id = client.get_run(run_id).info.experiment_id
     return {
@@ -492,7 +568,7 @@ class Registry:
     def tag(self, version: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self._call(
-                f"tag {k}", self.client.set_model_version_tag, self.name, str(version), k, str(v)[:5000]
+                f"tag {k}", self.client.set_model_version_tag, self.name, str(version), k, _text(v, 5000)
             )
 
     def log_text(self, run_id: str, text: str, path: str) -> None:

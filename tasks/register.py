@@ -34,14 +34,15 @@ class RegisterResult:
 
 
 def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
-    from headstart.tracking import finish_run, log_curves, log_pipeline_run, pipeline_record
+    from headstart.tracking import finish_run, log_curves, log_pipeline_run, onnx_classes, pipeline_record
 
     parity = _inputs.read_json(cfg, "export", "parity.json")
     if not parity.get("passed"):
         raise HeadstartError("export parity did not pass; refusing to register the model")
     reports = {s: _inputs.read_json(cfg, s, f) for s, f in REPORTS.items()}
-    metrics, record = pipeline_record({**reports, "export": parity}, cfg.train_head.backbone)
     export = cfg.stage_dir("export")
+    classes = onnx_classes(export / EXPORT_FILES["fp32"])  # in the order the served model outputs them
+    metrics, record = pipeline_record({**reports, "export": parity}, cfg.train_head.backbone, classes)
     ids = log_pipeline_run(
         cfg,
         metrics,
@@ -50,6 +51,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         {**record, "git_commit": git_commit(), **(tags or {})},
         serving_requirements(),
         [export / EXPORT_FILES[v] for v in parity["registered"] if v != "fp32"],
+        classes,
     )
     head = _inputs.read_json(cfg, "train_head", "history.json")
     tuned = _inputs.read_json(cfg, "finetune", "history.json")

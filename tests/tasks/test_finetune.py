@@ -155,18 +155,65 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(base, monkeypatch):
     assert not list((whole.project.cache_dir / "finetune").rglob("checkpoint.pt"))  # cleaned up
 
 
-def test_a_checkpoint_of_other_inputs_is_refused(base, tmp_path):
+def _training_objects():
     split = ft.partition_backbone(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten()), 1, 4)
-    head = torch.nn.Linear(32, 2)
-    model = torch.nn.Sequential(split.tail, head)
+    model = torch.nn.Sequential(split.tail, torch.nn.Linear(32, 2))
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, ft.lr_lambda(1, 4))
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    state = {"epoch": 1, "history": [], "best": 1.0, "best_epoch": 1, "waited": 0, "best_state": None}
+    return model, opt, sched, torch.amp.GradScaler("cuda", enabled=False), torch.Generator()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "other inputs", "other model"])
+def test_a_damaged_checkpoint_is_discarded_with_a_warning_and_training_starts_afresh(
+    tmp_path, damage, caplog
+):
+    """A checkpoint is a cache: a bad one is removed and fine-tuning restarts from epoch 1, with the
+    training objects untouched, instead of an error asking the user to delete it."""
+    model, opt, sched, scaler, gen = _training_objects()
+    state = {"epoch": 3, "history": [], "best": 1.0, "best_epoch": 1, "waited": 0, "best_state": None}
     path = tmp_path / "checkpoint.pt"
-    ft._save(path, "key-a", state, model, opt, sched, scaler, torch.Generator())
-    with pytest.raises(HeadstartError, match="belongs to other inputs"):
-        ft._restore(path, "key-b", model, opt, sched, scaler, torch.Generator())
+    ft._save(path, "key-a", state, model, opt, sched, scaler, gen)
+    assert ft._restore(path, "key-a", *_training_objects())["epoch"] == 3  # intact: resumed
+    blob, key, target = path.read_bytes(), "key-a", _training_objects()
+    if damage == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "other inputs":
+        key = "key-b"
+    else:
+        target = (torch.nn.Sequential(torch.nn.Linear(32, 3)), *target[1:])
+    before = {k: v.clone() for k, v in target[0].state_dict().items()}
+    with caplog.at_level("WARNING", logger="headstart.finetune"):
+        assert ft._restore(path, key, *target) is None
+    assert "discarded, fine-tuning starts from epoch 1" in caplog.text and str(path) in caplog.text
+    assert not path.exists()
+    assert all(torch.equal(v, before[k]) for k, v in target[0].state_dict().items())
+
+
+def test_a_truncated_checkpoint_restarts_to_the_uninterrupted_result(base, monkeypatch):
+    args = ("finetune.min_train_images=0", "finetune.margin=0", "finetune.max_epochs=3")
+    cfg = _cfg(base, *args)
+    finetune(cfg)
+    expected, model = _decision(cfg), (cfg.stage_dir("finetune") / "model.pt").read_bytes()
+
+    def killed(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed after epoch 2")
+
+    monkeypatch.setattr(ft, "_after_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg)
+    (checkpoint,) = (cfg.project.cache_dir / "finetune").rglob("checkpoint.pt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # a kill mid-write where rename is not atomic
+    monkeypatch.setattr(ft, "_after_epoch", lambda epoch: None)
+    finetune(cfg)
+    assert _decision(cfg)["resumed_from_epoch"] == 0
+    assert (cfg.stage_dir("finetune") / "model.pt").read_bytes() == model
+    for key in ("finetuned", "val_accuracy_finetuned", "val_loss_finetuned", "best_epoch"):
+        assert _decision(cfg)[key] == expected[key], key
 
 
 def test_partition_backbone_computes_what_the_extractor_computes(tiny_weights):

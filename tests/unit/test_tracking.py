@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,118 @@ def test_a_failure_marks_the_pipeline_run_failed_not_another(cfg, tmp_path):
     run = _client(cfg).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "validate"
     assert len(_client(cfg).search_runs([run.info.experiment_id])) == 1
+
+
+# any folder name the file system allows is a class: non-Latin scripts, punctuation MLflow rejects in
+# a key, emoji, a name that is nothing but punctuation, undecodable bytes (a lone surrogate), 240 chars
+AWKWARD = [
+    "猫",
+    "кошка",
+    "cats & dogs",
+    "cats, dogs",
+    "coffee (hot)",
+    "50%+",
+    "😀",
+    "..",
+    "x\udcff",
+    "a" * 240,
+]
+
+
+def _valid_key(key: str) -> bool:
+    from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
+
+    return bool(validate_param_and_metric_name(key)) and not path_not_unique(key) and len(key) <= 250
+
+
+def test_class_keys_are_valid_unique_and_readable():
+    from headstart.tracking import class_keys
+
+    keys = class_keys("test_recall", AWKWARD)
+    assert all(_valid_key(k) for k in keys), keys
+    assert len(set(keys)) == len(AWKWARD)  # `cats & dogs` and `cats, dogs` read alike: the index parts them
+    assert keys[:6] == [
+        "test_recall.0_猫",
+        "test_recall.1_кошка",
+        "test_recall.2_cats_dogs",
+        "test_recall.3_cats_dogs",
+        "test_recall.4_coffee_hot",
+        "test_recall.5_50",
+    ]
+    assert keys[6] == "test_recall.6" and keys[7] == "test_recall.7" and len(keys[9]) < 100
+
+
+def test_awkward_class_names_register_and_travel_as_data(cfg, tmp_path):
+    """The run's metrics have safe keys; the exact names come back from classes.json and the tag."""
+    from headstart.tracking import class_keys, classes_record
+
+    keys = class_keys("test_recall", AWKWARD)
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    ids = log_pipeline_run(
+        cfg,
+        {**dict.fromkeys(keys, 0.5), "test_accuracy": 0.9},
+        {"evaluate": report},
+        _onnx(tmp_path / "m.onnx"),
+        {"classes": json.dumps(AWKWARD, ensure_ascii=False), "error": "x\udcff"},
+        [],
+        classes=AWKWARD,
+    )
+    client = _client(cfg)
+    run = client.get_run(ids["run_id"])
+    assert set(keys) <= set(run.data.metrics) and all(_valid_key(k) for k in run.data.metrics)
+    local = client.download_artifacts(ids["run_id"], "classes.json", str(tmp_path))
+    record = json.loads(Path(local).read_text(encoding="utf-8"))
+    assert [c["name"] for c in record] == AWKWARD and record == classes_record(AWKWARD)
+    assert json.loads(run.data.tags["classes"]) == AWKWARD
+
+
+def test_user_chosen_param_keys_are_made_safe_and_stay_distinct(tmp_path, store):
+    cfg = load_params(
+        None,
+        [
+            f"project.artifacts_dir={tmp_path / 'artifacts'}",
+            f"mlflow.tracking_uri=sqlite:///{store / 'mlflow.db'}",
+            f"mlflow.artifact_location={store / 'mlruns'}",
+            "mlflow.experiment=user_keys",
+            "schedule.timeout_s={'train head (slow)!': 60, 'train_head_slow': 70, '😀': 80}",
+        ],
+    )
+    params = _client(cfg).get_run(pipeline_run(cfg)).data.params
+    timeouts = {k: v for k, v in params.items() if k.startswith("schedule.timeout_s")}
+    assert sorted(timeouts.values()) == ["60.0", "70.0", "80.0"], timeouts
+    assert all(_valid_key(k) for k in params)
+
+
+def test_a_register_that_mlflow_refuses_is_recorded_with_its_stage(cfg, tmp_path):
+    """A failure inside register (here MLflow refusing a metric key) still leaves the run FAILED with
+    failed_stage=register and the error, as the flow's _record asks."""
+    run_id = pipeline_run(cfg)
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    with pytest.raises(HeadstartError) as err:
+        log_pipeline_run(cfg, {"test_recall.cats & dogs": 1.0}, {}, _onnx(tmp_path / "m.onnx"), {}, [])
+    assert (
+        log_failed_run(cfg, "register", str(err.value), {"evaluate": report}, {"classes": "😀 x\udcff"})
+        == run_id
+    )
+    run = _client(cfg).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "register"
+    assert "cats & dogs" in run.data.tags["error"]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b'{"run_id": "0123', b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'{"run_id": 5, "tracking_uri": 7}'],
+    ids=["truncated", "binary", "a list", "null", "wrong types"],
+)
+def test_a_damaged_run_file_opens_a_new_run_with_a_warning(cfg, garbage, caplog):
+    path = run_file(cfg)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(garbage)
+    with caplog.at_level("WARNING", logger="headstart.tracking"):
+        run_id = pipeline_run(cfg)
+    assert f"{path} is damaged" in caplog.text and "a new MLflow run is opened" in caplog.text
+    assert json.loads(path.read_text())["run_id"] == run_id
+    assert _client(cfg).get_run(run_id).info.status == "RUNNING"
+    assert pipeline_run(cfg) == run_id  # the rewritten record is trusted again
