@@ -341,10 +341,8 @@ def _predict(args) -> int:
     for r in results:
         if args.json:
             print(json.dumps({k: v for k, v in r.__dict__.items() if v is not None}))
-        elif r.error:
-            print(f"{r.path}\terror\t{r.error}")
         else:
-            print(f"{r.path}\t{r.label}\t{r.confidence:.4f}")
+            print(r.tsv())
     failed = sum(r.error is not None for r in results)
     print(
         f"headstart predict: {len(results) - failed} predicted, {failed} unreadable; "
@@ -355,7 +353,8 @@ def _predict(args) -> int:
 
 
 def _image_files(items: list[str]) -> list[Path]:
-    """Files as given; folders walked for image extensions, in sorted order."""
+    """Files as given; folders walked for image extensions, in sorted order. Whatever is not a
+    folder is kept (a FIFO, a device, a dangling link): predict reports why it was not read."""
     from headstart.config import PrepareParams
 
     extensions = {e.lower() for e in PrepareParams().extensions}
@@ -363,7 +362,7 @@ def _image_files(items: list[str]) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            out += sorted(p for p in path.rglob("*") if not p.is_dir() and p.suffix.lower() in extensions)
         elif path.exists():
             out.append(path)
         else:

@@ -58,6 +58,18 @@ class PrepareParams(Section):
     test_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"]
 
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_extensions(cls, v: list[str]) -> list[str]:
+        """`png`, `PNG` and `.png` all mean `.png`; anything that is not one file-name suffix is refused."""
+        out = ["." + e.strip().lower().removeprefix(".") for e in v]
+        for raw, e in zip(v, out, strict=True):
+            if len(e) < 2 or any(c in e[1:] for c in "./\\*?[] "):
+                raise ValueError(f"{raw!r} is not a file extension: write one suffix per entry, e.g. .png")
+        if not out:
+            raise ValueError("no extensions: list the image suffixes to read, e.g. [.png, .jpg]")
+        return list(dict.fromkeys(out))
+
     @field_validator("test_fraction")
     @classmethod
     def _fractions_leave_train(cls, v: float, info) -> float:

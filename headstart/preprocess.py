@@ -8,15 +8,57 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
+import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
-# A decompression-bomb guard: Pillow warns at ~89 Mpx and raises at twice that; we refuse earlier.
+# A decompression-bomb guard, checked on the header before any pixel is decoded (check_size). Pillow's
+# own check, set to the same number, raises above twice it; its warning below that is silenced, since
+# check_size refuses those images with a reason anyway.
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageRefused(ValueError):
+    """A file headstart will not decode, with the reason: not a regular file, or too many pixels."""
+
+
+def check_size(width: int, height: int) -> None:
+    """The per-image bound on decoding. No aspect-ratio bound is needed: resize_crop resamples only
+    the crop, so the work after decoding is bounded by the output size whatever the shape."""
+    if width * height > MAX_PIXELS:
+        raise ImageRefused(f"oversized: {width}x{height} exceeds {MAX_PIXELS} pixels")
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """A regular file opened for reading; anything else (FIFO, device, socket, folder) is refused.
+    Opening a FIFO blocks until a writer comes: O_NONBLOCK makes the open return at once, and fstat
+    judges what was opened, so a file swapped after a check cannot slip through."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageRefused(f"not a regular file ({_file_kind(mode)}); only regular files are read")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    kinds |= {stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
+
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -49,11 +91,21 @@ class InputSpec:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
-def decode(path: str | Path, keep_grey: bool = False) -> Image.Image:
+def decode(path: str | Path | BinaryIO, keep_grey: bool = False) -> Image.Image:
     """Open an image with its EXIF orientation applied, as RGB (or L, for a grey image when
     keep_grey: resizing one channel is a third of the work and gives the same pixels); raises on
-    anything unreadable."""
-    with Image.open(path) as img:
+    anything unreadable, ImageRefused (before decoding) on what open_regular and check_size refuse."""
+    with open_regular(path) if isinstance(path, str | Path) else nullcontext(path) as f:
+        return _decode(f, keep_grey)
+
+
+def _decode(f: BinaryIO, keep_grey: bool) -> Image.Image:
+    try:
+        img = Image.open(f)
+    except Image.DecompressionBombError as exc:  # over twice MAX_PIXELS: Pillow refuses in open
+        raise ImageRefused(f"oversized: {exc}") from None
+    with img:
+        check_size(*img.size)
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: rescale, not clip
             arr = np.asarray(img, dtype=np.float32)
@@ -66,16 +118,19 @@ def decode(path: str | Path, keep_grey: bool = False) -> Image.Image:
 
 
 def resize_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
-    """Resize the shorter side to spec.resize_to, centre-crop spec.size: the geometric half."""
+    """Resize the shorter side to spec.resize_to, centre-crop spec.size: the geometric half.
+    Only the crop's source region is resampled (Pillow's `box`): the same filter taps as resizing
+    it all and cropping (equal up to rounding), without the whole resized image, which for a
+    1x40000 strip would be 256x10,240,000 pixels."""
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     w, h = img.size
     scale = spec.resize_to / min(w, h)
     new_w, new_h = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
     left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
-    return img.resize((new_w, new_h), _INTERPOLATION[spec.interpolation]).crop(
-        (left, top, left + spec.size, top + spec.size)
-    )
+    sx, sy = w / new_w, h / new_h  # resized -> source coordinates
+    box = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
+    return img.resize((spec.size, spec.size), _INTERPOLATION[spec.interpolation], box=box)
 
 
 def to_uint8(img: Image.Image, spec: InputSpec) -> np.ndarray:

@@ -5,6 +5,7 @@ reads its own preprocessing contract from its metadata, so serving preprocesses 
 from __future__ import annotations
 
 import json
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +13,18 @@ from pathlib import Path
 import numpy as np
 
 from headstart import HeadstartError
-from headstart.preprocess import InputSpec, decode, normalise, to_uint8
+from headstart.preprocess import _INTERPOLATION, ImageRefused, InputSpec, decode, normalise, to_uint8
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # the files the export stage writes, by variant (optional ones in variants/, present when they
 # passed their parity gate); a registered version carries those that passed
 EXPORT_FILES = {"fp32": "model.onnx", "fp16": "variants/model_fp16.onnx"}
 PROVIDER_NAMES = {"tensorrt": DEFAULT_PROVIDERS[0], "cuda": DEFAULT_PROVIDERS[1], "cpu": DEFAULT_PROVIDERS[2]}
+
+
+# graph input layouts by headstart.input: which axes hold the channels and the image size
+_LAYOUT = {"float32": (1, (2, 3)), "uint8": (3, (1, 2))}
+_MAX_SIZE = 8192  # an input side beyond any backbone: a spec asking for more is damaged, not big
 
 
 @dataclass
@@ -28,6 +34,35 @@ class Prediction:
     confidence: float | None = None
     probabilities: dict[str, float] | None = None
     error: str | None = None
+
+    def tsv(self) -> str:
+        """One tab-separated line: path, label, confidence (or path, `error`, reason), each field
+        escaped, so a tab or newline in a file or class name cannot forge a field or a line."""
+        if self.error is not None:
+            return "\t".join(map(tsv_field, (self.path, "error", self.error)))
+        return "\t".join((tsv_field(self.path), tsv_field(self.label or ""), f"{self.confidence:.4f}"))
+
+
+def tsv_field(text: str) -> str:
+    r"""Backslash escapes for what would break a line-and-tab format: \\, \t, \n, \r, other control
+    and line-separator characters as \xNN/\uNNNN, and the bytes of an undecodable file name (Python
+    keeps them as lone surrogates) as \xNN."""
+    return "".join(_escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    if c in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[c]
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # os.fsdecode's surrogateescape: the original byte
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp"):
+        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+    return c
+
+
+_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
 def provider_list(names: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -75,12 +110,7 @@ class Predictor:
             # a listed GPU provider that cannot start: fall back to the CPU; `providers` tells
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.classes: list[str] = json.loads(meta["headstart.classes"])
-            self.spec = InputSpec.from_json(meta["headstart.input_spec"])
-        except KeyError as exc:
-            raise HeadstartError(f"{self.path}: not a headstart model (no {exc} metadata)") from None
-        self.input_kind = meta.get("headstart.input", "float32")
+        self.classes, self.spec, self.input_kind = _contract(self.path, meta, self.session)
         self.metadata = dict(meta)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
@@ -132,7 +162,10 @@ class Predictor:
         def load(i: int):
             try:
                 return i, self.load(paths[i])
-            except Exception as exc:  # unreadable, truncated, not an image, too large
+            except ImageRefused as exc:  # refused before decoding: the reason is the whole story
+                results[i].error = str(exc)
+                return i, None
+            except Exception as exc:  # unreadable, truncated, not an image
                 results[i].error = f"{type(exc).__name__}: {exc}"
                 return i, None
 
@@ -151,6 +184,66 @@ class Predictor:
                     results[i].label, results[i].confidence = self.classes[k], float(row[k])
                     results[i].probabilities = {c: float(v) for c, v in zip(self.classes, row, strict=True)}
         return results
+
+
+def _contract(path: Path, meta: dict[str, str], session) -> tuple[list[str], InputSpec, str]:
+    """Classes, input spec and input kind from a model's headstart metadata, checked against its
+    graph: metadata that disagrees would label images wrongly or fail on every batch."""
+    if "headstart.classes" not in meta or "headstart.input_spec" not in meta:
+        missing = "headstart.classes" if "headstart.classes" not in meta else "headstart.input_spec"
+        raise HeadstartError(f"{path}: not a headstart model (no '{missing}' metadata)")
+    classes, spec = _classes(path, meta["headstart.classes"]), _spec(path, meta["headstart.input_spec"])
+    kind = meta.get("headstart.input", "float32")
+    if kind not in _LAYOUT:
+        raise HeadstartError(f"{path}: metadata headstart.input is {kind!r}, not one of {sorted(_LAYOUT)}")
+    out = session.get_outputs()[0]
+    width = out.shape[-1] if out.shape else None
+    if isinstance(width, int) and width != len(classes):
+        raise HeadstartError(
+            f"{path}: metadata headstart.classes names {len(classes)} classes but the graph's output "
+            f"{out.name!r} has {width}; the file was altered: export the model again"
+        )
+    _check_input(path, session.get_inputs()[0], spec, kind)
+    return classes, spec, kind
+
+
+def _check_input(path: Path, inp, spec: InputSpec, kind: str) -> None:
+    channels, sides = _LAYOUT[kind]
+    want = {channels: 3, sides[0]: spec.size, sides[1]: spec.size}
+    shape = list(inp.shape)
+    bad = len(shape) != 4 or any(isinstance(shape[a], int) and shape[a] != n for a, n in want.items())
+    if bad or (inp.type == "tensor(uint8)") != (kind == "uint8"):
+        layout = "N,3,S,S float" if kind == "float32" else "N,S,S,3 uint8"
+        raise HeadstartError(
+            f"{path}: metadata headstart.input_spec/headstart.input say {layout} with S={spec.size} but the "
+            f"graph's input {inp.name!r} is {inp.type} {shape}; the file was altered: export the model again"
+        )
+
+
+def _classes(path: Path, text: str) -> list[str]:
+    try:
+        classes = json.loads(text)
+    except ValueError:
+        classes = None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise HeadstartError(f"{path}: metadata headstart.classes is not a JSON list of class names")
+    return classes
+
+
+def _spec(path: Path, text: str) -> InputSpec:
+    try:
+        spec = InputSpec.from_json(text)
+        ok = isinstance(spec.size, int) and 1 <= spec.size <= _MAX_SIZE and 0 < spec.crop_pct <= 1
+        ok = ok and spec.interpolation in _INTERPOLATION and len(spec.mean) == len(spec.std) == 3
+        ok = ok and all(isinstance(v, int | float) and v != 0 for v in spec.std)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok:
+        raise HeadstartError(
+            f"{path}: metadata headstart.input_spec is not a valid input spec (JSON with size 1-{_MAX_SIZE}, "
+            "mean, std, interpolation, crop_pct); export the model again"
+        )
+    return spec
 
 
 def _loadable(provider: str) -> bool:

@@ -463,6 +463,7 @@ def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
     import mlflow
 
     where = tracking_uri(params)
+    _existing_store(where)
     with _using(where):
         local = Path(
             _call(
@@ -483,6 +484,20 @@ def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
             + ("; it was registered with export.fp16=false" if variant == "fp16" else "")
         )
     return want
+
+
+def _existing_store(uri: str) -> None:
+    """Reading from a SQLite store that is not there would create an empty one (MLflow creates the
+    file on first connect) and then report the model missing: say where the store was looked for."""
+    if not uri.startswith("sqlite:"):
+        return
+    from sqlalchemy.engine import make_url
+
+    db = make_url(uri).database
+    if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_file():
+        raise HeadstartError(
+            f"no MLflow store at {uri}; set --set mlflow.tracking_uri=... or MLFLOW_TRACKING_URI"
+        )
 
 
 class Registry:

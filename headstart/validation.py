@@ -18,6 +18,7 @@ import pandas as pd
 from headstart import GateFailed
 from headstart.config import ValidateParams
 from headstart.data.inspection import hamming
+from headstart.data.manifest import OUTSIDE, class_labels
 
 SPLITS = ("train", "val", "test")
 DUPLICATE_FLAGS = {
@@ -49,7 +50,7 @@ def validate_manifest(
     files = flag_files(manifest, p)
     quarantine = quarantine_reasons(files, p)
     clean = files[files["readable"] & ~files["path"].isin(quarantine["path"])].copy()
-    tables = {"files": files, "images": clean, **class_tables(clean, p)}
+    tables = {"files": files, "images": clean, **class_tables(clean, p, class_labels(files))}
     results = run_suites(tables, expectations(p), docs_dir, p.max_examples)
     failed = [r["name"] for r in results if not r["success"] and r["level"] == "fail"]
     report = {
@@ -67,7 +68,7 @@ def validate_manifest(
 def flag_files(manifest: pd.DataFrame, p: ValidateParams) -> pd.DataFrame:
     """The manifest plus one boolean column per row-level check that GX cannot compute itself."""
     m = manifest.reset_index(drop=True).copy()
-    m["inside_root"] = ~m["reason"].str.startswith("resolves outside")
+    m["inside_root"] = ~m["reason"].str.startswith(OUTSIDE)
     for col in [*DUPLICATE_FLAGS.values(), "duplicate_of"]:
         m[col] = "" if col == "duplicate_of" else False
     ok = m.index[m["readable"]]
@@ -121,9 +122,12 @@ def quarantine_reasons(files: pd.DataFrame, p: ValidateParams) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def class_tables(clean: pd.DataFrame, p: ValidateParams) -> dict[str, pd.DataFrame]:
-    """Images per (class, split) against the minimum, and each class's imbalance ratio."""
-    labels = sorted(clean["label"].unique())
+def class_tables(
+    clean: pd.DataFrame, p: ValidateParams, classes: list[str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """Images per (class, split) against the minimum, and each class's imbalance ratio. `classes`
+    (manifest.class_labels) adds the class folders left with no usable image, so they fail by name."""
+    labels = sorted(set(clean["label"]) | set(classes or []))
     counts = (
         clean.groupby(["label", "split"])
         .size()
@@ -132,7 +136,8 @@ def class_tables(clean: pd.DataFrame, p: ValidateParams) -> dict[str, pd.DataFra
         .reset_index()
     )
     counts["min_required"] = counts["split"].map(p.min_per_class.model_dump())
-    totals = clean.groupby("label").size().rename("n").reset_index()
+    totals = clean.groupby("label").size().reindex(labels, fill_value=0).rename("n").rename_axis("label")
+    totals = totals.reset_index()
     totals["ratio"] = totals["n"].max() / totals["n"] if len(totals) else []
     return {"counts": counts, "balance": totals}
 
@@ -268,6 +273,10 @@ def _summarise(r, table: str, frame: pd.DataFrame, max_examples: int = 5) -> dic
         "count": int(res.get("unexpected_count") or (0 if r.success else 1)),
         "examples": [_describe(frame, table, i) for i in index[:max_examples]],
     }
+    out["per_row"] = "unexpected_count" in res  # else it checks the whole table: no rows to count
+    if table == "images" and out["name"] in _CLASS_CHECKS:
+        out["classes"] = sorted(frame["label"].unique())
+        out["min"] = r.expectation_config.kwargs.get("min_value")
     if not index:  # set-level expectations name values, not rows
         values = [f"unexpected {v}" for v in res.get("partial_unexpected_list") or []]
         values += [f"missing {v}" for v in res.get("partial_missing_list") or []]
@@ -297,13 +306,31 @@ def _plain(value):
 
 def failure_message(report: dict, report_path: Path) -> str:
     """One line naming each failed expectation, its count and examples."""
-    parts = []
-    for r in report["expectations"]:
-        if not r["success"] and r["level"] == "fail":
-            seen = f", observed {r['observed']}" if "observed" in r else ""
-            examples = f" (e.g. {'; '.join(r['examples'][:3])})" if r["examples"] else ""
-            parts.append(f"{r['name']}: {r['count']} unexpected{seen}{examples}")
+    parts = [_explain(r) for r in report["expectations"] if not r["success"] and r["level"] == "fail"]
     return f"data validation failed: {' | '.join(parts)}; see {report_path}"
+
+
+_CLASS_CHECKS = ("enough_classes", "labels_as_declared")
+
+
+def _explain(r: dict) -> str:
+    """One failed expectation in words: rows counted where it checks rows, what was found where it
+    checks the whole table (a class count is no 'unexpected' row)."""
+    examples = f" (e.g. {'; '.join(r['examples'][:3])})" if r["examples"] else ""
+    if r["name"] == "enough_classes" and "classes" in r:
+        found = r["classes"]
+        names = f" ({', '.join(found)})" if found else ""
+        return (
+            f"enough_classes: found {len(found)} class{'' if len(found) == 1 else 'es'}{names}; "
+            f"need at least {r['min']}: put each class's images in its own folder"
+        )
+    if not r.get("per_row", True):
+        if "classes" in r:
+            found = ", ".join(r["classes"])
+            return f"{r['name']}: the classes found ({found}) differ from validate.classes{examples}"
+        return f"{r['name']}: observed {r.get('observed')}{examples}"
+    seen = f", observed {r['observed']}" if "observed" in r else ""
+    return f"{r['name']}: {r['count']} unexpected{seen}{examples}"
 
 
 def to_markdown(report: dict) -> str:

@@ -29,7 +29,8 @@ def test_measured_reads_wall_time_and_peak_memory():
 def test_finetune_benchmark_reports_both_models(tmp_path):
     from benchmarks.finetune import run
 
-    result = run("type", 12, tmp_path / "run", tmp_path / "cache", "cpu", ["finetune.max_epochs=2"])
+    # 16 per class: the smallest elpv `type` sample whose classes each draw a val image by hash
+    result = run("type", 16, tmp_path / "run", tmp_path / "cache", "cpu", ["finetune.max_epochs=2"])
     assert result["n_train"] >= 10 and not result["default_gate_open"]
     assert 0 <= result["test_accuracy_head"] <= 1 and 0 <= result["val_accuracy_finetuned"] <= 1
     assert result["wall_s"]["finetune"] > 0 and result["finetune_epochs"] <= 2

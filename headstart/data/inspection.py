@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -56,8 +57,11 @@ def inspect_bytes(data: bytes) -> dict:
                 "channels": len(img.getbands()),
                 "bit_depth": _BIT_DEPTH.get(img.mode, 8),
                 "frames": getattr(img, "n_frames", 1),
-                "exif_rotated": img.getexif().get(0x0112, 1) not in (1, None),
+                # 2..8 turn or mirror; any other value is invalid and, as in decode, ignored
+                "exif_rotated": img.getexif().get(0x0112, 1) in range(2, 9),
             }
+            if img.mode == "F" and not np.isfinite(np.asarray(img)).all():
+                return {**out, "reason": "non-finite pixel values (NaN or inf) in a float image"}
             rgb = decode(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         return {**out, "reason": f"oversized: {exc}"}
@@ -178,7 +182,18 @@ def _hash(path: Path) -> tuple[str, int]:
 
 
 def _read(path: Path) -> bytes | None:
+    """A regular file's bytes; None otherwise. Opened without blocking and checked after opening, so
+    a FIFO put in a file's place since the scan cannot hang the read."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

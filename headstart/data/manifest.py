@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,38 +16,62 @@ from headstart import HeadstartError
 from headstart.data.inspection import FIELDS, InspectionCache, inspect_files
 
 PATH_COLUMNS = ["path", "label", "sha256", "bytes"]
+# reasons that other modules recognise by their start
+OUTSIDE = "resolves outside the data folder"
+OTHER_EXTENSION = "extension "
+NOT_IN_CLASS = "not in a class folder"
+_KINDS = {
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing found under the data folder: a candidate image (reason None) or why it is not one."""
+
+    rel: str  # posix path under the root, folders end in "/"; a non-UTF-8 name shown with \x escapes
+    path: Path
+    reason: str | None = None
+    size: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.rel.split("/")[0] if "/" in self.rel else ""
 
 
 def scan(root: str | Path, extensions: list[str], cache_dir: str | Path) -> pd.DataFrame:
     """One row per file under root: where it is, its hash, and what decoding it found (inspection.FIELDS).
 
-    Files that are not candidate images (outside a class folder, hidden, another extension, a link
-    out of the root) are listed with the reason and never read; the rest are decoded once, in
-    parallel, and remembered by content hash so a re-run only decodes new or changed files.
+    Entries that are not candidate images (see walk) are listed with the reason and never read; the
+    rest are decoded once, in parallel, and remembered by content hash so a re-run only decodes new or
+    changed files.
     """
     root = _existing_folder(root)
-    real_root, exts = root.resolve(), {e.lower() for e in extensions}
-    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
-    if not files:
+    entries = walk(root, extensions)
+    if not entries:
         raise HeadstartError(f"data folder {root} is empty: put images in {root}/<class>/")
-    rels = [f.relative_to(root).as_posix() for f in files]
-    reasons = [_skip_reason(f, rel, real_root, exts) for f, rel in zip(files, rels, strict=True)]
-    candidates = [f for f, r in zip(files, reasons, strict=True) if r is None]
-    inspected = iter(inspect_files(candidates, InspectionCache(cache_dir)))
+    inspected = iter(inspect_files([e.path for e in entries if e.reason is None], InspectionCache(cache_dir)))
     blank = {k: t() for k, t in FIELDS.items()}
     rows = []
-    for f, rel, reason in zip(files, rels, reasons, strict=True):
-        label = rel.split("/")[0] if "/" in rel else ""
-        if reason is None:
-            rows.append({"path": rel, "label": label, **next(inspected)})
+    for e in entries:
+        if e.reason is None:
+            rows.append({"path": e.rel, "label": e.label, **next(inspected)})
         else:
-            size = f.lstat().st_size
-            rows.append({"path": rel, "label": label, "sha256": "", "bytes": size, **blank, "reason": reason})
+            rows.append(
+                {"path": e.rel, "label": e.label, "sha256": "", "bytes": e.size, **blank, "reason": e.reason}
+            )
     return pd.DataFrame(rows, columns=PATH_COLUMNS + list(FIELDS))
 
 
 def _existing_folder(root: str | Path) -> Path:
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise HeadstartError(
+            f"data folder {root} is a file, not a folder: pass the folder that holds one folder per class"
+        )
     if not root.is_dir():
         raise HeadstartError(
             f"data folder {root} does not exist: put images in {root}/<class>/ "
@@ -52,18 +80,111 @@ def _existing_folder(root: str | Path) -> Path:
     return root
 
 
-def _skip_reason(path: Path, rel: str, real_root: Path, exts: set[str]) -> str | None:
-    if "/" not in rel:
-        return "not in a class folder"
-    if not path.exists():
-        return "broken link"
-    if not path.resolve().is_relative_to(real_root):
-        return "resolves outside the data folder"
-    if any(part.startswith(".") for part in rel.split("/")):
-        return "hidden file"
+def walk(root: Path, extensions: list[str]) -> list[Entry]:
+    """Every entry under root, sorted by path, without recursion (a folder 1,500 deep is just long).
+
+    Hidden names (leading dot) are ignored, never listed. Links are followed when they resolve inside
+    the root; only regular files in a class folder with one of the extensions are candidates. A folder
+    that cannot be listed is an entry with its reason, so nothing is skipped without a word.
+    """
+    real_root, exts = os.path.realpath(root), {e.lower() for e in extensions}
+    out: list[Entry] = []
+    top = os.stat(root)
+    # folder, its rel, and the (device, inode) chain of the folders above it, to stop link loops
+    stack: list[tuple[str, str, tuple | None]] = [(str(root), "", ((top.st_dev, top.st_ino), None))]
+    while stack:
+        folder, prefix, above = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                items = [i for i in it if not i.name.startswith(".")]
+        except OSError as exc:
+            if not prefix:
+                raise HeadstartError(
+                    f"data folder {root} cannot be read ({exc.strerror}): check its permissions"
+                ) from None
+            reason = (
+                f"folder cannot be read ({exc.strerror}): give read access or move it out of the data folder"
+            )
+            out.append(Entry(prefix, Path(folder), reason))
+            continue
+        for item in items:
+            entry, sub = _classify(item, prefix, real_root, exts, above)
+            if sub is not None:
+                stack.append(sub)
+            else:
+                out.append(entry)
+    return sorted(out, key=lambda e: e.rel)
+
+
+def _classify(item: os.DirEntry, prefix: str, real_root: str, exts: set[str], above: tuple | None):
+    """(entry, None) for something listed, or (None, (folder, rel, above)) for a folder to walk."""
+    rel, path, link = prefix + item.name, Path(item.path), item.is_symlink()
+    size = _lsize(item)
+    try:
+        st = item.stat()  # follows a link: metadata only, nothing outside the root is read
+    except OSError as exc:
+        reason = "broken link" if exc.errno == errno.ENOENT else f"cannot be read ({exc.strerror})"
+        # at the top level only folders count: a dead link there is a class folder that went missing
+        folder = not prefix and path.suffix.lower() not in exts
+        return Entry(_shown(rel) + "/" * folder, path, reason, size), None
+    isdir = stat.S_ISDIR(st.st_mode)
+    shown = _shown(rel) + ("/" if isdir else "")
+    if shown.rstrip("/") != rel:
+        return Entry(shown, path, "name is not valid UTF-8 (shown escaped): rename it", size), None
+    if link:
+        target = os.path.realpath(item.path)
+        if os.path.commonpath([target, real_root]) != real_root:
+            reason = f"{OUTSIDE} (to {_shown(target)}): never read; copy it into the data folder"
+            return Entry(shown, path, reason, size), None
+        if isdir and _loops((st.st_dev, st.st_ino), above):
+            return Entry(shown, path, "link loop: it points to a folder above it", size), None
+    if isdir:
+        return None, (item.path, shown, ((st.st_dev, st.st_ino), above))
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "special file")
+        return Entry(rel, path, f"not a regular file ({kind}): only regular files are read", size), None
+    if not prefix:
+        return Entry(rel, path, NOT_IN_CLASS, size), None
     if path.suffix.lower() not in exts:
-        return f"extension {path.suffix or '(none)'} not in prepare.extensions"
-    return None
+        return Entry(
+            rel, path, f"{OTHER_EXTENSION}{path.suffix or '(none)'} not in prepare.extensions", size
+        ), None
+    return Entry(rel, path, None, size), None
+
+
+def _lsize(item: os.DirEntry) -> int:
+    try:
+        return item.stat(follow_symlinks=False).st_size
+    except OSError:
+        return 0
+
+
+def _shown(rel: str) -> str:
+    """The name as text: bytes that are not UTF-8 (kept by surrogateescape) become \\xNN escapes."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def _loops(key: tuple[int, int], above: tuple | None) -> bool:
+    while above is not None:
+        if above[0] == key:
+            return True
+        above = above[1]
+    return False
+
+
+def class_labels(manifest: pd.DataFrame) -> list[str]:
+    """The class folders that hold, or were meant to hold, images: every label with a candidate or a
+    file or folder that could not be read, so a class whose images all went missing is still named."""
+    pairs = zip(manifest["label"], manifest["reason"], strict=True)
+    return sorted({label for label, reason in pairs if _holds_images(label, reason)})
+
+
+def _holds_images(label: str, reason: str | None) -> bool:
+    return bool(label) and not (reason or "").startswith(OTHER_EXTENSION)
 
 
 def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
@@ -93,21 +214,24 @@ def data_hash(manifest: pd.DataFrame) -> str:
 
 
 def preflight(root: str | Path, extensions: list[str]) -> dict[str, int]:
-    """The cheap checks (no decoding) that let `headstart run` fail in a second, not after startup."""
+    """The cheap checks (no decoding) that let `headstart run` fail in a second, not after startup. It
+    walks the folder as the scan does, so both see the same classes, links and files."""
     root = _existing_folder(root)
-    exts = {e.lower() for e in extensions}
-    counts = {
-        d.name: sum(
-            1 for f in d.rglob("*") if f.is_file() and f.suffix.lower() in exts and not f.name.startswith(".")
-        )
-        for d in root.iterdir()
-        if d.is_dir() and not d.name.startswith(".")
-    }
-    counts = {c: n for c, n in counts.items() if n}
-    if not counts:
+    entries = walk(root, extensions)
+    counts = {e.label: 0 for e in entries if _holds_images(e.label, e.reason)}
+    for e in entries:
+        if e.reason is None:
+            counts[e.label] += 1
+    if not any(counts.values()):
         raise HeadstartError(
             f"data folder {root} has no images in class folders "
-            f"(<class>/<file> with extensions {', '.join(sorted(exts))})"
+            f"(<class>/<file> with extensions {', '.join(sorted(extensions))})"
+        )
+    if empty := [c for c, n in counts.items() if not n]:
+        why = {e.label: f"{e.rel}: {e.reason}" for e in reversed(entries) if e.label in empty}
+        raise HeadstartError(
+            f"data folder {root}: class folder {', '.join(empty)} has no image that can be read "
+            f"({'; '.join(why[c] for c in empty)}); fix it or move it out of the data folder"
         )
     if len(counts) < 2:
         raise HeadstartError(

@@ -95,11 +95,10 @@ def test_scan_lists_bad_files_with_reasons(tmp_path):
         "dog/notes.txt": "extension .txt not in prepare.extensions",
         "dog/noext": "extension (none)",
         "stray.png": "not in a class folder",
-        "dog/.hidden.png": "hidden file",
-        ".thumbs/x.png": "hidden file",
         "cat/truncated.png": "not a readable image",
     }
-    assert set(reasons) == set(expected)
+    assert set(reasons) == set(expected)  # hidden files and folders are ignored, not listed
+    assert not any("hidden" in p or "thumbs" in p for p in m["path"])
     for path, reason in expected.items():
         assert reason in reasons[path], (path, reasons[path])
     assert m["readable"].sum() == 6
@@ -191,6 +190,8 @@ def test_preflight_counts(tmp_path):
     root = make_folder(tmp_path / "data", per_class=4)
     (root / "dog" / "notes.txt").write_text("x")
     make_image(root / ".hidden" / "h.png", COLOURS[0], seed=1)
+    (root / "docs").mkdir()
+    (root / "docs" / "notes.txt").write_text("x")  # no image extension: not a class
     assert preflight(root, EXTS) == {"cat": 4, "dog": 4}
 
 

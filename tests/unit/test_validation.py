@@ -80,8 +80,7 @@ BAD = {  # path: start of its quarantine reason
     "cat/bomb.png": "oversized",
     "cat/outside.png": "resolves outside the data folder",
     "dog/dangling.jpg": "broken link",
-    ".DS_Store": "not in a class folder",
-    "cat/.DS_Store": "hidden file",
+    "README.txt": "not in a class folder",
     "dog/Thumbs.db": "extension .db not in prepare.extensions",
     "cat/twin.png": "same content in another class: dog/twin.png",
     "dog/twin.png": "same content in another class: cat/twin.png",
@@ -120,6 +119,7 @@ def zoo(tmp_path_factory):
         "dog/page.png": ib.HTML,
         "dog/dot.png": ib.encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
         "cat/bomb.png": ib.bomb_png(),
+        "README.txt": b"my photos",
         ".DS_Store": b"\0\0\0\1Bud1" + bytes(100),
         "cat/.DS_Store": b"\0\0\0\1Bud1" + bytes(100),
         "dog/Thumbs.db": b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(100),
@@ -158,6 +158,7 @@ def test_zoo_survives_and_only_warns(zoo):
     assert set(r["warnings"]) == ZOO_WARNINGS
     assert _failed(r) == ZOO_WARNINGS
     assert r["n_files"] == len(zoo.manifest) == 16 + len(BAD) + len(USABLE)
+    assert not zoo.manifest["path"].str.contains("DS_Store").any()  # hidden files are ignored
     assert r["n_images"] == len(zoo.v.clean) == 16 + len(USABLE)
     assert r["n_quarantined"] == len(zoo.v.quarantine) == len(BAD)
 
