@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from headstart import GateFailed, HeadstartError, TransientError
-from headstart.atomic import FAILED, write_json
+from headstart.atomic import FAILED, sweep, write_json
 from headstart.config import load_params
 from headstart.ops.lock import exclusive
 from headstart.provenance import fingerprint_changes, run_fingerprint
@@ -72,6 +72,8 @@ def training(
     tags = {"prefect.flow_run_id": str(flow_run.id)}
     state_file = cfg.project.cache_dir / "last_success.json"
     with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
+        for left in sweep(cfg.project.artifacts_dir):  # holding the lock: their writer is dead
+            log.info("removed %s, left by a killed run", left)
         results, changed, started = {}, [], time.time()  # the MLflow run's start is the pipeline's
         for stage in STAGES:
             if stage.optional and not _enabled(cfg, stage.optional):

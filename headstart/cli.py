@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from headstart import HeadstartError, __version__
@@ -131,21 +131,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> list[str]:
-    return list(args.overrides) + ([f"prepare.data_dir={args.data}"] if getattr(args, "data", None) else [])
+    """--set as given (YAML values); a path option as exactly that path, never read as YAML."""
+    from headstart.config import literal
+
+    data = getattr(args, "data", None)
+    return list(args.overrides) + ([literal("prepare.data_dir", data)] if data else [])
 
 
 def _run(args) -> int:
     from headstart.config import load_params
     from headstart.data.manifest import preflight
+    from headstart.tracking import check_store
 
     overrides = _overrides(args)
     cfg = load_params(args.params, overrides)
     preflight(cfg.prepare.data_dir, cfg.prepare.extensions)
+    check_store(cfg)  # an unusable tracking store is found now, not at register after all the work
     from flows.training import training
 
-    state = training(
-        params_file=args.params, overrides=overrides, skip_unchanged=args.skip_unchanged, return_state=True
-    )
+    with _prefect_api():
+        state = training(
+            params_file=args.params,
+            overrides=overrides,
+            skip_unchanged=args.skip_unchanged,
+            return_state=True,
+        )
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         raise HeadstartError(str(exc) if isinstance(exc, BaseException) else state.message)
@@ -155,6 +165,21 @@ def _run(args) -> int:
         return 0
     _summary(result)
     return 0
+
+
+@contextmanager
+def _prefect_api():
+    """The configured Prefect API, else a temporary server that dies with this process (Prefect's
+    own ephemeral server outlives a killed run)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from headstart.ops.ephemeral import server
+
+    with server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
 
 
 def _validate(args) -> int:
@@ -179,23 +204,28 @@ def _validate(args) -> int:
     return code
 
 
+@contextmanager
 def _writing(cfg):
-    """The project lock every writer of artifacts takes (the flow, each stage, these commands)."""
+    """The project lock every writer of artifacts takes (the flow, each stage, these commands); once
+    held, what a killed writer left (temporary folders and files) is removed."""
+    from headstart.atomic import sweep
     from headstart.ops.lock import exclusive
 
-    return exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s)
+    with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
+        sweep(cfg.project.artifacts_dir)
+        yield
 
 
 def _domain_check(args) -> int:
     import json
 
-    from headstart.config import load_params
+    from headstart.config import literal, load_params
     from tasks.domain import domain
     from tasks.prepare import prepare
     from tasks.validate import validate
 
     extra = ["domain.on_mismatch=continue"] + (
-        [f"train_head.backbone={args.backbone}"] if args.backbone else []
+        [literal("train_head.backbone", args.backbone)] if args.backbone else []
     )
     cfg = load_params(args.params, _overrides(args) + extra)
     with _writing(cfg):
@@ -344,9 +374,18 @@ def _image_files(items: list[str]) -> list[Path]:
 
 def _promote(args) -> int:
     from headstart.config import load_params
+    from headstart.tracking import check_store
     from tasks.promote import promote, rollback
 
+    if args.version is not None and not (
+        args.version.isascii() and args.version.isdigit() and int(args.version)
+    ):
+        raise HeadstartError(
+            f"promote --version {args.version!r}: a registered model version is a positive "
+            "integer (e.g. --version 7)"
+        )
     cfg = load_params(args.params, _overrides(args))
+    check_store(cfg)
     with _writing(cfg):
         if args.rollback:
             result = rollback(cfg, args.model)

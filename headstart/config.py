@@ -4,28 +4,58 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from headstart import HeadstartError
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's `true` would otherwise pass as 1.0
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+# Strict: YAML's `true` would silently become 1 and the string "1e11" a huge int.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+# Upper bounds on sizes, far above any sensible setting and below what exhausts a machine: a batch of
+# 4096 images at 224 px is 2.4 GB of float32; a head of 16384 hidden units is larger than the backbone;
+# 100,000 epochs of even a tiny head take days.
+MAX_BATCH = 4096
+MAX_HIDDEN = 16384
+MAX_EPOCHS = 100_000
+MAX_IMAGES = 1_000_000
+MAX_SECONDS = 30 * 86400.0
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `.inf` or `.nan` is never a meaningful param value
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ProjectParams(Section):
     artifacts_dir: Path = Path("artifacts")
     cache_dir: Path = Path(".cache/headstart")
-    seed: int = 0
+    seed: Int = Field(0, ge=0, lt=2**32)  # numpy seeds are 32-bit
 
 
 class PrepareParams(Section):
     data_dir: Path = Path("data/raw")
-    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: Float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"]
 
     @field_validator("extensions")
@@ -74,9 +104,9 @@ class ValidateLevels(Section):
 
 
 class MinPerSplit(Section):
-    train: int = Field(5, ge=0)
-    val: int = Field(1, ge=0)
-    test: int = Field(1, ge=0)
+    train: Int = Field(5, ge=0)
+    val: Int = Field(1, ge=0)
+    test: Int = Field(1, ge=0)
 
 
 class ValidateParams(Section):
@@ -97,67 +127,67 @@ class ValidateParams(Section):
         "I;16L",
         "F",
     ]
-    min_size: int = Field(16, ge=1)
-    max_size: int = Field(8000, ge=1)
+    min_size: Int = Field(16, ge=1, le=65535)  # the largest side JPEG can hold
+    max_size: Int = Field(8000, ge=1, le=65535)
     classes: list[str] | None = None
-    min_classes: int = Field(2, ge=2)
+    min_classes: Int = Field(2, ge=2)
     min_per_class: MinPerSplit = MinPerSplit()
-    imbalance_warn_ratio: float = Field(3.0, ge=1.0)
-    imbalance_fail_ratio: float = Field(20.0, ge=1.0)
-    near_duplicate_distance: int = Field(2, ge=0, le=64)
-    max_examples: int = Field(5, ge=1)
+    imbalance_warn_ratio: Float = Field(3.0, ge=1.0)
+    imbalance_fail_ratio: Float = Field(20.0, ge=1.0)
+    near_duplicate_distance: Int = Field(2, ge=0, le=64)
+    max_examples: Int = Field(5, ge=1, le=1000)
     levels: ValidateLevels = ValidateLevels()
 
 
 class DomainParams(Section):
     on_mismatch: Literal["fail", "warn", "continue"] = "fail"
-    max_images: int = Field(128, gt=0)
-    batch_size: int = Field(32, gt=0)
+    max_images: Int = Field(128, gt=0, le=MAX_IMAGES)
+    batch_size: Int = Field(32, gt=0, le=MAX_BATCH)
 
 
 class TrainHeadParams(Section):
     backbone: str = "efficientnet_lite0"
     weights: Path | None = None
     weights_sha256: str | None = None
-    hidden: int = Field(256, gt=0)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    batch_size: int = Field(64, gt=0)
-    max_epochs: int = Field(200, gt=0)
-    patience: int = Field(15, gt=0)
-    extract_batch_size: int = Field(32, gt=0)
+    hidden: Int = Field(256, gt=0, le=MAX_HIDDEN)
+    dropout: Float = Field(0.2, ge=0.0, lt=1.0)
+    lr: Float = Field(1e-3, gt=0.0, le=10.0)  # AdamW diverges far below 10
+    weight_decay: Float = Field(1e-4, ge=0.0)
+    batch_size: Int = Field(64, gt=0, le=MAX_BATCH)
+    max_epochs: Int = Field(200, gt=0, le=MAX_EPOCHS)
+    patience: Int = Field(15, gt=0, le=MAX_EPOCHS)
+    extract_batch_size: Int = Field(32, gt=0, le=MAX_BATCH)
     runtime: Runtime = "auto"
     class_balance: Literal["weighted", "sampler", "none"] = "weighted"
-    augment_views: int = Field(0, ge=0)
+    augment_views: Int = Field(0, ge=0, le=64)  # each view is a full extra feature pass
 
 
 class FinetuneParams(Section):
     enabled: bool = True
-    min_train_images: int = Field(1000, ge=0)
+    min_train_images: Int = Field(1000, ge=0, le=10**9)
     require_shifted: bool = False
-    unfreeze: int | Literal["all"] = 3
-    lr: float = Field(2e-4, gt=0.0)
-    backbone_lr_ratio: float = Field(0.5, gt=0.0, le=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    batch_size: int = Field(32, gt=0)
-    max_epochs: int = Field(12, gt=0)
-    warmup_epochs: int = Field(1, ge=0)
-    patience: int = Field(4, gt=0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    margin: float = Field(0.005, ge=0.0)
+    unfreeze: Int | Literal["all"] = 3
+    lr: Float = Field(2e-4, gt=0.0, le=10.0)
+    backbone_lr_ratio: Float = Field(0.5, gt=0.0, le=1.0)
+    weight_decay: Float = Field(1e-4, ge=0.0)
+    batch_size: Int = Field(32, gt=0, le=MAX_BATCH)
+    max_epochs: Int = Field(12, gt=0, le=MAX_EPOCHS)
+    warmup_epochs: Int = Field(1, ge=0, le=MAX_EPOCHS)
+    patience: Int = Field(4, gt=0, le=MAX_EPOCHS)
+    grad_clip: Float = Field(1.0, gt=0.0)
+    margin: Float = Field(0.005, ge=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
 
 
 class EvaluateParams(Section):
-    batch_size: int = Field(32, gt=0)
+    batch_size: Int = Field(32, gt=0, le=MAX_BATCH)
 
 
 class Tolerance(Section):
-    max_abs_diff: float = Field(1e-3, gt=0.0)
-    min_top1_agreement: float = Field(1.0, ge=0.0, le=1.0)
-    max_metric_diff: float = Field(0.0, ge=0.0)
+    max_abs_diff: Float = Field(1e-3, gt=0.0)
+    min_top1_agreement: Float = Field(1.0, ge=0.0, le=1.0)
+    max_metric_diff: Float = Field(0.0, ge=0.0)
 
 
 class Tolerances(Section):
@@ -166,11 +196,13 @@ class Tolerances(Section):
 
 
 class ExportParams(Section):
-    opset: int = Field(18, ge=17)
+    opset: Int = Field(18, ge=17, le=99)
     input: Literal["float32", "uint8"] = "float32"
     fp16: bool = True
-    parity_batch_sizes: list[int] = Field(default_factory=lambda: [1, 7, 32], min_length=1)
-    parity_max_images: int = Field(256, ge=1)
+    parity_batch_sizes: list[Annotated[Int, Field(gt=0, le=MAX_BATCH)]] = Field(
+        default_factory=lambda: [1, 7, 32], min_length=1
+    )
+    parity_max_images: Int = Field(256, ge=1, le=MAX_IMAGES)
     require: list[Literal["fp32", "fp16"]] = ["fp32"]
     tolerances: Tolerances = Tolerances()
 
@@ -181,29 +213,29 @@ class RegisterParams(Section):
 
 class PromoteParams(Section):
     enabled: bool = True
-    min_test_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+    min_test_accuracy: Float = Field(0.0, ge=0.0, le=1.0)
     allowed_verdicts: list[Literal["in_domain", "shifted", "mismatch"]] = ["in_domain", "shifted"]
-    margin: float = Field(0.02, ge=0.0)
-    confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    n_bootstrap: int = Field(2000, ge=100)
-    min_clean_images: int = Field(30, ge=2)
+    margin: Float = Field(0.02, ge=0.0)
+    confidence: Float = Field(0.95, gt=0.5, lt=1.0)
+    n_bootstrap: Int = Field(2000, ge=100, le=1_000_000)
+    min_clean_images: Int = Field(30, ge=2, le=10**9)
 
 
 class ScheduleParams(Section):
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
     skip_unchanged: bool = True
-    lock_wait_s: float = Field(0.0, ge=0.0)
-    retries: int = Field(2, ge=0)
-    retry_delay_s: float = Field(10.0, ge=0.0)
-    timeout_s: dict[str, float] = Field(default_factory=dict)
-    default_timeout_s: float = Field(6 * 3600, gt=0)
+    lock_wait_s: Float = Field(0.0, ge=0.0, le=MAX_SECONDS)
+    retries: Int = Field(2, ge=0, le=100)
+    retry_delay_s: Float = Field(10.0, ge=0.0, le=86400.0)
+    timeout_s: dict[str, Annotated[Float, Field(gt=0, le=MAX_SECONDS)]] = Field(default_factory=dict)
+    default_timeout_s: Float = Field(6 * 3600, gt=0, le=MAX_SECONDS)
 
 
 class ServerParams(Section):
     host: str = "127.0.0.1"
-    prefect_port: int = Field(4200, gt=0, lt=65536)
-    mlflow_port: int = Field(5000, gt=0, lt=65536)
+    prefect_port: Int = Field(4200, gt=0, lt=65536)
+    mlflow_port: Int = Field(5000, gt=0, lt=65536)
     state_dir: Path = Path(".headstart")
     deployment: str = "nightly"
 
@@ -236,6 +268,27 @@ class Params(Section):
     def stage_dir(self, stage: str) -> Path:
         return self.project.artifacts_dir / stage
 
+    @model_validator(mode="after")
+    def _folders_apart(self) -> Params:
+        """Outputs never land among the inputs: writing a stage's folder would replace a class folder
+        of the same name, and the cache or the artifacts would be scanned as images."""
+        folders = {
+            "prepare.data_dir": self.prepare.data_dir,
+            "project.artifacts_dir": self.project.artifacts_dir,
+            "project.cache_dir": self.project.cache_dir,
+        }
+        resolved = {key: Path(path).expanduser().resolve() for key, path in folders.items()}
+        keys = list(resolved)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1 :]:
+                pa, pb = resolved[a], resolved[b]
+                if pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa):
+                    raise ValueError(
+                        f"{a} ({folders[a]}) and {b} ({folders[b]}) overlap (the same folder or one "
+                        "inside the other), so outputs would land among inputs; give each its own folder"
+                    )
+        return self
+
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `section.key[.sub]=value` to the raw params; the value is parsed as YAML (1e-3, [a])."""
@@ -250,19 +303,34 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise HeadstartError(f"params key {'.'.join(parts[: depth + 1])!r} must be a mapping")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or _first_line(exc)
+        raise HeadstartError(
+            f"--set {key.strip()}: the value {value!r} is not valid YAML ({problem}); "
+            f"quote it, e.g. --set '{key.strip()}=\"{value}\"'"
+        ) from None
+
+
+def literal(key: str, value: str | Path) -> str:
+    """The override that sets `key` to exactly the string `value`, never read as YAML: a path like
+    `photos #2`, `2024-01-01`, `yes` or `*raw` stays that path. Every character outside printable
+    ASCII is escaped (\\U........), so tabs, newlines, emoji and undecodable bytes survive."""
+    text = str(value)
+    escaped = "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\U{ord(c):08x}" for c in text)
+    return f'{key}="{escaped}"'
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read params.yaml (None or missing file = defaults), apply overrides, validate every key."""
     raw: dict[str, Any] = {}
     if path is not None and Path(path).exists():
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise HeadstartError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise HeadstartError(f"{path}: expected a mapping of sections")
+        raw = _read_params(Path(path))
     elif path is not None and Path(path) != Path("params.yaml"):
         raise HeadstartError(f"params file {path} does not exist")
     for override in overrides or []:
@@ -273,12 +341,39 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         raise HeadstartError(f"{path or 'params'}: {_describe(exc)}") from None
 
 
+def _read_params(path: Path) -> dict[str, Any]:
+    """The params file's mapping; anything else (a folder, binary, UTF-16, not YAML) is one line."""
+    if path.is_dir():
+        raise HeadstartError(f"params file {path} is a folder; give a YAML file (e.g. --params params.yaml)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise HeadstartError(f"params file {path}: cannot read it ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        kind = "UTF-16 text" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8 text"
+        raise HeadstartError(f"params file {path}: {kind}; save it as UTF-8 YAML") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise HeadstartError(f"params file {path}: not valid YAML ({_first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise HeadstartError(f"params file {path}: expected a mapping of sections (project:, prepare:, ...)")
+    return raw
+
+
 def _describe(exc: ValidationError) -> str:
     msgs = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        msgs.append(f"{key}: {msg}")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msgs.append(f"{key}: unknown key")
+        elif not err["loc"]:  # a check across sections
+            msgs.append(msg)
+        else:
+            msgs.append(f"{key}: {msg} (got {str(err['input'])[:60]!r})")
     return "; ".join(msgs)
 
 

@@ -47,6 +47,58 @@ def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
 
 
+def check_store(params: Params, timeout_s: float = 5.0) -> str:
+    """Refuse, before any work, a tracking store that cannot take this run: a server that does not
+    answer /health, a sqlite file that is read-only, corrupted or in a missing folder. Returns the URI.
+    Imports no mlflow, so it costs milliseconds."""
+    uri = tracking_uri(params)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri, timeout_s)
+    elif uri.startswith("sqlite:///"):
+        _check_sqlite(Path(uri.removeprefix("sqlite:///").split("?")[0]), uri)
+    return uri
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+            r.read(64)
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "reason", None) or exc
+        raise HeadstartError(
+            f"MLflow tracking server {uri} does not answer ({why}); start it (headstart server start) "
+            "or set mlflow.tracking_uri / MLFLOW_TRACKING_URI to one that runs"
+        ) from None
+
+
+def _check_sqlite(db: Path, uri: str) -> None:
+    import sqlite3
+
+    where = db.parent if str(db.parent) else Path(".")
+    if not where.is_dir():
+        raise HeadstartError(f"MLflow store {uri}: folder {where} does not exist; create it or fix the URI")
+    # the mode bits too: root may write anything, but a file marked read-only is meant to stay so
+    if not os.access(where, os.W_OK) or (
+        db.exists() and (not os.access(db, os.R_OK | os.W_OK) or not db.stat().st_mode & 0o200)
+    ):
+        raise HeadstartError(
+            f"MLflow store {db} (or its folder) is read-only; make it writable or set mlflow.tracking_uri"
+        )
+    if not db.exists():
+        return
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+            con.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        raise HeadstartError(
+            f"MLflow store {db} cannot be opened as a database ({exc}); restore it from a backup or "
+            "move it away to start a new one"
+        ) from None
+
+
 def classify(exc: BaseException, what: str, uri: str) -> BaseException:
     """MLflow's failure as TransientError (retry may help) or HeadstartError (it will not), by error
     code; anything MLflow did not raise (a bug) is returned as it is, to keep its traceback."""
@@ -60,6 +112,8 @@ def classify(exc: BaseException, what: str, uri: str) -> BaseException:
         return TransientError(f"MLflow {uri} unreachable or failing ({what}): {text}")
     if isinstance(exc, MlflowException):
         return HeadstartError(f"MLflow {uri}: {what}: {text}")
+    if type(exc).__module__.startswith(("sqlalchemy", "sqlite3")):  # a read-only or damaged store file
+        return HeadstartError(f"MLflow store {uri}: {what}: {text}; check the file (permissions, a backup)")
     return exc
 
 
@@ -90,7 +144,8 @@ def _call(uri: str, what: str, fn, *args, missing_ok: bool = False, **kwargs):
 def _client(uri: str):
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _classified("open the store", uri):  # a damaged or read-only store fails here
+        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @contextmanager

@@ -28,9 +28,21 @@ def validate(cfg: Params) -> ValidateResult:
         v.quarantine.to_csv(out / "quarantine.csv", index=False)
         write_json(out / "report.json", v.report)
         write_text(out / "summary.md", to_markdown(v.report))
-        for row in v.quarantine.itertuples():
-            print(f"quarantined {cfg.prepare.data_dir / row.path}: {row.reason}")
+        _print_quarantine(
+            cfg, v.quarantine, final / ("" if v.report["success"] else FAILED) / "quarantine.csv"
+        )
         if not v.report["success"]:  # the gate: training never sees failed data, the last good stays
             raise ValidationFailed(failure_message(v.report, final / FAILED / "report.json"))
     r = v.report
     return ValidateResult(True, r["n_images"], r["n_quarantined"], r["failed"], r["warnings"])
+
+
+SHOWN = 20  # quarantined files named on the console; quarantine.csv lists them all
+
+
+def _print_quarantine(cfg: Params, quarantine, csv) -> None:
+    for row in quarantine.head(SHOWN).itertuples():
+        print(f"quarantined {cfg.prepare.data_dir / row.path}: {row.reason}")
+    if len(quarantine) > SHOWN:
+        more = len(quarantine) - SHOWN
+        print(f"... and {more} more quarantined ({len(quarantine)} in all); every file and reason: {csv}")

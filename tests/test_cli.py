@@ -85,10 +85,11 @@ def test_data_pull_then_validate_exits_0_then_1(tmp_path, capsys):
 
 
 def test_stage_without_inputs_fails_cleanly(tmp_path, capsys):
-    sets = ["--set", f"project.artifacts_dir={tmp_path}", "--set", f"project.cache_dir={tmp_path / 'c'}"]
+    art = tmp_path / "art"
+    sets = ["--set", f"project.artifacts_dir={art}", "--set", f"project.cache_dir={tmp_path / 'c'}"]
     assert main(["stage", "evaluate", *sets]) == 2
     err = capsys.readouterr().err
-    assert f"stage evaluate needs {tmp_path / 'validate' / 'manifest.parquet'}" in err
+    assert f"stage evaluate needs {art / 'validate' / 'manifest.parquet'}" in err
     assert "run `headstart stage validate`" in err and "Traceback" not in err
 
 
@@ -96,11 +97,12 @@ def test_a_stage_refuses_while_a_flow_holds_the_project_lock(tmp_path, capsys):
     """dvc repro runs `headstart stage`: it must not overwrite artifacts a running flow is using."""
     from headstart.ops.lock import exclusive
 
-    sets = ["--set", f"project.artifacts_dir={tmp_path}", "--set", f"project.cache_dir={tmp_path / 'c'}"]
+    art = tmp_path / "art"
+    sets = ["--set", f"project.artifacts_dir={art}", "--set", f"project.cache_dir={tmp_path / 'c'}"]
     with exclusive(tmp_path / "c" / "run.lock"):  # what a flow run holds while it runs
         assert main(["stage", "train_head", *sets]) == 2
     assert "another headstart run or stage" in capsys.readouterr().err
-    assert not (tmp_path / "train_head").exists()
+    assert not (art / "train_head").exists()
 
 
 def test_domain_check_prints_json_and_exits_1_on_mismatch(tmp_path, capsys, tiny_weights):

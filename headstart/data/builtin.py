@@ -38,7 +38,7 @@ def pull(
     else:
         raise HeadstartError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
     chosen = _choose(items, per_class, seed)
-    with directory(out) as tmp:
+    with directory(out, mark=False) as tmp:
         for label, filename, data in chosen:
             (tmp / label).mkdir(exist_ok=True)
             (tmp / label / filename).write_bytes(data())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from headstart.atomic import directory, write_bytes, write_json, write_text
+from headstart.atomic import MARKER, directory, write_bytes, write_json, write_text
 
 
 def test_write_json_then_read(tmp_path):
@@ -42,12 +42,20 @@ def test_write_bytes_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
 
 
 def _tree(root):
-    return {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*") if p.is_file()}
+    files = (p for p in root.rglob("*") if p.is_file() and p.name != MARKER)
+    return {p.relative_to(root).as_posix(): p.read_text() for p in files}
+
+
+def _earlier_output(out):
+    """A folder as an earlier directory() left it: with its MARKER."""
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("")
+    return out
 
 
 def test_directory_replaces_old_folder_whole(tmp_path):
-    out = tmp_path / "stage"
-    (out / "deep").mkdir(parents=True)
+    out = _earlier_output(tmp_path / "stage")
+    (out / "deep").mkdir()
     (out / "stale.txt").write_text("old")
     (out / "deep" / "old.txt").write_text("old")
 
@@ -68,8 +76,7 @@ def test_directory_creates_new_folder(tmp_path):
 
 
 def test_directory_failure_leaves_old_folder_untouched(tmp_path):
-    out = tmp_path / "stage"
-    out.mkdir()
+    out = _earlier_output(tmp_path / "stage")
     (out / "keep.txt").write_text("old")
 
     with pytest.raises(RuntimeError, match="boom"):

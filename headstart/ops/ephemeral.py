@@ -1,0 +1,104 @@
+"""The temporary Prefect API server of one `headstart run`, bound to the life of that process.
+
+Prefect's own ephemeral mode (SubprocessASGIServer) stops its uvicorn child from an atexit hook, so
+a `kill -9` of the run leaves a ~200 MB server behind for good. This one runs the same app (Prefect's
+`create_app` factory, in ephemeral mode) in a child that dies with its parent: on Linux the kernel
+signals it (PR_SET_PDEATHSIG); everywhere a watcher thread sees its parent change and stops it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from headstart import HeadstartError
+
+PR_SET_PDEATHSIG = 1
+
+
+@contextmanager
+def server(wait_s: float = 120.0) -> Iterator[str]:
+    """Start the server, yield its API URL once it answers, stop it at the end."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "headstart.ops.ephemeral", str(os.getpid()), str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/api"
+        _wait(proc, f"{url}/health", wait_s)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(proc: subprocess.Popen, url: str, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HeadstartError(f"the temporary Prefect server exited at start (code {proc.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise HeadstartError(f"the temporary Prefect server did not answer {url} within {wait_s:.0f} s")
+
+
+def _die_with(parent: int) -> None:
+    """Stop this process (SIGTERM: uvicorn shuts down cleanly) when `parent` is gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def main(parent: int, port: int) -> None:
+    _die_with(parent)  # also covers a parent that died before the prctl: getppid() differs already
+    import uvicorn
+
+    uvicorn.run(
+        "prefect.server.api.server:create_app",
+        factory=True,
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
+        lifespan="on",
+    )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))
