@@ -210,6 +210,17 @@ class ExportParams(Section):
 class RegisterParams(Section):
     model_name: str = "headstart-demo"
 
+    @field_validator("model_name")
+    @classmethod
+    def _registrable(cls, v: str) -> str:
+        # MLflow refuses these only at register, after all the work; say so at load
+        if not v.strip() or "/" in v or ":" in v or len(v) > 256:
+            raise ValueError(
+                f"{v!r}: a registered model name must be non-empty, at most 256 characters, "
+                "without '/' or ':'"
+            )
+        return v
+
 
 class PromoteParams(Section):
     enabled: bool = True

@@ -4,7 +4,6 @@ or validated on, through onnxruntime. The aliases move last (Registry.move_alias
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from headstart import HeadstartError
@@ -68,7 +67,7 @@ def promote(cfg: Params, version: str | None = None, model_name: str | None = No
 def _registered(cfg: Params, name: str) -> str | None:
     """The version this pipeline's register stage created, when it registered under `name`."""
     run_json = cfg.stage_dir("register") / "run.json"
-    recorded = json.loads(run_json.read_text()) if run_json.exists() else {}
+    recorded = _inputs.read_json(cfg, "register", "run.json") if run_json.exists() else {}
     return recorded.get("model_version") if recorded.get("model_name") == name else None
 
 

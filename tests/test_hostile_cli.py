@@ -303,3 +303,37 @@ def test_outputs_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
         os.umask(before)
     assert stat.S_IMODE(path.stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == dir_mode
+
+
+@pytest.mark.parametrize("name", ["team/model", "a:b", " ", "x" * 300])
+def test_a_model_name_mlflow_refuses_is_refused_at_load(name):
+    """MLflow would refuse it only at register, after all the training."""
+    with pytest.raises(HeadstartError, match="register.model_name"):
+        load_params(None, [literal("register.model_name", name)])
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00\x01not parquet", b"PAR1truncated"])
+def test_a_damaged_stage_output_is_one_line_naming_it(tmp_path, capsys, damage):
+    """A truncated manifest (or report) from an earlier stage: one line, the file and what to rerun."""
+    sets = [
+        "--set",
+        f"project.artifacts_dir={tmp_path / 'a'}",
+        "--set",
+        f"project.cache_dir={tmp_path / 'c'}",
+    ]
+    (tmp_path / "a" / "validate").mkdir(parents=True)
+    (tmp_path / "a" / "validate" / "manifest.parquet").write_bytes(damage)
+    (tmp_path / "a" / "domain").mkdir()
+    (tmp_path / "a" / "domain" / "report.json").write_bytes(damage[:3])
+    assert main(["stage", "train_head", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.parquet is damaged" in err and "run the validate stage again" in err
+    assert "Traceback" not in err
+
+
+def test_a_damaged_server_record_reads_as_no_servers(tmp_path, capsys):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "servers.json").write_text('{"prefect": "x", ')
+    assert main(["server", "status", "--set", f"server.state_dir={state}"]) == 0
+    assert "not started" in capsys.readouterr().out

@@ -117,8 +117,16 @@ def status(cfg: Params) -> dict[str, bool]:
 
 
 def _pids(cfg: Params) -> dict[str, int]:
+    """The servers' process ids as `start` recorded them; a damaged record counts as none (the
+    servers it named, if alive, keep their ports: `start` then fails to bind and says so)."""
     path = _state(cfg) / "servers.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        pids = json.loads(path.read_text()) if path.exists() else {}
+    except (ValueError, OSError):
+        return {}
+    if not isinstance(pids, dict) or not all(isinstance(v, int) and v > 0 for v in pids.values()):
+        return {}
+    return pids
 
 
 def _alive(pid: int) -> bool:
