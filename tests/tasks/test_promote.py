@@ -29,11 +29,13 @@ from tasks.validate import validate
 from tests.conftest import make_folder, tiny_overrides
 
 STAGES = (prepare, validate, domain, train_head, finetune, evaluate, export, register)
+BAD = ("train_head.max_epochs=1", "train_head.lr=1e-7", "train_head.patience=1")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_weights):
-    """Two trained pipelines on the same data: a good head and a deliberately bad one."""
+def trained(tmp_path_factory, tiny_weights):
+    """Two pipelines trained once on the same data, up to export: a good head and a deliberately bad
+    one. Never registered here: each test registers copies in its own MLflow store."""
     root = tmp_path_factory.mktemp("promote")
     data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
     # 9 test images here; the comparisons below need a floor that tiny data can meet
@@ -42,21 +44,42 @@ def world(tmp_path_factory, tiny_weights):
         "register.model_name=promo",
         "promote.min_clean_images=5",
     ]
+    cfgs = {}
+    for name, extra in (("good", ()), ("bad", BAD)):
+        cfgs[name] = load_params(None, [*base, f"project.artifacts_dir={root / name}", *extra])
+        for stage in STAGES[:-1]:
+            stage(cfgs[name])
+    acc = {
+        n: json.loads((c.stage_dir("evaluate") / "metrics.json").read_text())["accuracy"]
+        for n, c in cfgs.items()
+    }
+    assert acc["good"] > acc["bad"] + 0.3, acc  # the premise of the comparisons below
+    empty = root / "empty.db"  # an MLflow store migrated once; each test gets a copy (seconds saved each)
+    mlflow.MlflowClient(f"sqlite:///{empty}").search_experiments()
+    return {"data": data, "base": base, "empty_store": empty, **cfgs}
 
-    def pipeline(name: str, *extra: str, run: bool = True):
-        cfg = load_params(None, [*base, f"project.artifacts_dir={root / name}", *extra])
+
+@pytest.fixture
+def world(trained, tmp_path):
+    """The trained pipelines, and `pipeline` making projects whose registry (MLflow store) is this
+    test's own, so no test sees another's versions, aliases or deleted artifacts."""
+    shutil.copy(trained["empty_store"], tmp_path / "mlflow.db")
+    store = [
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"mlflow.artifact_location={tmp_path / 'mlruns'}",
+    ]
+
+    def pipeline(name: str, *extra: str, run: bool = True, copy: str | None = None):
+        cfg = load_params(
+            None, [*trained["base"], *store, f"project.artifacts_dir={tmp_path / name}", *extra]
+        )
+        if copy:
+            shutil.copytree(trained[copy].project.artifacts_dir, cfg.project.artifacts_dir)
         for stage in STAGES if run else ():
             stage(cfg)
         return cfg
 
-    good = pipeline("good")
-    bad = pipeline("bad", "train_head.max_epochs=1", "train_head.lr=1e-7", "train_head.patience=1")
-    acc = {
-        n: json.loads((c.stage_dir("evaluate") / "metrics.json").read_text())["accuracy"]
-        for n, c in (("good", good), ("bad", bad))
-    }
-    assert acc["good"] > acc["bad"] + 0.3, acc  # the premise of the comparisons below
-    return {"root": root, "data": data, "base": base, "good": good, "bad": bad, "pipeline": pipeline}
+    return {**trained, "root": tmp_path, "pipeline": pipeline}
 
 
 def _aliases(cfg, name="promo") -> dict[str, str]:
@@ -68,13 +91,10 @@ def _version_tags(cfg, version, name="promo") -> dict[str, str]:
     return mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_model_version(name, version).tags
 
 
-def _version(cfg) -> str:
-    return json.loads((cfg.stage_dir("register") / "run.json").read_text())["model_version"]
-
-
 def test_champion_challenger_and_rollback(world):
-    bad, good = world["bad"], world["good"]
-    b, g = _version(bad), _version(good)
+    good = world["pipeline"]("good", run=False, copy="good")
+    bad = world["pipeline"]("bad", *BAD, run=False, copy="bad")
+    g, b = register(good).model_version, register(bad).model_version
     # the bad head first -> champion: there is no champion yet
     first = promote(bad)
     assert first.promoted and first.champion == b and "no champion yet" in first.reason
@@ -157,7 +177,10 @@ def test_a_failed_gate_never_promotes(world, capsys):
 
 
 def test_models_with_different_classes_are_not_compared(world, tmp_path):
-    two = make_folder(tmp_path / "two", per_class=14, classes=("cat", "dog"))
+    three = world["pipeline"]("good", run=False, copy="good")
+    register(three)
+    assert promote(three).promoted  # a three-class champion
+    two = make_folder(tmp_path / "two-images", per_class=14, classes=("cat", "dog"))
     cfg = world["pipeline"]("two", f"prepare.data_dir={two}", "register.model_name=promo")
     champion = _aliases(cfg)["champion"]
     result = promote(cfg)
@@ -198,6 +221,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # starts an mlflow server (~40 s on 2 cores): not the edit loop's
 def test_a_real_tracking_server_on_loopback(world, tmp_path):
     """mlflow server on 127.0.0.1: the pipeline registers and promotes there, and `predict` serves
     models:/NAME@champion from it."""
