@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import logging
 import math
 import shutil
 import time
@@ -37,7 +36,6 @@ from headstart.training import (
     proven_frozen,
 )
 
-log = logging.getLogger(__name__)
 EXPANDED = ("blocks", "features", "stages", "layers")  # containers whose children run one after another
 
 
@@ -290,9 +288,9 @@ def gate(p: FinetuneParams, n_train: int, verdict: str) -> str | None:
     return None
 
 
-def resolve_device(choice: str) -> str:
+def resolve_device(choice: str, key: str = "finetune.device") -> str:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise HeadstartError("finetune.device=cuda, but torch sees no CUDA device")
+        raise HeadstartError(f"{key}=cuda, but torch sees no CUDA device")
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
