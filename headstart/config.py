@@ -180,6 +180,23 @@ class FinetuneParams(Section):
     amp: bool = True
 
 
+class ScratchParams(Section):
+    run: Literal["auto", "always", "never"] = "auto"
+    size: Annotated[Int, Field(ge=8, le=512)] | Literal["auto"] = "auto"
+    flip: bool = False
+    lr: Float = Field(2e-3, gt=0.0, le=10.0)
+    weight_decay: Float = Field(0.05, ge=0.0)
+    batch_size: Int = Field(64, gt=0, le=MAX_BATCH)
+    max_epochs: Int = Field(60, gt=0, le=MAX_EPOCHS)
+    warmup_epochs: Int = Field(3, ge=0, le=MAX_EPOCHS)
+    patience: Int = Field(10, gt=0, le=MAX_EPOCHS)
+    label_smoothing: Float = Field(0.1, ge=0.0, lt=1.0)
+    class_balance: Literal["weighted", "sampler", "none"] = "weighted"
+    min_train_images: Int = Field(1000, ge=0, le=10**9)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+
+
 class EvaluateParams(Section):
     batch_size: Int = Field(32, gt=0, le=MAX_BATCH)
 
@@ -268,6 +285,7 @@ class Params(Section):
     domain: DomainParams = DomainParams()
     train_head: TrainHeadParams = TrainHeadParams()
     finetune: FinetuneParams = FinetuneParams()
+    scratch: ScratchParams = ScratchParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     register: RegisterParams = RegisterParams()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
-import logging
 import math
 import shutil
 import time
@@ -26,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from headstart import HeadstartError
-from headstart.atomic import write_bytes
+from headstart.checkpoint import EpochCheckpoint, bn_modules
 from headstart.config import FinetuneParams, TrainHeadParams
 from headstart.features import decoded
 from headstart.provenance import code_hash, derive_key, library_versions
@@ -38,12 +36,7 @@ from headstart.training import (
     proven_frozen,
 )
 
-log = logging.getLogger(__name__)
 EXPANDED = ("blocks", "features", "stages", "layers")  # containers whose children run one after another
-
-
-def bn_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def set_train_mode(model: nn.Module, training: bool = True) -> nn.Module:
@@ -204,10 +197,9 @@ def fit(
         "waited": 0,
         "best_state": None,
     }
-    resumed_from = 0
-    if checkpoint.exists():
-        state = _restore(checkpoint, key, model, opt, sched, scaler, gen) or state
-        resumed_from = state["epoch"]
+    saved = _checkpoint(checkpoint, key)
+    state = saved.restore(model, opt, sched, scaler, gen) or state
+    resumed_from = state["epoch"]
     xt, yt = train
     for epoch in (bar := tqdm(range(state["epoch"] + 1, p.max_epochs + 1), desc="finetune", unit="epoch")):
         if state["waited"] >= p.patience:
@@ -247,8 +239,7 @@ def fit(
         else:
             state["waited"] += 1
         state["epoch"] = epoch
-        _save(checkpoint, key, state, model, opt, sched, scaler, gen)
-        _after_epoch(epoch)
+        saved.save(state, model, opt, sched, scaler, gen)  # then the after-epoch hook
     if state["best_state"] is None:
         raise HeadstartError("finetune diverged: the validation loss was never finite; lower finetune.lr")
     model.load_state_dict(state["best_state"])
@@ -268,69 +259,19 @@ def score(
     return loss_fn(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def _save(path: Path, key: str, state: dict, model, opt, sched, scaler, gen) -> None:
-    blob = {
-        "key": key,
-        "state": {k: v for k, v in state.items() if k != "best_state"},
-        "best_state": state["best_state"],
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "scaler": scaler.state_dict(),
-        "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "requires_grad": {n: q.requires_grad for n, q in model.named_parameters()},
-        "bn_training": [m.training for m in bn_modules(model)],
-    }
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    write_bytes(path, buf.getvalue())
+def _checkpoint(path: Path, key: str, hook: bool = True) -> EpochCheckpoint:
+    # BatchNorm never trains here; the hook is looked up at call time, so tests can replace it
+    after = (lambda e: _after_epoch(e)) if hook else (lambda e: None)
+    return EpochCheckpoint(path, key, "fine-tuning", frozen_bn=True, after_epoch=after)
 
 
-def _restore(path: Path, key: str, model, opt, sched, scaler, gen) -> dict | None:
-    """The training state saved at `path`, applied to model, optimiser, scheduler, scaler and RNGs; or
-    None, with a warning and the file removed, when it is damaged (a kill mid-write on a file system
-    without atomic rename, a full disk) or not this run's: a cache is rebuilt, so training restarts
-    from epoch 1, untouched by the bad file, rather than asking the user to delete it."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        problem = _damage(blob, key, model)
-    except Exception as exc:
-        problem = f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"
-    if problem:
-        log.warning("finetune checkpoint %s is %s; discarded, fine-tuning starts from epoch 1", path, problem)
-        path.unlink(missing_ok=True)
-        return None
-    model.load_state_dict(blob["model"])
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    scaler.load_state_dict(blob["scaler"])
-    gen.set_state(blob["generator"])
-    torch.set_rng_state(blob["torch_rng"])
-    for n, q in model.named_parameters():
-        q.requires_grad_(blob["requires_grad"][n])
-    return {**blob["state"], "best_state": blob["best_state"]}
+def _save(path: Path, key: str, state: dict, *objects) -> None:
+    """fit's checkpoint write, without the after-epoch hook."""
+    _checkpoint(path, key, hook=False).save(state, *objects)
 
 
-# what _save writes, each needed to resume
-_BLOB = set("key state best_state model optimizer scheduler scaler generator torch_rng".split())
-_BLOB |= {"requires_grad", "bn_training"}
-_STATE = {"epoch", "history", "best", "best_epoch", "waited"}
-
-
-def _damage(blob, key: str, model: nn.Module) -> str | None:
-    """What makes `blob` unusable as this run's checkpoint, checked before anything is applied (a
-    half-applied checkpoint would leave a run that is neither resumed nor fresh), or None."""
-    if not isinstance(blob, dict) or not _BLOB <= blob.keys() or not _STATE <= set(blob["state"]):
-        return "incomplete"
-    if blob["key"] != key:
-        return "of other inputs"
-    want = {k: v.shape for k, v in model.state_dict().items()}
-    if {k: getattr(v, "shape", None) for k, v in blob["model"].items()} != want:
-        return "of another model (tensor names or shapes differ)"
-    if set(blob["requires_grad"]) != {n for n, _ in model.named_parameters()} or any(blob["bn_training"]):
-        return "inconsistent (trainable flags or BatchNorm mode)"
-    return None
+def _restore(path: Path, key: str, *objects) -> dict | None:
+    return _checkpoint(path, key).restore(*objects)
 
 
 def gate(p: FinetuneParams, n_train: int, verdict: str) -> str | None:
@@ -347,9 +288,9 @@ def gate(p: FinetuneParams, n_train: int, verdict: str) -> str | None:
     return None
 
 
-def resolve_device(choice: str) -> str:
+def resolve_device(choice: str, key: str = "finetune.device") -> str:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise HeadstartError("finetune.device=cuda, but torch sees no CUDA device")
+        raise HeadstartError(f"{key}=cuda, but torch sees no CUDA device")
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
@@ -399,7 +340,7 @@ def checkpoint_key(
         p.model_dump(mode="json"),
         [seed, balance, device],
         data.hexdigest(),
-        code_hash("headstart.finetune", "headstart.training", "headstart.preprocess"),
+        code_hash("headstart.finetune", "headstart.checkpoint", "headstart.training", "headstart.preprocess"),
         library_versions("torch", "numpy", "pillow"),
     )
 

@@ -73,17 +73,21 @@ class InputSpec:
     """What a backbone expects: the pretrained config, not params.yaml, decides it (as timm does)."""
 
     size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one value per channel
+    std: tuple[float, ...]
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    channels: int = 3  # 1: the model takes grey images (a from-scratch model on grey data)
 
     @property
     def resize_to(self) -> int:
         return math.floor(self.size / self.crop_pct)  # timm's eval transform
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if d["channels"] == 3:  # the JSON of every 3-channel spec stays what it was (cache keys)
+            del d["channels"]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> InputSpec:
@@ -124,6 +128,8 @@ def resize_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
     1x40000 strip would be 256x10,240,000 pixels."""
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
+    if spec.channels == 1 and img.mode != "L":
+        img = img.convert("L")
     w, h = img.size
     scale = spec.resize_to / min(w, h)
     new_w, new_h = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
@@ -140,17 +146,18 @@ def to_uint8(img: Image.Image, spec: InputSpec) -> np.ndarray:
 
 
 def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Resize the shorter side, centre-crop, scale to [0,1], normalise: float32 CHW, 3 channels."""
+    """Resize the shorter side, centre-crop, scale to [0,1], normalise: float32 CHW, spec.channels deep."""
     return normalise(np.asarray(resize_crop(img, spec)), spec)
 
 
 def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Resized, cropped pixels (HW grey or HWC RGB, 0-255) -> (x/255 - mean)/std as float32 CHW."""
+    """Resized, cropped pixels (HW grey or HWC RGB, 0-255) -> (x/255 - mean)/std as float32 CHW,
+    spec.channels deep."""
     arr = pixels.astype(np.float32)
     chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # a grey image feeds all 3
     std = np.asarray(spec.std, np.float32)[:, None, None]
     mean = np.asarray(spec.mean, np.float32)[:, None, None]
-    out = np.empty((3, spec.size, spec.size), np.float32)
+    out = np.empty((spec.channels, spec.size, spec.size), np.float32)
     np.multiply(chw, np.float32(1 / 255) / std, out=out)  # (x/255 - mean)/std, in two passes
     out -= mean / std
     return out
