@@ -179,7 +179,23 @@ def _prefect_api():
     from headstart.ops.ephemeral import server
 
     with server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
+        try:
+            yield
+        finally:
+            _drain_prefect()
+
+
+def _drain_prefect() -> None:
+    """Send the logs and events Prefect still queues before its server stops (as Prefect's own test
+    harness does), or each one left prints 'Error logging to API' after the summary."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=10)
+        except Exception:  # a worker never started, or the server already gone: nothing to send
+            pass
 
 
 def _validate(args) -> int:

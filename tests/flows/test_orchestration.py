@@ -115,6 +115,7 @@ def test_a_second_process_while_one_holds_the_lock_is_refused(tmp_path, tiny_wei
         release.touch()  # never leave the first run parked, whatever failed
         first.wait(timeout=900)
     assert first.returncode == 0, log.read_text()[-3000:]
+    assert "Error logging to API" not in log.read_text()  # Prefect's queue drained before its server stops
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("select count(*) from runs").fetchone()[0] == 1
