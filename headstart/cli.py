@@ -288,13 +288,14 @@ def _summary(r: dict) -> None:
     art = Path(r["artifacts_dir"])
     rate, diff = th["extract_images_per_s"], ex["max_abs_logit_diff"]
     speed = f" at {rate:.1f} img/s" if rate else ""
+    scratch = _scratch_lines(r)
     print(f"""
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
   validation  {va["n_quarantined"]} files quarantined, warnings: {", ".join(va["warnings"]) or "none"}
   domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
-  finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}
+  finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}{scratch}
   test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
@@ -302,6 +303,20 @@ headstart: done.
   mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})
   model       {reg["model_uri"]}{_promotion_line(r)}
   browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}""")
+
+
+def _scratch_lines(r: dict) -> str:
+    """scratch, select and the transfer gain (absent from results of a flow before those stages)."""
+    from headstart.selection import gain_line
+
+    if "select" not in r:
+        return ""
+    sc, se = r["scratch"], r["select"]
+    return (
+        f"\n  scratch     {'trained' if sc['ran'] else 'not trained'}: {sc['reason']}"
+        f"\n  select      {se['chosen']} ({se['kind']}): {se['reason']}"
+        f"\n  transfer gain  {gain_line(r['evaluate'].get('transfer_gain'))}"
+    )
 
 
 def _promotion_line(r: dict) -> str:

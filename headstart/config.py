@@ -140,7 +140,7 @@ class ValidateParams(Section):
 
 
 class DomainParams(Section):
-    on_mismatch: Literal["fail", "warn", "continue"] = "fail"
+    on_mismatch: Literal["scratch", "fail", "warn", "continue"] = "scratch"
     max_images: Int = Field(128, gt=0, le=MAX_IMAGES)
     batch_size: Int = Field(32, gt=0, le=MAX_BATCH)
 
@@ -195,6 +195,10 @@ class ScratchParams(Section):
     min_train_images: Int = Field(1000, ge=0, le=10**9)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+
+
+class SelectParams(Section):
+    margin: Float = Field(0.01, ge=0.0, le=1.0)
 
 
 class EvaluateParams(Section):
@@ -286,6 +290,7 @@ class Params(Section):
     train_head: TrainHeadParams = TrainHeadParams()
     finetune: FinetuneParams = FinetuneParams()
     scratch: ScratchParams = ScratchParams()
+    select: SelectParams = SelectParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     register: RegisterParams = RegisterParams()

@@ -285,14 +285,14 @@ def export_variants(model, out: Path, meta: dict[str, str], paths: list[Path], l
     """Each variant (fp32, and fp16 when `p.fp16`; `p`: config.ExportParams) exported into `out` and
     held to its tolerance on the parity images, torch run once for all; an optional variant that fails
     is deleted, so only files that passed remain. Returns each variant's figures and verdict."""
-    spec = model.backbone.spec
-    reference = torch_reference(model.classifier, paths, spec)
+    spec = model.spec  # any model of headstart.models: .module takes the spec's normalised input
+    reference = torch_reference(model.module, paths, spec)
     figures = {}
     for name in ["fp32", "fp16"] if p.fp16 else ["fp32"]:
         file, tol = out / EXPORT_FILES[name], getattr(p.tolerances, name)
-        export_onnx(model.classifier, file, spec, meta, p.opset, p.input, name == "fp16")
+        export_onnx(model.module, file, spec, meta, p.opset, p.input, name == "fp16")
         f = parity(
-            model.classifier, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff
+            model.module, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff
         )
         failures = judge(f, tol)
         required = name == "fp32" or name in p.require

@@ -67,10 +67,14 @@ def confusion_png(cm: np.ndarray, classes: list[str], title: str) -> bytes:
     return buf.getvalue()
 
 
-def metrics_markdown(m: dict, classes: list[str], finetuned: bool) -> str:
-    """The test metrics for a Prefect artifact: accuracy, macro-F1, per class, the confusion matrix."""
+KIND_NAMES = {"head": "head-only", "finetuned": "fine-tuned", "scratch": "from-scratch"}
+
+
+def metrics_markdown(m: dict, classes: list[str], kind: str) -> str:
+    """The test metrics for a Prefect artifact: accuracy, macro-F1, per class, the confusion matrix;
+    `kind` is the model's (head, finetuned, scratch)."""
     lines = [
-        f"# Test metrics ({'fine-tuned' if finetuned else 'head-only'} model, {m['n']} images)",
+        f"# Test metrics ({KIND_NAMES.get(kind, kind)} model, {m['n']} images)",
         "",
         f"Accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}.",
         "",

@@ -17,6 +17,7 @@ and the last stage still sees the whole image (8-16 px maps).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -338,3 +339,127 @@ def checkpoint_key(spec: InputSpec, p: ScratchParams, seed: int, device: str, *s
         code_hash("headstart.scratch", "headstart.checkpoint", "headstart.training", "headstart.preprocess"),
         library_versions("torch", "numpy", "pillow"),
     )
+
+
+# --- the model file and the stage's decisions ------------------------------------------------------
+
+MODEL_FORMAT = "headstart.scratch/1"
+DEPTH = 20
+
+
+def model_bytes(result: ScratchResult, depth: int = DEPTH) -> bytes:
+    """The trained model as a small, safe file (torch.load weights_only): the architecture's shape,
+    the classes, the input spec and the tensors."""
+    state = {
+        "format": MODEL_FORMAT,
+        "arch": "resnet",
+        "depth": depth,
+        "channels": result.spec.channels,
+        "classes": list(result.classes),
+        "spec": result.spec.to_json(),
+        "state": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+@dataclass
+class ScratchModel:
+    """A from-scratch model as evaluate and export use any model (see headstart.models)."""
+
+    module: nn.Module  # takes normalised NCHW input, spec.channels deep
+    spec: InputSpec
+    classes: list[str]
+    depth: int = DEPTH
+    kind: str = "scratch"
+    finetuned: bool = False
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "headstart.model_kind": self.kind,
+            "headstart.architecture": f"resnet{self.depth}",
+            "headstart.parameters": str(parameter_count(self.module)),
+        }
+
+    def parameters(self) -> int:
+        return parameter_count(self.module)
+
+    @torch.no_grad()
+    def probabilities(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
+        """Softmax over the eval views (decoded here: a scratch model has no feature cache)."""
+        norm, items = Normalise(self.spec), list(zip(shas, paths, strict=True))
+        out = [
+            self.module(norm(torch.from_numpy(x).permute(0, 3, 1, 2).float())).softmax(1).numpy()
+            for _, x in decoded(
+                self.spec, items, batch_size, "scratch (test)", load=lambda p: pixels(p, self.spec)
+            )
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+
+def load_scratch(state: dict, source: str) -> ScratchModel:
+    """Rebuild a model from model_bytes' dict (already loaded with weights_only)."""
+    try:
+        spec = InputSpec.from_json(state["spec"])
+        module = resnet(state["channels"], len(state["classes"]), spec.size, state["depth"])
+        module.load_state_dict(state["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise HeadstartError(f"{source}: a damaged from-scratch model file ({type(exc).__name__})") from None
+    return ScratchModel(module.eval(), spec, list(state["classes"]), state["depth"])
+
+
+def gate(p: ScratchParams, n_train: int, verdict: str, on_mismatch: str = "scratch") -> str | None:
+    """Why the scratch model is not trained, or None when it is: `always`; `auto` on a domain
+    mismatch (when domain.on_mismatch is `scratch`) or from scratch.min_train_images images."""
+    if p.run == "never":
+        return "scratch.run is never"
+    if p.run == "always":
+        return None
+    if verdict == "mismatch" and on_mismatch == "scratch":
+        return None
+    if n_train >= p.min_train_images:
+        return None
+    why = f"domain verdict {verdict}" + (
+        f" (domain.on_mismatch={on_mismatch} keeps transfer)" if verdict == "mismatch" else ""
+    )
+    return (
+        f"{why} and {n_train} training images < scratch.min_train_images={p.min_train_images}: "
+        "transfer is the right tool here (scratch.run=always trains it anyway)"
+    )
+
+
+def why_run(p: ScratchParams, n_train: int, verdict: str) -> str:
+    """What opened the gate (call when gate() returned None)."""
+    if p.run == "always":
+        return "scratch.run is always"
+    if verdict == "mismatch":
+        return "domain verdict mismatch: transfer is doubtful, so a from-scratch model competes"
+    return f"{n_train} training images >= scratch.min_train_images={p.min_train_images}: enough to learn from"
+
+
+def too_small(train_counts: Mapping[str, int], val_counts: Mapping[str, int], minimum) -> str | None:
+    """Why the splits cannot train a model from the ground up (a class under the split minimums
+    `minimum`, validate.min_per_class, with at least 2 training and 1 validation image), or None."""
+    need_train, need_val = max(2, minimum.train), max(1, minimum.val)
+    for c in sorted(train_counts.keys() | val_counts.keys()):
+        t, v = train_counts.get(c, 0), val_counts.get(c, 0)
+        if t < need_train or v < need_val:
+            return (
+                f"too small for a from-scratch model: class {c!r} has {t} training and {v} validation "
+                f"images (it needs {need_train} and {need_val}: validate.min_per_class); transfer is kept"
+            )
+    return None
+
+
+def to_markdown(d: dict) -> str:
+    """The scratch stage's decision for a Prefect artifact and the MLflow run."""
+    lines = [f"# From scratch: {'trained' if d['ran'] else 'not trained'}", "", d["reason"], ""]
+    if d["ran"]:
+        lines += [
+            f"ResNet-{d['depth']}, {d['parameters']:,} parameters, input {d['input']}; "
+            f"{d['epochs_run']} epochs on {d['device']} (best {d['best_epoch']}), {d['wall_s']} s.",
+            "",
+            f"Validation accuracy {d['val_accuracy']:.4f}, loss {d['val_loss']:.4f}.",
+        ]
+    return "\n".join(lines) + "\n"

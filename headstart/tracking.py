@@ -300,11 +300,13 @@ def finish_run(params: Params, run_id: str, status: str = "FINISHED") -> None:
     _call(uri, f"end run {run_id}", _client(uri).set_terminated, run_id, status)
 
 
-def curve_logger(params: Params, phase: str, offset: int = 0) -> Callable[[dict], None]:
+def curve_logger(
+    params: Params, phase: str, offset: int = 0, prefix: str = "curve"
+) -> Callable[[dict], None]:
     """An `on_epoch` callback for the fit loops: each epoch's row goes to the pipeline run as
-    curve.<key> at step offset + epoch while training runs. A tracking outage never costs a training
-    run: the first failure is a warning and the phase stops sending (register logs any missing steps
-    from history.json)."""
+    <prefix>.<key> at step offset + epoch while training runs (another model: another prefix). A
+    tracking outage never costs a training run: the first failure is a warning and the phase stops
+    sending (register logs any missing steps from history.json)."""
     state: dict = {"run": None, "off": False}
 
     def on_epoch(row: dict) -> None:
@@ -313,7 +315,7 @@ def curve_logger(params: Params, phase: str, offset: int = 0) -> Callable[[dict]
         try:
             if state["run"] is None:
                 state["run"] = pipeline_run(params)
-            _log_curves(params, state["run"], [row], offset)
+            _log_curves(params, state["run"], [row], offset, prefix=prefix)
         except Exception as exc:
             state["off"] = True
             log.warning("%s: learning curves not sent to MLflow (%s); register logs them later", phase, exc)
@@ -321,12 +323,19 @@ def curve_logger(params: Params, phase: str, offset: int = 0) -> Callable[[dict]
     return on_epoch
 
 
-def _log_curves(params: Params, run_id: str, history: list[dict], offset: int, skip: dict | None = None):
+def _log_curves(
+    params: Params,
+    run_id: str,
+    history: list[dict],
+    offset: int,
+    skip: dict | None = None,
+    prefix: str = "curve",
+):
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     rows = [
-        Metric(f"curve.{k}", float(v), now, offset + row["epoch"])
+        Metric(f"{prefix}.{k}", float(v), now, offset + row["epoch"])
         for row in history
         for k, v in row.items()
         if k != "epoch"
@@ -338,17 +347,22 @@ def _log_curves(params: Params, run_id: str, history: list[dict], offset: int, s
         _call(uri, "log curves", _client(uri).log_batch, run_id, metrics=rows[i : i + 1000])
 
 
-def log_curves(params: Params, run_id: str, phases: list[tuple[list[dict], int]]) -> None:
+def log_curves(
+    params: Params, run_id: str, phases: list[tuple[list[dict], int]], prefix: str = "curve"
+) -> None:
     """Each (history, offset) phase's curves, except the steps the run already has (logged live)."""
     uri = tracking_uri(params)
     client = _client(uri)
     for history, offset in phases:
         keys = {k for row in history for k in row if k != "epoch"}
         have = {
-            k: {m.step for m in _call(uri, "curve history", client.get_metric_history, run_id, f"curve.{k}")}
+            k: {
+                m.step
+                for m in _call(uri, "curve history", client.get_metric_history, run_id, f"{prefix}.{k}")
+            }
             for k in keys
         }
-        _log_curves(params, run_id, history, offset, have)
+        _log_curves(params, run_id, history, offset, have, prefix)
 
 
 # --- register -----------------------------------------------------------------------------------
@@ -394,7 +408,29 @@ def pipeline_record(
         "finetune.reason": tune["reason"],
         "classes": names if len(names) <= 5000 else f"{len(classes)} classes: see classes.json",
     }
-    return metrics, tags
+    if sel := reports.get("select"):
+        tags |= {"select.chosen": sel["chosen"], "select.kind": sel["kind"], "select.reason": sel["reason"]}
+    if scr := reports.get("scratch"):
+        tags |= {"scratch.trained": str(scr["ran"]).lower(), "scratch.reason": scr["reason"]}
+    gain_metrics, gain_tags = transfer_gain_record(test.get("transfer_gain"))
+    return {**metrics, **gain_metrics}, {**tags, **gain_tags}
+
+
+def transfer_gain_record(gain: dict | None) -> tuple[dict[str, float], dict[str, str]]:
+    """evaluate's transfer_gain as transfer_gain.* metrics and tags (or why it was not measured)."""
+    if not gain or not gain.get("measured"):
+        return {}, {
+            "transfer_gain.measured": "false",
+            "transfer_gain.why_not": (gain or {}).get("why_not", ""),
+        }
+    t, s = gain["transfer"], gain["scratch"]
+    metrics = {
+        f"transfer_gain.{k}": gain[k] for k in ("difference", "ci_low", "ci_high", "confidence", "n_images")
+    }
+    metrics["transfer_gain.mcnemar_p"] = gain["mcnemar"]["p_value"]
+    for name, c in (("transfer", t), ("scratch", s)):
+        metrics |= {f"transfer_gain.{name}_{k}": c[k] for k in ("test_accuracy", "wall_s", "parameters")}
+    return metrics, {"transfer_gain.measured": "true", "transfer_gain.transfer_kind": t["kind"]}
 
 
 def classes_record(classes: list[str]) -> list[dict]:

@@ -18,6 +18,7 @@ from headstart import HeadstartError
 from headstart.atomic import write_bytes
 from headstart.backbones import Backbone, freeze, load_backbone
 from headstart.config import TrainHeadParams
+from headstart.features import Features
 
 MODEL_FORMAT = "headstart.model/1"
 
@@ -202,10 +203,42 @@ class TrainedModel:
     classes: list[str]
     finetuned: bool = False
 
+    @property
+    def kind(self) -> str:
+        return "finetuned" if self.finetuned else "head"
+
+    @property
+    def module(self) -> nn.Module:
+        """The whole model on normalised NCHW input: what export and parity run."""
+        return self.classifier
+
+    @property
+    def spec(self):
+        return self.backbone.spec
+
+    def parameters(self) -> int:
+        return sum(q.numel() for q in self.classifier.parameters())
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "headstart.model_kind": self.kind,
+            "headstart.backbone": self.backbone.name,
+            "headstart.backbone_weights_sha256": self.backbone.weights_sha256,
+            "headstart.finetuned": str(self.finetuned).lower(),
+        }
+
     @torch.no_grad()
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
+    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities from this backbone's (cached) features: the full model's softmax."""
         return self.classifier.head(torch.from_numpy(features)).softmax(1).numpy()
+
+    def probabilities(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
+        """Class probabilities of image files, through the feature cache: features of the backbone as
+        trained (pretrained, or with its fine-tuned blocks: another cache key) + the head."""
+        x, _ = Features(self.backbone, runtime, cache_dir, batch_size)(
+            paths, list(shas), desc="features (test)"
+        )
+        return self.head_probabilities(x)
 
 
 def load_model(path: str | Path) -> TrainedModel:

@@ -10,6 +10,9 @@ import pandas as pd
 from headstart import HeadstartError
 from headstart.config import Params
 
+# each selection candidate's model file: (stage, file in its folder)
+MODEL_FILES = {"transfer": ("finetune", "model.pt"), "scratch": ("scratch", "model/model.pt")}
+
 
 def stage_file(cfg: Params, stage: str, name: str) -> Path:
     path = cfg.stage_dir(stage) / name

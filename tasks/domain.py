@@ -57,8 +57,9 @@ def domain(cfg: Params) -> DomainResult:
             raise DomainMismatch(
                 f"domain check: the training images are far from {backbone.name}'s pretraining data "
                 f"(score {report['score']} >= mismatch threshold {report['thresholds']['mismatch_at']}); "
-                f"transfer learning is unlikely to help: train from scratch or choose another backbone, "
-                f"or rerun with --set domain.on_mismatch=warn to go on anyway; "
+                f"transfer learning is unlikely to help: rerun with --set domain.on_mismatch=scratch (the "
+                f"default: a from-scratch model competes with transfer) or choose another backbone, "
+                f"or --set domain.on_mismatch=warn to go on with transfer alone; "
                 f"see {final / FAILED / 'report.json'}"
             )
     return DomainResult(found, report["score"], signals["n_images"])

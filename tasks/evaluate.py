@@ -1,4 +1,7 @@
-"""evaluate: test-set metrics of the trained model, a confusion matrix (PNG and DVC plot data)."""
+"""evaluate: test-set metrics of the selected model, a confusion matrix (PNG and DVC plot data), and,
+when a from-scratch model trained beside the transfer one, the transfer gain: both on the same test
+images, the accuracy difference with a paired bootstrap CI and McNemar's test, each one's training
+time and size."""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ import pandas as pd
 from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
-from headstart.features import Features
 from headstart.metrics import classification_metrics, confusion_png, metrics_markdown
-from headstart.training import load_model
+from headstart.models import load_model
+from headstart.selection import gain_line, transfer_gain
 from tasks import _inputs
 
 
@@ -21,23 +24,20 @@ class EvaluateResult:
     accuracy: float
     macro_f1: float
     n_test: int
+    model_kind: str = "head"
+    transfer_gain: dict | None = None
 
 
 def evaluate(cfg: Params) -> EvaluateResult:
-    model = load_model(_inputs.stage_file(cfg, "finetune", "model.pt"))
+    model = load_model(_inputs.stage_file(cfg, "select", "model.pt"))
     rows, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "test")
     if rows.empty:
         raise HeadstartError("the test split is empty; add images or raise prepare.test_fraction")
-    # features of the backbone as trained (pretrained, or with its fine-tuned blocks: another cache
-    # key) + the head = the full model's logits
-    features = Features(
-        model.backbone, cfg.train_head.runtime, cfg.project.cache_dir, cfg.evaluate.batch_size
-    )
-    x, _ = features(paths, list(rows["sha256"]), desc="features (test)")
-    probs = model.probabilities(x)
+    probs = _probabilities(cfg, model, rows, paths)
     y_true = rows["label"].map(model.classes.index).to_numpy()
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
+    gain = _transfer_gain(cfg, rows, paths, probs)
     predictions = pd.DataFrame(
         {
             "path": rows["path"],
@@ -46,13 +46,45 @@ def evaluate(cfg: Params) -> EvaluateResult:
             "confidence": probs.max(1).round(6),
         }
     )
+    metrics = {k: v for k, v in m.items() if k != "confusion_matrix"}
+    metrics.update(model_kind=model.kind, transfer_gain=gain)
+    summary = metrics_markdown(m, model.classes, model.kind) + f"\nTransfer gain: {gain_line(gain)}\n"
     with directory(cfg.stage_dir("evaluate")) as out:
-        write_json(out / "metrics.json", {k: v for k, v in m.items() if k != "confusion_matrix"})
-        write_text(out / "summary.md", metrics_markdown(m, model.classes, model.finetuned))
+        write_json(out / "metrics.json", metrics)
+        write_text(out / "summary.md", summary)
         write_json(out / "confusion.json", {"classes": model.classes, "matrix": m["confusion_matrix"]})
         write_bytes(
             out / "confusion.png",
             confusion_png(np.array(m["confusion_matrix"]), model.classes, "test confusion matrix"),
         )
         predictions.to_csv(out / "predictions.csv", index=False)
-    return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"])
+    return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"], model.kind, gain)
+
+
+def _probabilities(cfg: Params, model, rows, paths) -> np.ndarray:
+    e = cfg.evaluate
+    return model.probabilities(
+        paths, rows["sha256"], cfg.train_head.runtime, cfg.project.cache_dir, e.batch_size
+    )
+
+
+def _transfer_gain(cfg: Params, rows, paths, chosen_probs: np.ndarray) -> dict:
+    """Transfer vs scratch on the test images, or why it was not measured."""
+    sel = _inputs.read_json(cfg, "select", "decision.json")
+    candidates = {c["name"]: c for c in sel["candidates"]}
+    if "scratch" not in candidates:
+        return {"measured": False, "why_not": f"no from-scratch model ({sel['scratch_reason']})"}
+    out, preds = {"measured": True}, {}
+    for name, (stage, file) in _inputs.MODEL_FILES.items():
+        model = load_model(_inputs.stage_file(cfg, stage, file))
+        probs = chosen_probs if name == sel["chosen"] else _probabilities(cfg, model, rows, paths)
+        preds[name] = np.array([model.classes[i] for i in probs.argmax(1)])
+        accuracy = float((preds[name] == rows["label"].to_numpy()).mean())
+        out[name] = {"kind": model.kind, "test_accuracy": accuracy, "parameters": model.parameters()}
+        out[name]["wall_s"] = candidates[name]["wall_s"]
+    y = rows["label"].to_numpy()
+    p = cfg.promote
+    out |= transfer_gain(
+        y, preds["transfer"], preds["scratch"], p.n_bootstrap, p.confidence, cfg.project.seed
+    )
+    return out

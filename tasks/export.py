@@ -12,8 +12,8 @@ from headstart import GateFailed
 from headstart.atomic import FAILED, directory, write_json, write_text
 from headstart.config import Params
 from headstart.export import export_variants, parity_images, to_markdown
+from headstart.models import load_model
 from headstart.runtime import EXPORT_FILES
-from headstart.training import load_model
 from tasks import _inputs
 
 
@@ -28,7 +28,7 @@ class ExportResult:
 
 def export(cfg: Params) -> ExportResult:
     p, final = cfg.export, cfg.stage_dir("export")
-    model = load_model(_inputs.stage_file(cfg, "finetune", "model.pt"))
+    model = load_model(_inputs.stage_file(cfg, "select", "model.pt"))
     rows = parity_images(_inputs.manifest(cfg), p.parity_max_images)
     paths = [cfg.prepare.data_dir / x for x in rows["path"]]
     labels = [
@@ -37,9 +37,7 @@ def export(cfg: Params) -> ExportResult:
     ]
     meta = {
         "headstart.classes": json.dumps(model.classes),
-        "headstart.backbone": model.backbone.name,
-        "headstart.backbone_weights_sha256": model.backbone.weights_sha256,
-        "headstart.finetuned": str(model.finetuned).lower(),
+        **model.metadata(),  # transfer: backbone and weights; scratch: architecture and size
         "headstart.data_hash": _inputs.read_json(cfg, "prepare", "report.json")["data_hash"],
     }
     with directory(final) as out:

@@ -19,6 +19,8 @@ REPORTS = {
     "domain": "report.json",
     "train_head": "metrics.json",
     "finetune": "decision.json",
+    "scratch": "decision.json",
+    "select": "decision.json",
     "evaluate": "metrics.json",
 }
 
@@ -56,6 +58,8 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
     head = _inputs.read_json(cfg, "train_head", "history.json")
     tuned = _inputs.read_json(cfg, "finetune", "history.json")
     log_curves(cfg, ids["run_id"], [(head, 0), (tuned, len(head))])  # what was not logged live
+    scratch = _inputs.read_json(cfg, "scratch", "history.json")
+    log_curves(cfg, ids["run_id"], [(scratch, 0)], prefix="scratch_curve")
     write_json(cfg.stage_dir("register") / "run.json", ids)
     finish_run(cfg, ids["run_id"])  # last: until here a retry reuses the run and its version
     return RegisterResult(**ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ class TrainHeadResult:
 
 
 def train_head(cfg: Params) -> TrainHeadResult:
-    p, frame, seed = cfg.train_head, _inputs.manifest(cfg), cfg.project.seed
+    start, p, frame, seed = time.perf_counter(), cfg.train_head, _inputs.manifest(cfg), cfg.project.seed
     classes = sorted(frame["label"].unique())
     backbone = load_backbone(p.backbone, p.weights, p.weights_sha256)
     features = Features(backbone, p.runtime, cfg.project.cache_dir, p.extract_batch_size)
@@ -55,6 +56,7 @@ def train_head(cfg: Params) -> TrainHeadResult:
         "extract_images_per_s": extracted.rate,
         "runtime": features.runtime,
         "frozen_check": frozen,
+        "wall_s": round(time.perf_counter() - start, 2),  # features included: transfer's training cost
     }
     with directory(cfg.stage_dir("train_head")) as out:
         save_model(out / "model.pt", backbone, head, classes, p)

@@ -18,6 +18,8 @@ from tasks.domain import domain
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.prepare import prepare
+from tasks.scratch import scratch
+from tasks.select import select
 from tasks.train_head import train_head
 from tasks.validate import validate
 from tests.conftest import make_folder, tiny_overrides
@@ -105,6 +107,7 @@ def test_frozen_tensors_and_batchnorm_stay_bit_identical(base, monkeypatch):
     assert moved and not [k for k in moved if k in tr.frozen_tensors(tuned.backbone.model, moved)]
     assert not [k for k in moved if "bn" in k or "running" in k]
     assert tuned.finetuned and tuned.backbone.cache_key != pretrained.backbone.cache_key
+    scratch(cfg), select(cfg)
     assert evaluate(cfg).n_test > 0  # features of the fine-tuned backbone, under their own cache key
 
 
@@ -124,6 +127,7 @@ def test_a_worse_fine_tune_is_rejected_and_the_head_kept(base):
     assert (cfg.stage_dir("finetune") / "model.pt").read_bytes() == (
         cfg.stage_dir("train_head") / "model.pt"
     ).read_bytes()
+    scratch(cfg), select(cfg)
     assert evaluate(cfg).n_test > 0  # evaluate serves the head-only model from finetune/model.pt
 
 

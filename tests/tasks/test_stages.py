@@ -16,6 +16,8 @@ from tasks.export import export
 from tasks.finetune import finetune
 from tasks.prepare import prepare
 from tasks.register import register
+from tasks.scratch import scratch
+from tasks.select import select
 from tasks.train_head import train_head
 from tasks.validate import validate
 from tests.conftest import make_folder, tiny_overrides
@@ -31,6 +33,8 @@ def pipeline(tmp_path_factory, tiny_weights):
     results = {"prepare": prepare(cfg), "validate": validate(cfg), "domain": domain(cfg)}
     results["train_head"] = train_head(cfg)
     results["finetune"] = finetune(cfg)  # 29 training images: the gate stays closed
+    results["scratch"] = scratch(cfg)  # on_mismatch=warn and 29 images: transfer alone
+    results["select"] = select(cfg)
     results["evaluate"] = evaluate(cfg)
     results["export"] = export(cfg)
     results["register"] = register(cfg, tags={"origin": "test"})
@@ -152,7 +156,7 @@ def test_domain_mismatch_with_fail_stops_with_advice(pipeline, tmp_path):
     validate(strict)
     if r["domain"].verdict != "mismatch":
         pytest.skip("the tiny data did not come out as a mismatch")  # see test_domain_on_real_images
-    with pytest.raises(DomainMismatch, match="train from scratch or choose another backbone"):
+    with pytest.raises(DomainMismatch, match="on_mismatch=scratch .* or choose another backbone"):
         domain(strict)
     assert json.loads((art / "domain" / "failed" / "report.json").read_text())["verdict"] == "mismatch"
     assert not (art / "domain" / "report.json").exists()
