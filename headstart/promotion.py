@@ -44,9 +44,15 @@ def gates(tags: Mapping[str, str], metrics: Mapping[str, float], p: PromoteParam
             "passed": tags.get("validate.success") == "true",
             "detail": f"validate.success={tags.get('validate.success', 'not recorded')}",
         },
+        # the verdict judges the pretrained backbone: a model trained from scratch does not use it
         "domain": {
-            "passed": verdict in p.allowed_verdicts,
-            "detail": f"verdict {verdict}; allowed {', '.join(p.allowed_verdicts)}",
+            "passed": verdict in p.allowed_verdicts or tags.get("select.kind") == "scratch",
+            "detail": f"verdict {verdict}; allowed {', '.join(p.allowed_verdicts)}"
+            + (
+                "; the model was trained from scratch, so the backbone's verdict does not apply"
+                if tags.get("select.kind") == "scratch"
+                else ""
+            ),
         },
         "export_parity": {
             "passed": tags.get("export.parity_passed") == "true",

@@ -259,3 +259,13 @@ def test_gates_from_tags_and_metrics():
         not gates({}, {}, p)["test_metric"]["passed"]
         and "not recorded" in gates({}, {}, p)["validation"]["detail"]
     )
+
+
+def test_the_domain_gate_judges_transfer_models_only():
+    """A mismatch made the pipeline train from scratch; the backbone's verdict says nothing about that
+    model, so it does not block its promotion (a transfer model on the same data stays blocked)."""
+    p = PromoteParams(allowed_verdicts=["in_domain", "shifted"])
+    tags = {"validate.success": "true", "domain.verdict": "mismatch", "export.parity_passed": "true"}
+    assert not gates({**tags, "select.kind": "head"}, {"test_accuracy": 0.9}, p)["domain"]["passed"]
+    scratch = gates({**tags, "select.kind": "scratch"}, {"test_accuracy": 0.9}, p)["domain"]
+    assert scratch["passed"] and "trained from scratch" in scratch["detail"]
