@@ -345,6 +345,7 @@ def plot(report: dict, path: Path) -> Path:
                 acc, std = [rows[k]["test_accuracy"] for k in n], [rows[k]["std"] for k in n]
                 ax.errorbar(n, acc, std, fmt=style, capsize=3, label=method.replace("_", " "))
         ax.set(xscale="log", title=run["dataset"], xlabel="training images per class")
+        ax.minorticks_off()  # log-scale minor labels (3x10^1) would overprint the sizes
         ax.set_xticks(run["sizes"], [str(n) for n in run["sizes"]])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
