@@ -49,6 +49,7 @@ bench: venv  ## benchmarks (not tests): print JSON reports
 	$(BIN)/python -m benchmarks.pipeline
 	$(BIN)/python -m benchmarks.runtime
 	$(BIN)/python -m benchmarks.finetune
+	$(BIN)/python -m benchmarks.transfer --plot docs/transfer_curves.png
 
 lint: venv
 	$(BIN)/ruff check headstart tasks flows tests benchmarks

@@ -127,7 +127,7 @@ class ValidateParams(Section):
         "I;16L",
         "F",
     ]
-    min_size: Int = Field(16, ge=1, le=65535)  # the largest side JPEG can hold
+    min_size: Int = Field(8, ge=1, le=65535)  # 8x8 digits are data; params.yaml says why; 65535: JPEG's limit
     max_size: Int = Field(8000, ge=1, le=65535)
     classes: list[str] | None = None
     min_classes: Int = Field(2, ge=2)

@@ -23,16 +23,19 @@ LAYOUTS = {
     "float32": "NCHW float32 RGB, resized, centre-cropped, (x/255-mean)/std",
     "uint8": "NHWC uint8 RGB (0-255), resized and centre-cropped; the graph normalises",
 }
+# a grey model (InputSpec.channels 1) takes one channel: colour images are made grey (Pillow's "L")
+GREY_LAYOUTS = {k: v.replace(" RGB", " grey (1 channel)") for k, v in LAYOUTS.items()}
 
 
 class Uint8Input(nn.Module):
-    """A model that takes resized, cropped uint8 RGB in NHWC and normalises in the graph, with the
-    same arithmetic as headstart.preprocess (x * (1/255/std) - mean/std)."""
+    """A model that takes resized, cropped uint8 NHWC (spec.channels deep: RGB or grey) and normalises
+    in the graph, with the same arithmetic as headstart.preprocess (x * (1/255/std) - mean/std)."""
 
     def __init__(self, model: nn.Module, spec: InputSpec):
         super().__init__()
         self.model = model
-        std, mean = torch.tensor(spec.std).view(1, 3, 1, 1), torch.tensor(spec.mean).view(1, 3, 1, 1)
+        c = spec.channels
+        std, mean = torch.tensor(spec.std).view(1, c, 1, 1), torch.tensor(spec.mean).view(1, c, 1, 1)
         self.register_buffer("scale", (1 / 255) / std)
         self.register_buffer("shift", mean / std)
 
@@ -82,10 +85,10 @@ def deployable(
     model: nn.Module, spec: InputSpec, input_kind: str, fp16: bool
 ) -> tuple[nn.Module, torch.Tensor]:
     """The module to export for one variant, and an example input of its input kind."""
-    model = Fp16(model) if fp16 else model
+    model, s, c = Fp16(model) if fp16 else model, spec.size, spec.channels
     if input_kind == "uint8":
-        return Uint8Input(model, spec).eval(), torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
-    return model.eval(), torch.zeros(2, 3, spec.size, spec.size)
+        return Uint8Input(model, spec).eval(), torch.zeros(2, s, s, c, dtype=torch.uint8)
+    return model.eval(), torch.zeros(2, c, s, s)
 
 
 def export_onnx(
@@ -104,7 +107,7 @@ def export_onnx(
         "headstart.version": __version__,
         "headstart.input_spec": spec.to_json(),
         "headstart.input": input_kind,
-        "headstart.input_layout": LAYOUTS[input_kind],
+        "headstart.input_layout": (LAYOUTS if spec.channels == 3 else GREY_LAYOUTS)[input_kind],
         "headstart.precision": "fp16" if fp16 else "fp32",
         **metadata,
     }

@@ -140,9 +140,11 @@ def resize_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
 
 
 def to_uint8(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """What a model exported with export.input=uint8 takes: resized, cropped RGB, uint8 HWC."""
+    """What a model exported with export.input=uint8 takes: resized, cropped, uint8 HWC with
+    spec.channels channels (a grey image repeated for an RGB model; resize_crop makes a colour image
+    grey for a grey model, as training does)."""
     arr = np.asarray(resize_crop(img, spec), dtype=np.uint8)
-    return np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
+    return np.repeat(arr[:, :, None], spec.channels, axis=2) if arr.ndim == 2 else arr
 
 
 def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:

@@ -126,8 +126,8 @@ class Predictor:
     def _blank(self, n: int) -> np.ndarray:
         s = self.spec.size
         if self.input_kind == "uint8":
-            return np.zeros((n, s, s, 3), np.uint8)
-        return np.zeros((n, 3, s, s), np.float32)
+            return np.zeros((n, s, s, self.spec.channels), np.uint8)
+        return np.zeros((n, self.spec.channels, s, s), np.float32)
 
     def load(self, path: str | Path) -> np.ndarray:
         """One image file as this model's input (uint8 HWC or float32 CHW, per its metadata)."""
@@ -209,11 +209,12 @@ def _contract(path: Path, meta: dict[str, str], session) -> tuple[list[str], Inp
 
 def _check_input(path: Path, inp, spec: InputSpec, kind: str) -> None:
     channels, sides = _LAYOUT[kind]
-    want = {channels: 3, sides[0]: spec.size, sides[1]: spec.size}
+    want = {channels: spec.channels, sides[0]: spec.size, sides[1]: spec.size}
     shape = list(inp.shape)
     bad = len(shape) != 4 or any(isinstance(shape[a], int) and shape[a] != n for a, n in want.items())
     if bad or (inp.type == "tensor(uint8)") != (kind == "uint8"):
-        layout = "N,3,S,S float" if kind == "float32" else "N,S,S,3 uint8"
+        c = spec.channels
+        layout = f"N,{c},S,S float" if kind == "float32" else f"N,S,S,{c} uint8"
         raise HeadstartError(
             f"{path}: metadata headstart.input_spec/headstart.input say {layout} with S={spec.size} but the "
             f"graph's input {inp.name!r} is {inp.type} {shape}; the file was altered: export the model again"
@@ -234,14 +235,15 @@ def _spec(path: Path, text: str) -> InputSpec:
     try:
         spec = InputSpec.from_json(text)
         ok = isinstance(spec.size, int) and 1 <= spec.size <= _MAX_SIZE and 0 < spec.crop_pct <= 1
-        ok = ok and spec.interpolation in _INTERPOLATION and len(spec.mean) == len(spec.std) == 3
+        ok = ok and spec.interpolation in _INTERPOLATION and spec.channels in (1, 3)
+        ok = ok and len(spec.mean) == len(spec.std) == spec.channels
         ok = ok and all(isinstance(v, int | float) and v != 0 for v in spec.std)
     except (ValueError, TypeError, KeyError, AttributeError):
         ok = False
     if not ok:
         raise HeadstartError(
             f"{path}: metadata headstart.input_spec is not a valid input spec (JSON with size 1-{_MAX_SIZE}, "
-            "mean, std, interpolation, crop_pct); export the model again"
+            "mean, std, interpolation, crop_pct, one mean/std per channel); export the model again"
         )
     return spec
 

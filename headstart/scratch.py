@@ -35,7 +35,7 @@ from headstart.checkpoint import EpochCheckpoint
 from headstart.config import ScratchParams
 from headstart.features import decoded
 from headstart.finetune import Images, lr_lambda
-from headstart.preprocess import InputSpec, decode, resize_crop
+from headstart.preprocess import InputSpec, decode, to_uint8
 from headstart.provenance import code_hash, derive_key, library_versions
 from headstart.training import balanced_order, class_weights
 
@@ -139,9 +139,9 @@ def pooled_stats(rows: pd.DataFrame, channels: int) -> tuple[tuple[float, ...], 
 
 
 def pixels(path, spec: InputSpec) -> np.ndarray:
-    """One image as the model's eval view before normalisation: uint8 HWC, spec.channels deep."""
-    arr = np.asarray(resize_crop(decode(path, keep_grey=True), spec), dtype=np.uint8)
-    return np.repeat(arr[:, :, None], spec.channels, axis=2) if arr.ndim == 2 else arr
+    """One image as the model's eval view before normalisation: uint8 HWC, spec.channels deep (what
+    the Predictor feeds the exported model: the same function)."""
+    return to_uint8(decode(path, keep_grey=True), spec)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:

@@ -45,3 +45,46 @@ def test_runtime_benchmark_reports_torch_and_onnxruntime():
         row = report["batch"][bs]
         assert row["torch_eager_cpu"]["images_per_s"] > 0 and row["onnxruntime_cpu"]["p95_ms"] > 0
     assert report["predict_folder"]["predicted"] == 6
+
+
+def test_transfer_benchmark_draws_learning_curves(tmp_path, tiny_weights):
+    """digits only, 5 per class, 1 seed, 1 scratch epoch, the tiny backbone: every candidate is
+    scored on the same test images, timed, and plotted."""
+    from benchmarks.transfer import Settings, crossing, markdown, plot, run_dataset
+    from headstart.config import TrainHeadParams
+    from tests.conftest import TINY_BACKBONE
+
+    th = TrainHeadParams(
+        backbone=TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1], max_epochs=3
+    )
+    s = Settings(sizes=(5,), seeds=1, test_per_class=3, finetune=True, scratch_epochs=1)
+    run = run_dataset("digits", tmp_path, s, "cpu", th)
+    assert (
+        run["images"] == 1797 and run["test_images"] == 30 and run["classes"] == [str(d) for d in range(10)]
+    )
+    methods = {p["method"]: p for p in run["points"] if p["per_class"] == 5}
+    assert "min_train_images" in methods["finetuned"]["skipped"]  # 50 images: the gate stays shut
+    for m in ("head_only", "scratch"):
+        assert 0 <= methods[m]["test_accuracy"] <= 1 and methods[m]["wall_s"] > 0
+        assert methods[m]["peak_rss_mb"] > 100 and methods[m]["n_train"] == 50
+    assert methods["scratch"]["epochs"] == 1 and methods["scratch"]["input"] == "32px x1"
+    assert run["feature_extraction"]["images"] >= 30 + 10 * 7
+    assert set(run["crossing"]["scratch_minus_best_transfer"]) == set(run["sizes"])
+    report = {"mode": "test", "datasets": [run]}
+    assert plot(report, tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| digits | 5 |" in markdown(report)
+    summary = {"head_only": {5: {"test_accuracy": 0.9}, 50: {"test_accuracy": 0.9}},
+               "scratch": {5: {"test_accuracy": 0.5}, 50: {"test_accuracy": 0.95}}}  # fmt: skip
+    assert crossing(summary)["scratch_overtakes_at_per_class"] == 50
+
+
+def test_transfer_benchmark_caps_sizes_by_what_each_class_has():
+    import pandas as pd
+
+    from benchmarks.transfer import Settings, plan
+
+    frame = pd.DataFrame({"label": ["a"] * 40 + ["b"] * 100, "sha256": [f"{i:03d}" for i in range(140)]})
+    test, pool, sizes = plan(frame, Settings(sizes=(5, 10, 20, 50), test_per_class=100))
+    assert test["label"].value_counts().to_dict() == {"a": 10, "b": 10}  # a quarter of the smallest
+    assert sizes == [5, 10, 20, 24]  # a has 30 left: 50 + 13 val do not fit; 24 + 6, the largest that does
+    assert set(test.index).isdisjoint(pool.index) and len(pool) == 120

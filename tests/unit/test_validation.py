@@ -423,3 +423,22 @@ def test_quarantining_a_class_s_only_val_image_moves_no_other_image(tmp_path):
     kept = dict(zip(before["path"], before["split"], strict=True))
     assert only not in set(v.clean["path"])
     assert all(kept[p] == s for p, s in zip(v.clean["path"], v.clean["split"], strict=True))
+
+
+def test_8x8_images_pass_prepare_and_validate_with_default_params(tmp_path):
+    """scikit-learn's digits, 8x8 grey: data for the domain verdict and the scratch path, not errors."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "digits"
+    for label in (0, 1, 7):
+        for i, img in enumerate(digits.images[digits.target == label][:20]):
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((img * 255 / 16).astype("uint8"), "L").save(root / str(label) / f"{i:02d}.png")
+    defaults = load_params(None, [])
+    m = _prepare(root, tmp_path)
+    assert (defaults.prepare.val_fraction, defaults.prepare.test_fraction) == (0.15, 0.2)  # as _prepare
+    v = validate_manifest(m, defaults.validate, docs_dir=None)
+    assert v.report["success"] and v.report["failed"] == [], v.report["failed"]
+    assert v.quarantine.empty and len(v.clean) == 60
+    assert {"width_in_bounds", "height_in_bounds"}.isdisjoint(_failed(v.report))
