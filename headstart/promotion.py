@@ -37,23 +37,13 @@ class Predictions:
 
 def gates(tags: Mapping[str, str], metrics: Mapping[str, float], p: PromoteParams) -> dict[str, dict]:
     """Each gate from what the version's own MLflow run recorded (its tags and metrics)."""
-    verdict = tags.get("domain.verdict", "not recorded")
     accuracy = metrics.get("test_accuracy")
     return {
         "validation": {
             "passed": tags.get("validate.success") == "true",
             "detail": f"validate.success={tags.get('validate.success', 'not recorded')}",
         },
-        # the verdict judges the pretrained backbone: a model trained from scratch does not use it
-        "domain": {
-            "passed": verdict in p.allowed_verdicts or tags.get("select.kind") == "scratch",
-            "detail": f"verdict {verdict}; allowed {', '.join(p.allowed_verdicts)}"
-            + (
-                "; the model was trained from scratch, so the backbone's verdict does not apply"
-                if tags.get("select.kind") == "scratch"
-                else ""
-            ),
-        },
+        "domain": _domain_gate(tags, p),
         "export_parity": {
             "passed": tags.get("export.parity_passed") == "true",
             "detail": f"export.parity_passed={tags.get('export.parity_passed', 'not recorded')}",
@@ -64,6 +54,24 @@ def gates(tags: Mapping[str, str], metrics: Mapping[str, float], p: PromoteParam
             f"(floor {p.min_test_accuracy})",
         },
     }
+
+
+def _domain_gate(tags: Mapping[str, str], p: PromoteParams) -> dict:
+    """The verdict judges the pretrained backbone's fit to the data. It does not apply to a model
+    trained from scratch, and where a from-scratch model was trained and compared on validation,
+    selection's evidence has answered it, whichever model won."""
+    verdict, kind = tags.get("domain.verdict", "not recorded"), tags.get("select.kind")
+    detail = f"verdict {verdict}; allowed {', '.join(p.allowed_verdicts)}"
+    if verdict in p.allowed_verdicts:
+        return {"passed": True, "detail": detail}
+    if kind == "scratch":
+        return {"passed": True, "detail": f"{detail}; the model was trained from scratch: not its backbone's"}
+    if tags.get("scratch.trained") == "true":
+        return {
+            "passed": True,
+            "detail": f"{detail}; a from-scratch model was trained and selection chose {kind}",
+        }
+    return {"passed": False, "detail": detail}
 
 
 def seen(manifest: pd.DataFrame) -> frozenset[str]:

@@ -269,3 +269,6 @@ def test_the_domain_gate_judges_transfer_models_only():
     assert not gates({**tags, "select.kind": "head"}, {"test_accuracy": 0.9}, p)["domain"]["passed"]
     scratch = gates({**tags, "select.kind": "scratch"}, {"test_accuracy": 0.9}, p)["domain"]
     assert scratch["passed"] and "trained from scratch" in scratch["detail"]
+    # transfer chosen over a from-scratch model trained on the same data: the evidence answered it
+    compared = gates({**tags, "select.kind": "head", "scratch.trained": "true"}, {}, p)["domain"]
+    assert compared["passed"] and "selection chose head" in compared["detail"]
