@@ -241,16 +241,29 @@ class TrainedModel:
         return self.head_probabilities(x)
 
 
-def load_model(path: str | Path) -> TrainedModel:
-    """Rebuild the classifier from save_model's file (weights_only: nothing is unpickled)."""
+def read_model_file(path: str | Path, missing: str) -> dict:
+    """A headstart model file's contents (weights_only: nothing is unpickled), or one line saying why
+    not; `missing` says what to run when the file is not there."""
     path = Path(path)
     if not path.is_file():
-        raise HeadstartError(f"model file {path} does not exist; run the train_head stage first")
+        raise HeadstartError(f"model file {path} does not exist; {missing}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise HeadstartError(f"{path}: not a headstart model file ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+    if not isinstance(state, dict):
+        raise HeadstartError(f"{path}: not a headstart model file")
+    return state
+
+
+def load_model(path: str | Path) -> TrainedModel:
+    """Rebuild the transfer classifier from save_model's file."""
+    return transfer_model(read_model_file(path, "run the train_head stage first"), Path(path))
+
+
+def transfer_model(state: dict, path: Path) -> TrainedModel:
+    """The transfer classifier from a model file's contents (read_model_file)."""
+    if state.get("format") != MODEL_FORMAT:
         raise HeadstartError(f"{path}: not a headstart model file")
     backbone = load_backbone(state["backbone"], state["weights"] or None, state["weights_sha256"])
     if backbone.weights_sha256 != state["weights_sha256"]:

@@ -14,11 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from headstart import HeadstartError
+from headstart.ops.server import wait_healthy
 
 PR_SET_PDEATHSIG = 1
 
@@ -39,7 +38,7 @@ def server(wait_s: float = 120.0) -> Iterator[str]:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/api"
-        _wait(proc, f"{url}/health", wait_s)
+        wait_healthy(f"{url}/health", lambda: proc.poll() is None, wait_s, "the temporary Prefect server")
         yield url
     finally:
         proc.terminate()
@@ -54,21 +53,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait(proc: subprocess.Popen, url: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise HeadstartError(f"the temporary Prefect server exited at start (code {proc.returncode})")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise HeadstartError(f"the temporary Prefect server did not answer {url} within {wait_s:.0f} s")
 
 
 def _die_with(parent: int) -> None:
