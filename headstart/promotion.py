@@ -35,6 +35,25 @@ class Predictions:
     pred: np.ndarray  # index into classes, one per image
 
 
+def evidence(rows, data_dir, versions: list[str], trained_on, top1, p: PromoteParams, seed: int) -> dict:
+    """Comparisons of versions[0] with the champion (versions[1]) and `best` (versions[2], when another
+    version holds it) on the current images none of them trained or validated on. `trained_on(v)` gives
+    a version's train+val sha256s, `top1(v, paths)` its (classes, top-1 indices) through onnxruntime."""
+    champion = versions[1]
+    try:
+        clean = clean_rows(rows, [trained_on(v) for v in versions])
+        out = {"clean": {"n_images": len(clean), "n_current": len(rows), "versions": versions}}
+        if note := too_few(len(clean), len(rows), versions, p):
+            return {**out, "note": note}
+        paths, labels = [data_dir / x for x in clean["path"]], list(clean["label"])
+        new, *old = [Predictions(v, *top1(v, paths)) for v in versions]
+        out["comparison"] = compare(labels, new, old[0], p, seed, "champion")
+        out["best_comparison"] = compare(labels, new, old[1], p, seed, "best") if old[1:] else None
+    except HeadstartError as exc:
+        return {"note": f"cannot compare with champion v{champion}: {exc}"}
+    return out
+
+
 def gates(tags: Mapping[str, str], metrics: Mapping[str, float], p: PromoteParams) -> dict[str, dict]:
     """Each gate from what the version's own MLflow run recorded (its tags and metrics)."""
     accuracy = metrics.get("test_accuracy")

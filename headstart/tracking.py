@@ -617,7 +617,7 @@ class Registry:
     stage) with its failure classified: TransientError or HeadstartError naming the store."""
 
     def __init__(self, params: Params, name: str):
-        self.uri, self.name = tracking_uri(params), name
+        self.uri, self.name, self.params = tracking_uri(params), name, params
         self.client = _client(self.uri)
 
     def _call(self, what: str, fn, *args, missing_ok: bool = False, **kwargs):
@@ -664,6 +664,14 @@ class Registry:
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self._call("log artifact", self.client.log_text, run_id, text, path)
+
+    def top1(self, version: str, paths: list[Path]) -> tuple[list[str], list[int]]:
+        """A registered version's (classes, top-1 class index per image) through onnxruntime on the CPU."""
+        from headstart.runtime import Predictor
+
+        with downloaded_model(f"models:/{self.name}/{version}", self.params) as onnx_file:
+            predictor = Predictor(onnx_file, providers="cpu", warmup=False)
+            return predictor.classes, predictor.predict(paths).argmax(1)
 
     def trained_on(self, version: str) -> frozenset[str]:
         """The sha256s `version` trained or validated on, from the validate/manifest.parquet its run

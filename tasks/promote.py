@@ -6,20 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from headstart import HeadstartError
 from headstart.atomic import directory, write_json, write_text
 from headstart.config import Params
-from headstart.promotion import (
-    Predictions,
-    becomes_best,
-    clean_rows,
-    compare,
-    decide,
-    gates,
-    to_markdown,
-    too_few,
-    version_tags,
-)
+from headstart.promotion import becomes_best, decide, evidence, gates, to_markdown, version_tags
 from tasks import _inputs
 
 
@@ -46,7 +35,13 @@ def promote(cfg: Params, version: str | None = None, model_name: str | None = No
     d = {"model_name": name, "version": version, "champion_version": champion, "best_version": best}
     d.update(gates=checks, margin=cfg.promote.margin, comparison=None, best_comparison=None, note="")
     if champion not in (None, version) and all(g["passed"] for g in checks.values()):
-        d.update(_evidence(cfg, registry, version, champion, best))
+        versions = [version, champion] + ([best] if best not in (None, champion) else [])
+        rows, data_dir = _inputs.manifest(cfg), cfg.prepare.data_dir
+        d.update(
+            evidence(
+                rows, data_dir, versions, registry.trained_on, registry.top1, cfg.promote, cfg.project.seed
+            )
+        )
     if champion == version:
         promoted, reason = True, f"v{version} already holds alias champion"
     else:
@@ -69,34 +64,6 @@ def _registered(cfg: Params, name: str) -> str | None:
     run_json = cfg.stage_dir("register") / "run.json"
     recorded = _inputs.read_json(cfg, "register", "run.json") if run_json.exists() else {}
     return recorded.get("model_version") if recorded.get("model_name") == name else None
-
-
-def _evidence(cfg: Params, registry, version: str, champion: str, best: str | None) -> dict:
-    """Comparisons with the champion (and `best` when another version holds it) on clean images."""
-    versions = [version, champion] + ([best] if best not in (None, champion) else [])
-    rows = _inputs.manifest(cfg)
-    try:
-        clean = clean_rows(rows, [registry.trained_on(v) for v in versions])
-        out = {"clean": {"n_images": len(clean), "n_current": len(rows), "versions": versions}}
-        if note := too_few(len(clean), len(rows), versions, cfg.promote):
-            return {**out, "note": note}
-        paths, labels = [cfg.prepare.data_dir / p for p in clean["path"]], list(clean["label"])
-        new, *old = [_predictions(cfg, registry.name, v, paths) for v in versions]
-        seed, p = cfg.project.seed, cfg.promote
-        out["comparison"] = compare(labels, new, old[0], p, seed, "champion")
-        out["best_comparison"] = compare(labels, new, old[1], p, seed, "best") if old[1:] else None
-    except HeadstartError as exc:
-        return {"note": f"cannot compare with champion v{champion}: {exc}"}
-    return out
-
-
-def _predictions(cfg: Params, name: str, version: str, paths) -> Predictions:
-    from headstart.runtime import Predictor
-    from headstart.tracking import downloaded_model
-
-    with downloaded_model(f"models:/{name}/{version}", cfg) as onnx_file:
-        predictor = Predictor(onnx_file, providers="cpu", warmup=False)
-        return Predictions(version, predictor.classes, predictor.predict(paths).argmax(1))
 
 
 def rollback(cfg: Params, model_name: str | None = None) -> PromoteResult:

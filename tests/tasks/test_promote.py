@@ -17,18 +17,12 @@ import pytest
 
 from headstart import HeadstartError
 from headstart.config import load_params
-from tasks.domain import domain
-from tasks.evaluate import evaluate
-from tasks.export import export
-from tasks.finetune import finetune
-from tasks.prepare import prepare
+from headstart.stages import STAGES as PIPELINE
 from tasks.promote import promote, rollback
 from tasks.register import register
-from tasks.train_head import train_head
-from tasks.validate import validate
 from tests.conftest import make_folder, tiny_overrides
 
-STAGES = (prepare, validate, domain, train_head, finetune, evaluate, export, register)
+STAGES = tuple(s.function for s in PIPELINE if s.name != "promote")  # the pipeline up to register
 BAD = ("train_head.max_epochs=1", "train_head.lr=1e-7", "train_head.patience=1")
 
 
