@@ -247,6 +247,7 @@ def test_warmup_then_cosine():
     assert f(4) == pytest.approx(1.0) and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
 
 
+@pytest.mark.slow  # two pipelines from empty caches: determinism end to end, not the edit loop's
 def test_same_seed_same_metrics(tmp_path, tiny_weights):
     """Two runs from scratch (own caches, own artifacts) with the same params give the same numbers."""
     data = make_folder(tmp_path / "data", per_class=10, classes=("cat", "dog"))

@@ -18,6 +18,8 @@ from headstart.stages import get
 from tasks.register import register
 from tests.conftest import make_image, tiny_overrides
 
+pytestmark = pytest.mark.slow  # the pipeline to register on eight classes: not the edit loop's
+
 NAMES = ("猫", "кошка", "cats & dogs", "cats, dogs", "coffee (hot)", "50%+", "😀", "b" * 240)
 
 

@@ -21,6 +21,8 @@ from tasks.scratch import scratch
 from tasks.select import select
 from tests.conftest import make_folder, tiny_overrides
 
+pytestmark = pytest.mark.slow  # the pipeline to register with a scratch model: not the edit loop's
+
 FAST = ["scratch.max_epochs=3", "scratch.warmup_epochs=1", "scratch.batch_size=16", "scratch.device=cpu"]
 
 
