@@ -4,6 +4,7 @@ reads its own preprocessing contract from its metadata, so serving preprocesses 
 
 from __future__ import annotations
 
+import io
 import json
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,8 @@ class Prediction:
     label: str | None = None
     confidence: float | None = None
     probabilities: dict[str, float] | None = None
+    abstain: bool | None = None  # True: the model declines to answer (label is still its argmax)
+    reason: str | None = None  # why it abstained (see Predictor.decide)
     error: str | None = None
 
     def tsv(self) -> str:
@@ -153,15 +156,32 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_files(
-        self, paths: list[str | Path], batch_size: int = 32, workers: int = 4
+        self, paths: list[str | Path], batch_size: int = 32, workers: int = 4, abstain: bool = True
     ) -> list[Prediction]:
-        """Every file gets a Prediction: a label and probabilities, or the reason it could not be
-        read; decoding runs in threads, a batch ahead of the model."""
-        results: list[Prediction] = [Prediction(str(p)) for p in paths]
+        """Every file gets a Prediction: a label and probabilities (and, with `abstain`, whether the
+        model declines to answer and why), or the reason it could not be read; decoding runs in
+        threads, a batch ahead of the model."""
+        return self._predict_all([str(p) for p in paths], paths, self.load, batch_size, workers, abstain)
+
+    def load_bytes(self, data: bytes) -> np.ndarray:
+        """One encoded image (PNG, JPEG, ... bytes) as this model's input: the contract of `load`."""
+        pixels = to_uint8(decode(io.BytesIO(data), keep_grey=True), self.spec)
+        return pixels if self.input_kind == "uint8" else normalise(pixels, self.spec)
+
+    def predict_bytes(
+        self, blobs: list[bytes], batch_size: int = 32, workers: int = 4, abstain: bool = True
+    ) -> list[Prediction]:
+        """predict_files for encoded images in memory (a request body); `path` is the item's index."""
+        return self._predict_all(
+            [f"#{i}" for i in range(len(blobs))], blobs, self.load_bytes, batch_size, workers, abstain
+        )
+
+    def _predict_all(self, names, items, load_one, batch_size: int, workers: int, abstain: bool):
+        results: list[Prediction] = [Prediction(n) for n in names]
 
         def load(i: int):
             try:
-                return i, self.load(paths[i])
+                return i, load_one(items[i])
             except ImageRefused as exc:  # refused before decoding: the reason is the whole story
                 results[i].error = str(exc)
                 return i, None
@@ -170,20 +190,38 @@ class Predictor:
                 return i, None
 
         with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(paths), batch_size):
+            for start in range(0, len(items), batch_size):
                 loaded = [
                     r
-                    for r in pool.map(load, range(start, min(start + batch_size, len(paths))))
+                    for r in pool.map(load, range(start, min(start + batch_size, len(items))))
                     if r[1] is not None
                 ]
                 if not loaded:
                     continue
-                probs = softmax(self.logits(np.stack([x for _, x in loaded])))
-                for (i, _), row in zip(loaded, probs, strict=True):
-                    k = int(row.argmax())
-                    results[i].label, results[i].confidence = self.classes[k], float(row[k])
-                    results[i].probabilities = {c: float(v) for c, v in zip(self.classes, row, strict=True)}
+                decisions = self.decide(self.logits(np.stack([x for _, x in loaded])), abstain)
+                for (i, _), d in zip(loaded, decisions, strict=True):
+                    for k, v in d.items():
+                        setattr(results[i], k, v)
         return results
+
+    def decide(self, logits: np.ndarray, abstain: bool = True) -> list[dict]:
+        """Per row of logits: label (the argmax), confidence, probabilities and, with `abstain`,
+        whether the model declines to answer and why. The one place the answer is made: the CLI,
+        the MLflow pyfunc and the Triton client example all go through it."""
+        probs = softmax(logits)
+        out = []
+        for row in probs:
+            k = int(row.argmax())
+            out.append(
+                {
+                    "label": self.classes[k],
+                    "confidence": float(row[k]),
+                    "probabilities": {c: float(v) for c, v in zip(self.classes, row, strict=True)},
+                    "abstain": False if abstain else None,
+                    "reason": None,
+                }
+            )
+        return out
 
 
 def _contract(path: Path, meta: dict[str, str], session) -> tuple[list[str], InputSpec, str]:
