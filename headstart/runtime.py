@@ -10,6 +10,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -112,9 +113,14 @@ class Predictor:
                 raise HeadstartError(f"{self.path}: onnxruntime cannot load it ({exc})") from None
             # a listed GPU provider that cannot start: fall back to the CPU; `providers` tells
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.classes, self.spec, self.input_kind = _contract(self.path, meta, self.session)
-        self.metadata = dict(meta)
+        self.contract = Contract.from_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
+        self.contract.check_graph(self.session, self.path)
+        self.classes, self.spec, self.input_kind = (
+            self.contract.classes,
+            self.contract.spec,
+            self.contract.input_kind,
+        )
+        self.metadata = self.contract.metadata
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
@@ -134,8 +140,11 @@ class Predictor:
 
     def load(self, path: str | Path) -> np.ndarray:
         """One image file as this model's input (uint8 HWC or float32 CHW, per its metadata)."""
-        pixels = to_uint8(decode(path, keep_grey=True), self.spec)
-        return pixels if self.input_kind == "uint8" else normalise(pixels, self.spec)
+        return self.contract.load(path)
+
+    def load_bytes(self, data: bytes) -> np.ndarray:
+        """One encoded image (PNG, JPEG, ... bytes) as this model's input."""
+        return self.contract.load(io.BytesIO(data))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, np.uint8 if self.input_kind == "uint8" else np.float32)
@@ -162,11 +171,6 @@ class Predictor:
         model declines to answer and why), or the reason it could not be read; decoding runs in
         threads, a batch ahead of the model."""
         return self._predict_all([str(p) for p in paths], paths, self.load, batch_size, workers, abstain)
-
-    def load_bytes(self, data: bytes) -> np.ndarray:
-        """One encoded image (PNG, JPEG, ... bytes) as this model's input: the contract of `load`."""
-        pixels = to_uint8(decode(io.BytesIO(data), keep_grey=True), self.spec)
-        return pixels if self.input_kind == "uint8" else normalise(pixels, self.spec)
 
     def predict_bytes(
         self, blobs: list[bytes], batch_size: int = 32, workers: int = 4, abstain: bool = True
@@ -205,6 +209,56 @@ class Predictor:
         return results
 
     def decide(self, logits: np.ndarray, abstain: bool = True) -> list[dict]:
+        """The contract's answer for each row of logits (Contract.decide)."""
+        return self.contract.decide(logits, abstain)
+
+
+@dataclass
+class Contract:
+    """What an exported model's metadata promises: its classes (in output order), its input (spec and
+    layout) and how an answer is made from its logits. Read from the ONNX metadata by Predictor, and
+    usable without a session (a Triton client applies the same contract to the logits it gets)."""
+
+    classes: list[str]
+    spec: InputSpec
+    input_kind: str
+    metadata: dict[str, str]
+
+    @classmethod
+    def from_metadata(cls, source: str | Path, meta: dict[str, str]) -> Contract:
+        """The contract in `meta` (an ONNX model's custom metadata), checked; `source` names the
+        model in errors."""
+        path = Path(source)
+        if "headstart.classes" not in meta or "headstart.input_spec" not in meta:
+            missing = "headstart.classes" if "headstart.classes" not in meta else "headstart.input_spec"
+            raise HeadstartError(f"{path}: not a headstart model (no '{missing}' metadata)")
+        classes, spec = _classes(path, meta["headstart.classes"]), _spec(path, meta["headstart.input_spec"])
+        kind = meta.get("headstart.input", "float32")
+        if kind not in _LAYOUT:
+            raise HeadstartError(
+                f"{path}: metadata headstart.input is {kind!r}, not one of {sorted(_LAYOUT)}"
+            )
+        return cls(classes, spec, kind, dict(meta))
+
+    def check_graph(self, session, source: str | Path = "") -> None:
+        """Metadata that disagrees with the graph would label images wrongly or fail on every batch."""
+        path = Path(source or "model")
+        out = session.get_outputs()[0]
+        width = out.shape[-1] if out.shape else None
+        if isinstance(width, int) and width != len(self.classes):
+            raise HeadstartError(
+                f"{path}: metadata headstart.classes names {len(self.classes)} classes but the graph's "
+                f"output {out.name!r} has {width}; the file was altered: export the model again"
+            )
+        _check_input(path, session.get_inputs()[0], self.spec, self.input_kind)
+
+    def load(self, source: str | Path | BinaryIO) -> np.ndarray:
+        """One image (a file, or an open binary stream) as the model's input: uint8 HWC or float32
+        CHW, per the metadata."""
+        pixels = to_uint8(decode(source, keep_grey=True), self.spec)
+        return pixels if self.input_kind == "uint8" else normalise(pixels, self.spec)
+
+    def decide(self, logits: np.ndarray, abstain: bool = True) -> list[dict]:
         """Per row of logits: label (the argmax), confidence, probabilities and, with `abstain`,
         whether the model declines to answer and why. The one place the answer is made: the CLI,
         the MLflow pyfunc and the Triton client example all go through it."""
@@ -222,27 +276,6 @@ class Predictor:
                 }
             )
         return out
-
-
-def _contract(path: Path, meta: dict[str, str], session) -> tuple[list[str], InputSpec, str]:
-    """Classes, input spec and input kind from a model's headstart metadata, checked against its
-    graph: metadata that disagrees would label images wrongly or fail on every batch."""
-    if "headstart.classes" not in meta or "headstart.input_spec" not in meta:
-        missing = "headstart.classes" if "headstart.classes" not in meta else "headstart.input_spec"
-        raise HeadstartError(f"{path}: not a headstart model (no '{missing}' metadata)")
-    classes, spec = _classes(path, meta["headstart.classes"]), _spec(path, meta["headstart.input_spec"])
-    kind = meta.get("headstart.input", "float32")
-    if kind not in _LAYOUT:
-        raise HeadstartError(f"{path}: metadata headstart.input is {kind!r}, not one of {sorted(_LAYOUT)}")
-    out = session.get_outputs()[0]
-    width = out.shape[-1] if out.shape else None
-    if isinstance(width, int) and width != len(classes):
-        raise HeadstartError(
-            f"{path}: metadata headstart.classes names {len(classes)} classes but the graph's output "
-            f"{out.name!r} has {width}; the file was altered: export the model again"
-        )
-    _check_input(path, session.get_inputs()[0], spec, kind)
-    return classes, spec, kind
 
 
 def _check_input(path: Path, inp, spec: InputSpec, kind: str) -> None:
