@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     pred.add_argument("--batch-size", type=int, default=32)
     pred.add_argument("--providers", help="preference order, e.g. tensorrt,cuda,cpu (default)")
+    pred.add_argument(
+        "--no-abstain",
+        action="store_true",
+        help="the raw argmax and softmax for every image, ignoring the model's abstention rule",
+    )
     pred.set_defaults(func=_predict)
 
     prom = with_params(
@@ -368,19 +373,31 @@ def _predict(args) -> int:
                 "--variant picks a file inside a models:/ URI; give an ONNX file's path directly"
             )
         predictor = Predictor(model, providers=args.providers)
-    results = predictor.predict_files(files, batch_size=args.batch_size)
+    results = predictor.predict_files(files, batch_size=args.batch_size, abstain=not args.no_abstain)
     for r in results:
         if args.json:
-            print(json.dumps({k: v for k, v in r.__dict__.items() if v is not None}))
+            keep = ("abstain", "reason") if r.error is None else ()  # null: answered, or --no-abstain
+            print(json.dumps({k: v for k, v in r.__dict__.items() if v is not None or k in keep}))
         else:
             print(r.tsv())
     failed = sum(r.error is not None for r in results)
     print(
-        f"headstart predict: {len(results) - failed} predicted, {failed} unreadable; "
+        f"headstart predict: {len(results) - failed} predicted{_abstained(results)}, {failed} unreadable; "
         f"providers {', '.join(predictor.providers)}",
         file=sys.stderr,
     )
     return 1 if failed else 0
+
+
+def _abstained(results) -> str:
+    """` (N abstained: K out_of_distribution, M ambiguous)`, or nothing when none did."""
+    from collections import Counter
+
+    reasons = Counter(r.reason for r in results if r.abstain)
+    if not reasons:
+        return ""
+    by = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    return f" ({sum(reasons.values())} abstained: {by})"
 
 
 def _image_files(items: list[str]) -> list[Path]:

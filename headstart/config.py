@@ -253,6 +253,14 @@ class PromoteParams(Section):
     min_clean_images: Int = Field(30, ge=2, le=10**9)
 
 
+class ServeParams(Section):
+    """The abstention rule the calibrate stage fits and every exported model carries."""
+
+    alpha: Float = Field(0.1, gt=0.0, le=0.5)  # above 0.5 a "guarantee" is mostly abstention
+    min_calibration: Int = Field(100, ge=0, le=MAX_IMAGES)
+    folds: Int = Field(5, ge=2, le=100)
+
+
 class ScheduleParams(Section):
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -295,6 +303,7 @@ class Params(Section):
     export: ExportParams = ExportParams()
     register: RegisterParams = RegisterParams()
     promote: PromoteParams = PromoteParams()
+    serve: ServeParams = ServeParams()
     schedule: ScheduleParams = ScheduleParams()
     server: ServerParams = ServerParams()
     mlflow: MlflowParams = MlflowParams()

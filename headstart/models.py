@@ -1,7 +1,7 @@
 """Either kind of model file behind one interface, for the stages after selection (evaluate, export):
 `.module` (nn.Module on normalised NCHW), `.spec`, `.classes`, `.kind` ("head" | "finetuned" |
 "scratch"), `.metadata()` (what the ONNX carries about it), `.parameters()` and
-`.probabilities(paths, shas, runtime, cache_dir, batch_size)`."""
+`.logits(paths, shas, runtime, cache_dir, batch_size)` and `.probabilities(...)` (their softmax)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from typing import BinaryIO
 import numpy as np
 
 from headstart import HeadstartError
+from headstart.calibration import METADATA_KEY, AbstentionRule, apply
 from headstart.preprocess import _INTERPOLATION, ImageRefused, InputSpec, decode, normalise, to_uint8
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -40,11 +41,13 @@ class Prediction:
     error: str | None = None
 
     def tsv(self) -> str:
-        """One tab-separated line: path, label, confidence (or path, `error`, reason), each field
-        escaped, so a tab or newline in a file or class name cannot forge a field or a line."""
+        """One tab-separated line: path, label, confidence, and `abstain:<reason>` when the model
+        declines (or path, `error`, reason), each field escaped, so a tab or newline in a file or
+        class name cannot forge a field or a line."""
         if self.error is not None:
             return "\t".join(map(tsv_field, (self.path, "error", self.error)))
-        return "\t".join((tsv_field(self.path), tsv_field(self.label or ""), f"{self.confidence:.4f}"))
+        fields = [tsv_field(self.path), tsv_field(self.label or ""), f"{self.confidence:.4f}"]
+        return "\t".join(fields + ([tsv_field(f"abstain:{self.reason}")] if self.abstain else []))
 
 
 def tsv_field(text: str) -> str:
@@ -223,6 +226,7 @@ class Contract:
     spec: InputSpec
     input_kind: str
     metadata: dict[str, str]
+    rule: AbstentionRule | None = None  # headstart.abstention: absent in models exported before it
 
     @classmethod
     def from_metadata(cls, source: str | Path, meta: dict[str, str]) -> Contract:
@@ -238,7 +242,7 @@ class Contract:
             raise HeadstartError(
                 f"{path}: metadata headstart.input is {kind!r}, not one of {sorted(_LAYOUT)}"
             )
-        return cls(classes, spec, kind, dict(meta))
+        return cls(classes, spec, kind, dict(meta), _rule(path, meta.get(METADATA_KEY), len(classes)))
 
     def check_graph(self, session, source: str | Path = "") -> None:
         """Metadata that disagrees with the graph would label images wrongly or fail on every batch."""
@@ -261,21 +265,36 @@ class Contract:
     def decide(self, logits: np.ndarray, abstain: bool = True) -> list[dict]:
         """Per row of logits: label (the argmax), confidence, probabilities and, with `abstain`,
         whether the model declines to answer and why. The one place the answer is made: the CLI,
-        the MLflow pyfunc and the Triton client example all go through it."""
-        probs = softmax(logits)
+        the MLflow pyfunc and the Triton client example all go through it. With the metadata's
+        abstention rule the probabilities are its temperature-calibrated ones; `abstain=False` is
+        the raw softmax and argmax, abstain None; no rule: raw softmax, abstain False."""
+        applied = apply(self.rule, logits) if abstain and self.rule is not None else None
+        probs = softmax(logits) if applied is None else applied.probabilities
         out = []
-        for row in probs:
+        for i, row in enumerate(probs):
             k = int(row.argmax())
             out.append(
                 {
                     "label": self.classes[k],
                     "confidence": float(row[k]),
                     "probabilities": {c: float(v) for c, v in zip(self.classes, row, strict=True)},
-                    "abstain": False if abstain else None,
-                    "reason": None,
+                    "abstain": None if not abstain else bool(applied.abstain[i]) if applied else False,
+                    "reason": applied.reasons[i] if applied else None,
                 }
             )
         return out
+
+
+def _rule(path: Path, text: str | None, n_classes: int) -> AbstentionRule | None:
+    if text is None:
+        return None
+    rule = AbstentionRule.from_json(text, path)
+    if rule.n_classes != n_classes:
+        raise HeadstartError(
+            f"{path}: metadata {METADATA_KEY} is for {rule.n_classes} classes but headstart.classes "
+            f"names {n_classes}; run calibrate and export again"
+        )
+    return rule
 
 
 def _check_input(path: Path, inp, spec: InputSpec, kind: str) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from headstart import HeadstartError
+from headstart.calibration import softmax
 from headstart.checkpoint import EpochCheckpoint
 from headstart.config import ScratchParams
 from headstart.features import decoded
@@ -386,16 +387,20 @@ class ScratchModel:
         return parameter_count(self.module)
 
     @torch.no_grad()
-    def probabilities(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
-        """Softmax over the eval views (decoded here: a scratch model has no feature cache)."""
+    def logits(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
+        """Logits over the eval views (decoded here: a scratch model has no feature cache)."""
         norm, items = Normalise(self.spec), list(zip(shas, paths, strict=True))
         out = [
-            self.module(norm(torch.from_numpy(x).permute(0, 3, 1, 2).float())).softmax(1).numpy()
+            self.module(norm(torch.from_numpy(x).permute(0, 3, 1, 2).float())).numpy()
             for _, x in decoded(
                 self.spec, items, batch_size, "scratch (test)", load=lambda p: pixels(p, self.spec)
             )
         ]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def probabilities(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
+        """Class probabilities: softmax(logits)."""
+        return softmax(self.logits(paths, shas, runtime, cache_dir, batch_size))
 
 
 def load_scratch(state: dict, source: str) -> ScratchModel:

@@ -105,9 +105,25 @@ STAGES: tuple[Stage, ...] = (
         artifact="model-selection",
     ),
     Stage(
+        "calibrate",
+        # train_head's best epoch sets how long each cross-fitted head trains
+        deps=(MANIFEST, "select/model.pt", "train_head/metrics.json"),
+        outs=("calibrate/abstention.json",),
+        params=("serve", "project.seed", "train_head"),
+        reads_data=True,
+        artifact="abstention",
+    ),
+    Stage(
         "evaluate",
         # the transfer gain compares the two candidates themselves when both exist
-        deps=(MANIFEST, "select/model.pt", "select/decision.json", "finetune/model.pt", "scratch/model"),
+        deps=(
+            MANIFEST,
+            "select/model.pt",
+            "select/decision.json",
+            "finetune/model.pt",
+            "scratch/model",
+            "calibrate/abstention.json",
+        ),
         outs=(
             "evaluate/metrics.json",
             "evaluate/confusion.json",
@@ -126,7 +142,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "export",
-        deps=(MANIFEST, "prepare/report.json", "select/model.pt"),
+        deps=(MANIFEST, "prepare/report.json", "select/model.pt", "calibrate/abstention.json"),
         # variants/ holds the optional variants that passed their gate (possibly none)
         outs=("export/model.onnx", "export/variants", "export/parity.json"),
         params=("export",),
@@ -146,6 +162,7 @@ STAGES: tuple[Stage, ...] = (
             "scratch/decision.json",
             "scratch/history.json",
             "select/decision.json",
+            "calibrate/abstention.json",
             "evaluate/metrics.json",
             "export/model.onnx",
             "export/variants",

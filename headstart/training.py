@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from headstart import HeadstartError
 from headstart.atomic import write_bytes
 from headstart.backbones import Backbone, freeze, load_backbone
-from headstart.config import TrainHeadParams
+from headstart.calibration import softmax
+from headstart.config import MAX_EPOCHS, TrainHeadParams
 from headstart.features import Features
 
 MODEL_FORMAT = "headstart.model/1"
@@ -228,17 +229,24 @@ class TrainedModel:
         }
 
     @torch.no_grad()
-    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Class probabilities from this backbone's (cached) features: the full model's softmax."""
-        return self.classifier.head(torch.from_numpy(features)).softmax(1).numpy()
+    def head_logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits from this backbone's (cached) features: the full model's output."""
+        return self.classifier.head(torch.from_numpy(features)).numpy()
 
-    def probabilities(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
-        """Class probabilities of image files, through the feature cache: features of the backbone as
-        trained (pretrained, or with its fine-tuned blocks: another cache key) + the head."""
+    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        return softmax(self.head_logits(features))
+
+    def logits(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
+        """Logits of image files, through the feature cache: features of the backbone as trained
+        (pretrained, or with its fine-tuned blocks: another cache key) + the head."""
         x, _ = Features(self.backbone, runtime, cache_dir, batch_size)(
             paths, list(shas), desc="features (test)"
         )
-        return self.head_probabilities(x)
+        return self.head_logits(x)
+
+    def probabilities(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
+        """Class probabilities of image files: softmax(logits)."""
+        return softmax(self.logits(paths, shas, runtime, cache_dir, batch_size))
 
 
 def read_model_file(path: str | Path, missing: str) -> dict:
@@ -292,3 +300,33 @@ def apply_backbone_state(backbone: Backbone, tuned: dict[str, torch.Tensor], sou
         h.update(k.encode())
         h.update(tuned[k].detach().cpu().contiguous().numpy().tobytes())
     backbone.weights_sha256 = h.hexdigest()
+
+
+def out_of_fold_logits(
+    x: np.ndarray, y: np.ndarray, num_classes: int, p: TrainHeadParams, folds: int, epochs: int, seed: int
+) -> np.ndarray:
+    """Cross-fitted logits: stratified `folds` over (x, y), a head per fold with train_head's params
+    trained for `epochs` (the selected head's best epoch: no fold's own images pick its stopping
+    point), each image's logits from the head that never saw it. Cheap: x are cached features."""
+    fixed = p.model_copy(update={"max_epochs": max(1, epochs), "patience": MAX_EPOCHS})
+    which = stratified_folds(y, folds, seed)
+    out = np.zeros((len(y), num_classes), np.float32)
+    empty = np.zeros((0, x.shape[1]), np.float32)
+    for k in range(folds):
+        held = which == k
+        if not held.any():
+            continue
+        head, _, _ = fit_head(x[~held], y[~held], empty, y[:0], num_classes, fixed, seed + k)
+        with torch.no_grad():
+            out[held] = head(torch.from_numpy(x[held])).numpy()
+    return out
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each sample's fold, 0..folds-1: every class dealt round-robin in a seeded shuffled order."""
+    rng = np.random.default_rng(seed)
+    which = np.zeros(len(y), np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        which[idx] = (np.arange(len(idx)) + rng.integers(folds)) % folds
+    return which

@@ -12,6 +12,7 @@ import pandas as pd
 
 from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
+from headstart.calibration import selective, selective_line, softmax
 from headstart.config import Params
 from headstart.metrics import classification_metrics, confusion_png, metrics_markdown
 from headstart.models import load_model
@@ -33,8 +34,9 @@ def evaluate(cfg: Params) -> EvaluateResult:
     rows, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "test")
     if rows.empty:
         raise HeadstartError("the test split is empty; add images or raise prepare.test_fraction")
-    probs = _probabilities(cfg, model, rows, paths)
-    y_true = rows["label"].map(model.classes.index).to_numpy()
+    logits = _probabilities(cfg, model, rows, paths, "logits")
+    probs, y_true = softmax(logits), rows["label"].map(model.classes.index).to_numpy()
+    kept = selective(_inputs.abstention_rule(cfg), logits, y_true)  # the shipped rule on the test split
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
     gain = _transfer_gain(cfg, rows, paths, probs)
@@ -47,8 +49,9 @@ def evaluate(cfg: Params) -> EvaluateResult:
         }
     )
     metrics = {k: v for k, v in m.items() if k != "confusion_matrix"}
-    metrics.update(model_kind=model.kind, transfer_gain=gain)
+    metrics.update(model_kind=model.kind, transfer_gain=gain, abstention=kept)
     summary = metrics_markdown(m, model.classes, model.kind) + f"\nTransfer gain: {gain_line(gain)}\n"
+    summary += f"\nAbstention (test split): {selective_line(kept)}\n"
     with directory(cfg.stage_dir("evaluate")) as out:
         write_json(out / "metrics.json", metrics)
         write_text(out / "summary.md", summary)
@@ -61,9 +64,9 @@ def evaluate(cfg: Params) -> EvaluateResult:
     return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"], model.kind, gain)
 
 
-def _probabilities(cfg: Params, model, rows, paths) -> np.ndarray:
+def _probabilities(cfg: Params, model, rows, paths, what: str = "probabilities") -> np.ndarray:
     e = cfg.evaluate
-    return model.probabilities(
+    return getattr(model, what)(
         paths, rows["sha256"], cfg.train_head.runtime, cfg.project.cache_dir, e.batch_size
     )
 

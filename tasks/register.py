@@ -21,6 +21,7 @@ REPORTS = {
     "finetune": "decision.json",
     "scratch": "decision.json",
     "select": "decision.json",
+    "calibrate": "abstention.json",
     "evaluate": "metrics.json",
 }
 
