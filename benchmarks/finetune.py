@@ -46,14 +46,14 @@ def run(task: str, per_class: int | None, root: Path, cache: Path, device: str, 
         start = time.perf_counter()
         get(name).function(cfg)
         times[name] = round(time.perf_counter() - start, 1)
-    for name in ("scratch", "select"):  # scratch.run=never: select passes the transfer model on
+    for name in ("scratch", "select", "calibrate"):  # scratch.run=never: select passes transfer on
         get(name).function(cfg)
     head_test = evaluate(cfg).accuracy
     tuned_cfg = load_params(None, [*base, "finetune.min_train_images=0"])
     start = time.perf_counter()
     decision = finetune(tuned_cfg)
     times["finetune"] = round(time.perf_counter() - start, 1)
-    for name in ("scratch", "select"):
+    for name in ("scratch", "select", "calibrate"):
         get(name).function(tuned_cfg)
     kept_test = evaluate(tuned_cfg).accuracy
     d = json.loads((tuned_cfg.stage_dir("finetune") / "decision.json").read_text())

@@ -14,6 +14,7 @@ import headstart.training as tr
 from headstart import HeadstartError
 from headstart.config import load_params
 from headstart.training import load_model
+from tasks.calibrate import calibrate
 from tasks.domain import domain
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
@@ -107,7 +108,7 @@ def test_frozen_tensors_and_batchnorm_stay_bit_identical(base, monkeypatch):
     assert moved and not [k for k in moved if k in tr.frozen_tensors(tuned.backbone.model, moved)]
     assert not [k for k in moved if "bn" in k or "running" in k]
     assert tuned.finetuned and tuned.backbone.cache_key != pretrained.backbone.cache_key
-    scratch(cfg), select(cfg)
+    scratch(cfg), select(cfg), calibrate(cfg)
     assert evaluate(cfg).n_test > 0  # features of the fine-tuned backbone, under their own cache key
 
 
@@ -127,7 +128,7 @@ def test_a_worse_fine_tune_is_rejected_and_the_head_kept(base):
     assert (cfg.stage_dir("finetune") / "model.pt").read_bytes() == (
         cfg.stage_dir("train_head") / "model.pt"
     ).read_bytes()
-    scratch(cfg), select(cfg)
+    scratch(cfg), select(cfg), calibrate(cfg)
     assert evaluate(cfg).n_test > 0  # evaluate serves the head-only model from finetune/model.pt
 
 

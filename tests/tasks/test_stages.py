@@ -10,6 +10,7 @@ import pytest
 
 from headstart import HeadstartError
 from headstart.config import load_params
+from tasks.calibrate import calibrate
 from tasks.domain import DomainMismatch, domain
 from tasks.evaluate import evaluate
 from tasks.export import export
@@ -35,6 +36,7 @@ def pipeline(tmp_path_factory, tiny_weights):
     results["finetune"] = finetune(cfg)  # 29 training images: the gate stays closed
     results["scratch"] = scratch(cfg)  # on_mismatch=warn and 29 images: transfer alone
     results["select"] = select(cfg)
+    results["calibrate"] = calibrate(cfg)
     results["evaluate"] = evaluate(cfg)
     results["export"] = export(cfg)
     results["register"] = register(cfg, tags={"origin": "test"})
