@@ -60,6 +60,17 @@ class AbstentionRule:
         return rule
 
 
+def read_rule(path: Path) -> AbstentionRule:
+    """The rule in calibrate's abstention.json, checked as a runtime checks it."""
+    try:
+        d = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise HeadstartError(
+            f"{path}: unreadable ({type(exc).__name__}); run the calibrate stage again"
+        ) from None
+    return AbstentionRule.from_json(json.dumps(d.get("rule") if isinstance(d, dict) else None), path)
+
+
 def _valid(r: AbstentionRule) -> bool:
     def num(v) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
@@ -255,12 +266,15 @@ def _pct(v: float | None) -> str:
 
 
 def selective_line(s: dict) -> str:
-    """selective()'s figures in one line (evaluate's summary)."""
+    """selective()'s figures in one line (evaluate's summary), with far_out's when present."""
     by = s["abstention_by_reason"]
+    far = "".join(
+        f"; on {f['n']} made {k} images {_pct(f['abstention_rate'])}" for k, f in s.get("far_out", {}).items()
+    )
     return (
         f"set coverage {_pct(s['coverage'])}; abstained {_pct(s['abstention_rate'])} (out of distribution "
         f"{_pct(by[OUT_OF_DISTRIBUTION])}, ambiguous {_pct(by[AMBIGUOUS])}); accuracy on the {s['kept']} "
-        f"kept of {s['n']} images {_pct(s['selective_accuracy'])} (all: {_pct(s['accuracy'])})"
+        f"kept of {s['n']} images {_pct(s['selective_accuracy'])} (all: {_pct(s['accuracy'])})" + far
     )
 
 
@@ -272,6 +286,8 @@ def run_metrics(calibrated: dict | None, test: dict | None) -> dict[str, float]:
         out |= {f"calibrate.{k}": r[k] for k in ("n", "temperature", "nll_before", "nll_after")}
         out |= {f"calibrate.{k}": r[k] for k in ("ece_before", "ece_after")}
         out |= {f"calibrate.held_out_{k}": v for k, v in _flat(r["held_out"]).items()}
+    for kind, f in (test or {}).get("far_out", {}).items():
+        out[f"test_abstention.far_out_{kind}_rate"] = f["abstention_rate"]
     return out | {f"test_abstention.{k}": v for k, v in _flat(test or {}).items()}
 
 
@@ -280,3 +296,15 @@ def _flat(s: dict) -> dict[str, float]:
     both = {k: v for k, v in s.items() if k != "abstention_by_reason"}
     both |= {f"rate_{k}": v for k, v in by.items()}
     return {k: v for k, v in both.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def far_out_images(size: int, channels: int, n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Images no classifier of real data should answer, at the model's input size (uint8 HWC):
+    uniform noise and flat colours (black, white, grey and random ones)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+    colours = np.concatenate(
+        [[[0] * channels, [255] * channels, [128] * channels], rng.integers(0, 256, (n - 3, channels))]
+    )
+    flat = np.broadcast_to(colours[:, None, None, :], (n, size, size, channels)).astype(np.uint8)
+    return {"noise": noise, "flat": flat}

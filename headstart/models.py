@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from headstart.scratch import MODEL_FORMAT as SCRATCH_FORMAT
 from headstart.scratch import ScratchModel, load_scratch
 from headstart.training import TrainedModel, read_model_file, transfer_model
@@ -18,3 +20,22 @@ def load_model(path: str | Path) -> TrainedModel | ScratchModel:
     if state.get("format") == SCRATCH_FORMAT:
         return load_scratch(state, str(path))
     return transfer_model(state, Path(path))
+
+
+def far_out_abstention(model: TrainedModel | ScratchModel, rule) -> dict:
+    """The rule on made images (uniform noise, flat colours): the share it abstains on, by kind."""
+    from headstart.calibration import far_out_images, far_out_rate
+
+    made = far_out_images(model.spec.size, model.spec.channels)
+    return {kind: far_out_rate(rule, pixel_logits(model, x)) for kind, x in made.items()}
+
+
+def pixel_logits(model: TrainedModel | ScratchModel, pixels: np.ndarray) -> np.ndarray:
+    """Logits of uint8 HWC images already at the model's input size (made, not read: no cache)."""
+    import torch
+
+    from headstart.preprocess import normalise
+
+    x = np.stack([normalise(p, model.spec) for p in pixels])
+    with torch.no_grad():
+        return model.module(torch.from_numpy(x)).numpy()

@@ -31,14 +31,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from headstart import HeadstartError
-from headstart.calibration import softmax
 from headstart.checkpoint import EpochCheckpoint
 from headstart.config import ScratchParams
 from headstart.features import decoded
 from headstart.finetune import Images, lr_lambda
 from headstart.preprocess import InputSpec, decode, to_uint8
 from headstart.provenance import code_hash, derive_key, library_versions
-from headstart.training import balanced_order, class_weights
+from headstart.training import balanced_order, class_weights, softmax
 
 SIZES = (32, 128)  # input side: below 32 the two stride-2 stages leave nothing; above 128 costs 16x
 STRIDE2_FROM = 64  # input side from which the stem has stride 2

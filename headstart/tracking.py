@@ -18,7 +18,6 @@ from pathlib import Path
 
 from headstart import HeadstartError, TransientError
 from headstart.atomic import write_json
-from headstart.calibration import run_metrics
 from headstart.config import Params, flatten
 
 # The flow's retries are the one retry layer; MLflow's own HTTP retries would multiply them (and by
@@ -414,7 +413,6 @@ def pipeline_record(
     if scr := reports.get("scratch"):
         tags |= {"scratch.trained": str(scr["ran"]).lower(), "scratch.reason": scr["reason"]}
     gain_metrics, gain_tags = transfer_gain_record(test.get("transfer_gain"))
-    metrics |= run_metrics(reports.get("calibrate"), test.get("abstention"))  # headstart.calibration
     return {**metrics, **gain_metrics}, {**tags, **gain_tags}
 
 

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from headstart import HeadstartError
 from headstart.atomic import write_bytes
 from headstart.backbones import Backbone, freeze, load_backbone
-from headstart.calibration import softmax
 from headstart.config import MAX_EPOCHS, TrainHeadParams
 from headstart.features import Features
 
@@ -247,6 +246,11 @@ class TrainedModel:
     def probabilities(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
         """Class probabilities of image files: softmax(logits)."""
         return softmax(self.logits(paths, shas, runtime, cache_dir, batch_size))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def read_model_file(path: str | Path, missing: str) -> dict:

@@ -57,12 +57,3 @@ def _damaged(path: Path, stage: str, exc: Exception) -> HeadstartError:
 def split_paths(cfg: Params, frame: pd.DataFrame, split: str) -> tuple[pd.DataFrame, list[Path]]:
     rows = frame[frame["split"] == split].reset_index(drop=True)
     return rows, [cfg.prepare.data_dir / p for p in rows["path"]]
-
-
-def abstention_rule(cfg: Params):
-    """calibrate's rule, checked as a runtime would check it (headstart.calibration.AbstentionRule)."""
-    from headstart.calibration import AbstentionRule
-
-    d = read_json(cfg, "calibrate", "abstention.json")
-    rule = d.get("rule") if isinstance(d, dict) else None
-    return AbstentionRule.from_json(json.dumps(rule), stage_file(cfg, "calibrate", "abstention.json"))

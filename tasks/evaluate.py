@@ -12,10 +12,10 @@ import pandas as pd
 
 from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
-from headstart.calibration import selective, selective_line, softmax
+from headstart.calibration import read_rule, selective, selective_line, softmax
 from headstart.config import Params
 from headstart.metrics import classification_metrics, confusion_png, metrics_markdown
-from headstart.models import load_model
+from headstart.models import far_out_abstention, load_model
 from headstart.selection import gain_line, transfer_gain
 from tasks import _inputs
 
@@ -36,7 +36,9 @@ def evaluate(cfg: Params) -> EvaluateResult:
         raise HeadstartError("the test split is empty; add images or raise prepare.test_fraction")
     logits = _probabilities(cfg, model, rows, paths, "logits")
     probs, y_true = softmax(logits), rows["label"].map(model.classes.index).to_numpy()
-    kept = selective(_inputs.abstention_rule(cfg), logits, y_true)  # the shipped rule on the test split
+    rule = read_rule(_inputs.stage_file(cfg, "calibrate", "abstention.json"))
+    kept = selective(rule, logits, y_true)  # the shipped rule on the test split
+    kept["far_out"] = far_out_abstention(model, rule)  # noise and flat colours made here
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
     gain = _transfer_gain(cfg, rows, paths, probs)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from headstart import GateFailed
 from headstart.atomic import FAILED, directory, write_json, write_text
-from headstart.calibration import METADATA_KEY
+from headstart.calibration import METADATA_KEY, read_rule
 from headstart.config import Params
 from headstart.export import export_variants, parity_images, to_markdown
 from headstart.models import load_model
@@ -36,11 +36,12 @@ def export(cfg: Params) -> ExportResult:
         model.classes.index(c) if s == "test" and c in model.classes else -1
         for c, s in zip(rows["label"], rows["split"], strict=True)
     ]
+    rule = read_rule(_inputs.stage_file(cfg, "calibrate", "abstention.json"))
     meta = {
         "headstart.classes": json.dumps(model.classes),
         **model.metadata(),  # transfer: backbone and weights; scratch: architecture and size
         "headstart.data_hash": _inputs.read_json(cfg, "prepare", "report.json")["data_hash"],
-        METADATA_KEY: _inputs.abstention_rule(cfg).to_json(),  # every variant answers with the same rule
+        METADATA_KEY: rule.to_json(),  # every variant answers with the same rule
     }
     with directory(final) as out:
         figures = export_variants(model, out, meta, paths, labels, p)

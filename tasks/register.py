@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from headstart import HeadstartError
 from headstart.atomic import write_json
+from headstart.calibration import run_metrics
 from headstart.config import Params
 from headstart.provenance import git_commit, serving_requirements
 from headstart.runtime import EXPORT_FILES
@@ -46,6 +47,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
     export = cfg.stage_dir("export")
     classes = onnx_classes(export / EXPORT_FILES["fp32"])  # in the order the served model outputs them
     metrics, record = pipeline_record({**reports, "export": parity}, cfg.train_head.backbone, classes)
+    metrics |= run_metrics(reports["calibrate"], reports["evaluate"].get("abstention"))
     ids = log_pipeline_run(
         cfg,
         metrics,

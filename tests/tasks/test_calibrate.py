@@ -69,6 +69,10 @@ def test_the_validation_split_when_it_is_large_enough_and_the_rule_ships(run, tm
     test = json.loads((cfg.stage_dir("evaluate") / "metrics.json").read_text())["abstention"]
     assert test["n"] == ev.n_test and test["coverage"] == 1.0  # every set holds every class...
     assert test["abstention_by_reason"]["ambiguous"] == 1.0 and test["kept"] == 0  # ...so all abstain
+    assert {k: (f["n"], f["abstention_rate"]) for k, f in test["far_out"].items()} == {
+        "noise": (16, 1.0),
+        "flat": (16, 1.0),
+    }
     assert "Abstention (test split)" in (cfg.stage_dir("evaluate") / "summary.md").read_text()
     get("export").function(cfg)
     files = [cfg.stage_dir("export") / f for f in EXPORT_FILES.values()]

@@ -18,6 +18,7 @@ from headstart.calibration import (
     apply,
     conformal_quantile,
     energy,
+    far_out_images,
     fit,
     fit_temperature,
     softmax,
@@ -199,3 +200,10 @@ def test_no_abstain_gives_the_raw_argmax(shipped, capsys):
     rows = [json.loads(line) for line in out.out.splitlines()]
     assert all(r["abstain"] is None and r["reason"] is None for r in rows) and "abstained" not in out.err
     assert rows[0]["label"] == "red"
+
+
+def test_far_out_images_are_noise_and_flat_colours_at_the_input_size():
+    made = far_out_images(24, 1, n=8)
+    assert made["noise"].shape == made["flat"].shape == (8, 24, 24, 1)
+    assert made["noise"].std() > 60 and all(len(np.unique(x)) == 1 for x in made["flat"])
+    assert [int(x[0, 0, 0]) for x in made["flat"][:3]] == [0, 255, 128]
