@@ -50,6 +50,7 @@ bench: venv  ## benchmarks (not tests): print JSON reports
 	$(BIN)/python -m benchmarks.runtime
 	$(BIN)/python -m benchmarks.finetune
 	$(BIN)/python -m benchmarks.transfer --plot docs/transfer_curves.png
+	$(BIN)/python -m benchmarks.abstention --markdown docs/abstention.md
 
 lint: venv
 	$(BIN)/ruff check headstart tasks flows tests benchmarks

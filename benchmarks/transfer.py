@@ -386,7 +386,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sizes", nargs="+", type=int, help="images per class (default: the mode's)")
     ap.add_argument("--seeds", type=int, help="seeds per point (default: the mode's)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="REPORT",
+        help="assemble reports run apart (e.g. one per data set) into one, instead of running",
+    )
     args = ap.parse_args(argv)
+    if args.combine:
+        return finish(combine([json.loads(p.read_text()) for p in args.combine]), args)
     s = QUICK if args.quick else FULL
     s = replace(s, sizes=tuple(args.sizes or s.sizes), seeds=args.seeds or s.seeds)
     report = {
@@ -406,6 +415,27 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.datasets:
             report["datasets"].append(run_dataset(name, Path(tmp), s, args.device))
     report["wall_s"] = round(time.perf_counter() - start, 1)
+    return finish(report, args)
+
+
+def combine(reports: list[dict]) -> dict:
+    """One report from several run with the same mode and settings (e.g. a data set per process or
+    machine); a data set in two of them is refused rather than silently doubled."""
+    first = reports[0]
+    for r in reports[1:]:
+        if (r["mode"], r["settings"]) != (first["mode"], first["settings"]):
+            raise SystemExit("--combine: the reports were run with different modes or settings")
+    names = [d["dataset"] for r in reports for d in r["datasets"]]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--combine: a data set appears twice: {names}")
+    return {
+        **first,
+        "datasets": [d for r in reports for d in r["datasets"]],
+        "wall_s": round(sum(r["wall_s"] for r in reports), 1),
+    }
+
+
+def finish(report: dict, args) -> dict:
     print(json.dumps(report, indent=2, default=str))
     if args.plot:
         plot(report, args.plot)

@@ -88,3 +88,33 @@ def test_transfer_benchmark_caps_sizes_by_what_each_class_has():
     assert test["label"].value_counts().to_dict() == {"a": 10, "b": 10}  # a quarter of the smallest
     assert sizes == [5, 10, 20, 24]  # a has 30 left: 50 + 13 val do not fit; 24 + 6, the largest that does
     assert set(test.index).isdisjoint(pool.index) and len(pool) == 120
+
+
+def test_transfer_reports_run_apart_combine_into_one_and_refuse_a_doubled_data_set(tmp_path):
+    """Each data set can run in its own process (or machine); --combine assembles their reports."""
+    import json
+
+    import pytest
+
+    from benchmarks.transfer import main
+
+    def report(name: str, wall: float) -> dict:
+        summary = {
+            m: {5: {"test_accuracy": 0.5, "std": 0.0, "wall_s": 1.0}} for m in ("head_only", "scratch")
+        }
+        run = {"dataset": name, "sizes": [5], "summary": summary}
+        return {"mode": "full", "settings": {"seeds": 3}, "datasets": [run], "wall_s": wall}
+
+    files = []
+    for name, wall in (("lfw", 10.0), ("digits", 32.5)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(report(name, wall)))
+    out = main(["--combine", *map(str, files), "--markdown", str(tmp_path / "t.md")])
+    assert [d["dataset"] for d in out["datasets"]] == ["lfw", "digits"] and out["wall_s"] == 42.5
+    assert "| lfw | 5 |" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit, match="appears twice"):
+        main(["--combine", str(files[0]), str(files[0])])
+    other = report("elpv-type", 1.0) | {"settings": {"seeds": 1}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different"):
+        main(["--combine", str(files[0]), str(tmp_path / "other.json")])
