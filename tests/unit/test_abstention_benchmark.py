@@ -24,6 +24,8 @@ from benchmarks.abstention import (
     score_files,
     synthetic,
 )
+from headstart import HeadstartError
+from headstart.calibration import AbstentionRule
 from headstart.runtime import Prediction, Predictor
 from tests.unit.test_hostile_runtime import tiny_onnx
 
@@ -141,7 +143,9 @@ def test_a_model_is_measured_through_its_decide_step(tmp_path):
     synthetic kinds are scored; the answers are decide's and the alpha is the rule's."""
     from benchmarks.abstention import Settings
 
-    model = tiny_onnx(tmp_path / "m.onnx", meta={"headstart.abstention": json.dumps({"alpha": 0.2})})
+    # saturated colours answer (energy ~ -7), grey-ish noise is out of distribution (energy ~ -1)
+    meta = AbstentionRule(1.0, 0.2, 0.5, -3.0, n_classes=3, n_calibration=50).to_json()
+    model = tiny_onnx(tmp_path / "m.onnx", meta={"headstart.abstention": meta})
     predictor = Predictor(model)
     paths, labels = [], []
     for i, (name, colour) in enumerate([("red", (220, 20, 20)), ("green", (20, 220, 20))] * 3):
@@ -152,19 +156,22 @@ def test_a_model_is_measured_through_its_decide_step(tmp_path):
     own = score_files(predictor, [*paths, tmp_path / "broken.png"], [*labels, "red"])
     assert own.logits.shape == (6, 3) and own.predictions[-1].error
     assert [p.label for p in own.predictions[:6]] == labels
-    assert all(p.abstain is False for p in own.predictions[:6])  # decide's answer (no rule on main yet)
+    assert all(p.abstain is False for p in own.predictions[:6])  # decide's answer
     out = measure(predictor, own, {"elsewhere": paths[:2]}, Settings(per_kind=4))
-    assert out["rule"] == {"present": True, "alpha": 0.2, "metadata": {"alpha": 0.2}}
+    assert out["rule"] == {"present": True, "alpha": 0.2, "metadata": json.loads(meta)}
     assert out["criteria"]["own_test_kept"]["at_least"] == 0.75
     assert out["groups"]["own_test"]["accuracy_kept"] == 1.0 and out["groups"]["own_test"]["unreadable"] == 1
     assert set(out["groups"]) == {"own_test", "elsewhere", "uniform_noise", "gaussian_noise", "flat"}
     assert all(out["groups"][k]["images"] == 4 for k in ("uniform_noise", "gaussian_noise", "flat"))
     assert set(out["auroc"]) == set(out["groups"]) - {"own_test"}
-    assert not out["criteria"]["all_hold"]  # nothing abstains until the rule lands
+    g = out["groups"]
+    assert g["uniform_noise"]["by_reason"] == {"out_of_distribution": 1.0} and g["flat"]["abstained"] == 1.0
+    assert g["elsewhere"]["abstained"] == 0.0  # "elsewhere" is the own red/green images: kept
+    assert not out["criteria"]["all_hold"] and not out["criteria"]["elsewhere_abstained"]["holds"]
 
 
 def test_a_model_without_a_rule_reads_the_default_alpha(tmp_path):
     predictor = Predictor(tiny_onnx(tmp_path / "m.onnx"))
     assert rule(predictor) is None and DEFAULT_ALPHA == 0.1
-    broken = Predictor(tiny_onnx(tmp_path / "b.onnx", meta={"headstart.abstention": "{not json"}))
-    assert rule(broken) is None
+    with pytest.raises(HeadstartError, match="headstart.abstention"):  # a damaged rule is refused
+        Predictor(tiny_onnx(tmp_path / "b.onnx", meta={"headstart.abstention": "{not json"}))
