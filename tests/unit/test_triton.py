@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +201,27 @@ def test_champion_becomes_a_repository_whose_client_answers_as_predictor(registr
     for a, e in zip(answers, expected, strict=True):
         assert (a["label"], a["abstain"], a["reason"]) == (e.label, e.abstain, e.reason)
         assert a["confidence"] == pytest.approx(e.confidence, abs=1e-6)
+    _client_needs_neither_torch_nor_mlflow(
+        folder, fake.get_model_config("tiny"), images[0], answers[0], tmp_path
+    )
+
+
+def _client_needs_neither_torch_nor_mlflow(folder: Path, config: dict, image: Path, answer: dict, tmp: Path):
+    """The written client.py, with torch and mlflow unimportable, makes the same answer."""
+    (tmp / "config.json").write_text(json.dumps(config))
+    script = (
+        "import sys, json, importlib.util; sys.modules['torch'] = None; sys.modules['mlflow'] = None\n"
+        "import onnxruntime as ort\n"
+        f"spec = importlib.util.spec_from_file_location('client', {str(folder / 'client.py')!r})\n"
+        "client = importlib.util.module_from_spec(spec); spec.loader.exec_module(client)\n"
+        f"contract = client.contract_from_config(json.load(open({str(tmp / 'config.json')!r})))\n"
+        f"session = ort.InferenceSession({str(folder / '1' / 'model.onnx')!r})\n"
+        f"logits = session.run(None, {{'input': contract.load({str(image)!r})[None]}})[0]\n"
+        "print(contract.decide(logits)[0]['label'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == answer["label"]
 
 
 def test_the_client_reports_an_unreadable_file_and_answers_the_rest(tmp_path, images):
