@@ -534,7 +534,10 @@ def _serve(args) -> int:
         file=sys.stderr,
     )
     sys.stderr.flush()
-    os.execve(cmd[0], cmd, {**os.environ, "MLFLOW_TRACKING_URI": store})
+    # MLflow starts its server as `exec uvicorn` through a shell: uvicorn must be on PATH even when
+    # this venv is not activated (headstart called by its full path)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.execve(cmd[0], cmd, {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": path})
     return 0  # not reached: execve replaced this process
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +302,8 @@ def test_serve_runs_mlflows_scoring_server_on_the_projects_store(registry, monke
         "--host", "127.0.0.1", "--port", "5123", "--workers", "1",
     ]  # fmt: skip
     assert ran["env"]["MLFLOW_TRACKING_URI"] == cfg.mlflow.tracking_uri
+    # MLflow execs `uvicorn` through a shell: the venv's bin must lead PATH
+    assert ran["env"]["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     ran.clear()
     capsys.readouterr()
     for missing in ("models:/tiny@nosuch", "models:/tiny/9", "models:/nosuch@champion"):
