@@ -28,11 +28,13 @@ test-fast: venv  ## the edit loop: unit tests and each stage on tiny data, witho
 venv: $(VENV)/.installed
 
 # torch 2.14.1 / torchvision 0.29.1 come from this machine's disk through pip; the rest from PyPI,
-# at the versions in requirements/constraints.txt.
+# at the versions in requirements/constraints.txt. tritonclient only for its ModelConfig schema (export-triton's
+# check), without its dependencies: its grpc extra pins an older protobuf than ours.
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "pip==26.3"
 	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps -c requirements/constraints.txt tritonclient
 	touch $@
 
 data: venv  ## materialise the built-in demo data set when the data folder is empty

@@ -112,9 +112,31 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("action", choices=("start", "stop", "status"))
     srv.set_defaults(func=_server)
 
-    serve = with_params(sub.add_parser("serve", help="serve the training flow on schedule.cron (blocks)"))
-    serve.add_argument("--cron", help="overrides schedule.cron")
+    sched = with_params(
+        sub.add_parser(
+            "schedule", help="run the training flow on schedule.cron (a Prefect deployment; blocks)"
+        )
+    )
+    sched.add_argument("--cron", help="overrides schedule.cron")
+    sched.set_defaults(func=_schedule)
+
+    serve = with_params(
+        sub.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve; blocks)")
+    )
+    serve.add_argument("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION (default: champion)")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    serve.add_argument("--port", type=int, default=5001, help="default 5001 (the tracking server has 5000)")
+    serve.add_argument("--workers", type=int, default=1)
     serve.set_defaults(func=_serve)
+
+    trt = with_params(sub.add_parser("export-triton", help="write a Triton model repository for a version"))
+    trt.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    trt.add_argument("--out", required=True, help="the model repository folder (created if missing)")
+    trt.add_argument("--name", help="the Triton model name (default: the registered name)")
+    trt.add_argument("--variant", choices=["fp32", "fp16"], default="fp32", help="which exported file")
+    trt.add_argument("--max-batch-size", type=int, default=32, help="Triton's max_batch_size (default 32)")
+    trt.add_argument("--tensorrt", action="store_true", help="TensorRT accelerator at FP16 precision")
+    trt.set_defaults(func=_export_triton)
 
     show = with_params(sub.add_parser("params", help="print the resolved params as YAML"))
     show.set_defaults(func=_params)
@@ -470,8 +492,9 @@ def _server(args) -> int:
     return 0
 
 
-def _serve(args) -> int:
-    """The training flow as a deployment with a cron schedule, served by this process (flow.serve)."""
+def _schedule(args) -> int:
+    """The training flow as a deployment with a cron schedule, run by this process (Prefect's
+    flow.serve: Prefect's word; headstart keeps `serve` for models)."""
     import os
 
     from headstart.config import load_params
@@ -500,6 +523,67 @@ def _serve(args) -> int:
         tags=["headstart"],
         limit=1,  # one run at a time from this runner; the project lock guards against other runners
     )
+    return 0
+
+
+def _serve(args) -> int:
+    """A registered version over HTTP through MLflow's own scoring server, run in place of this process
+    (its signals and exit code are the server's), against the project's tracking store."""
+    import os
+
+    from headstart.config import load_params
+    from headstart.tracking import check_store
+
+    cfg = load_params(args.params, _overrides(args))
+    uri = args.model or f"models:/{cfg.register.model_name}@champion"
+    if not uri.startswith("models:/"):
+        raise HeadstartError(f"serve --model {uri!r}: give models:/NAME@ALIAS or models:/NAME/VERSION")
+    store = check_store(cfg)
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///").split("?")[0]).is_file():
+        raise HeadstartError(
+            f"no MLflow store at {store}; set --set mlflow.tracking_uri=... or MLFLOW_TRACKING_URI"
+        )
+    _check_registered(cfg, uri)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
+    cmd += ["--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    print(
+        f"headstart: serving {uri} from {store} on http://{args.host}:{args.port}/invocations",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    # MLflow starts its server as `exec uvicorn` through a shell: uvicorn must be on PATH even when
+    # this venv is not activated (headstart called by its full path)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.execve(cmd[0], cmd, {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": path})
+    return 0  # not reached: execve replaced this process
+
+
+def _check_registered(cfg, uri: str) -> None:
+    """A missing alias or version as one line now, not a traceback from the server later."""
+    from headstart.tracking import Registry
+
+    name, sep, alias = uri.removeprefix("models:/").partition("@")
+    if sep:
+        if Registry(cfg, name).alias(alias) is None:
+            raise HeadstartError(
+                f"{uri}: no version of {name!r} holds alias {alias!r}; see headstart promote"
+            )
+    else:
+        name, _, version = name.partition("/")
+        Registry(cfg, name).version(version)
+
+
+def _export_triton(args) -> int:
+    from headstart.config import load_params
+    from headstart.triton import export_triton
+
+    cfg = load_params(args.params, _overrides(args))
+    done = export_triton(
+        args.model, cfg, args.out, args.name, args.variant, args.max_batch_size, args.tensorrt
+    )
+    print(f"headstart: wrote {done.path} ({done.schema})")
+    print(f"headstart: serve it: tritonserver --model-repository {Path(args.out).resolve()}")
+    print(f"headstart: ask it:   python {done.path / 'client.py'} --model {done.path.name} IMAGE...")
     return 0
 
 

@@ -3,7 +3,7 @@ a completed scheduled run, a retrain after an image is added, a skip when nothin
 
 The data changes only while nothing can run: the deployment is paused (which deletes its pending
 auto-scheduled runs) and every run in flight has ended. The retrain and the skip are then runs of
-the same deployment created through the API, executed by the same `headstart serve` process, each
+the same deployment created through the API, executed by the same `headstart schedule` process, each
 awaited by its id: no step depends on when the cron fires next."""
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def test_scheduled_runs_train_retrain_and_skip(tmp_path, tiny_weights, monkeypat
     env = {**os.environ, **server.env(cfg), "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
     with open(log, "w") as out:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "headstart.cli", "serve", "--params", str(params), "--cron", "* * * * *"],
+            [sys.executable, "-m", "headstart.cli", "schedule", "--params", str(params)]
+            + ["--cron", "* * * * *"],
             cwd=tmp_path,
             env=env,
             stdout=out,
