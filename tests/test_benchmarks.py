@@ -88,3 +88,15 @@ def test_transfer_benchmark_caps_sizes_by_what_each_class_has():
     assert test["label"].value_counts().to_dict() == {"a": 10, "b": 10}  # a quarter of the smallest
     assert sizes == [5, 10, 20, 24]  # a has 30 left: 50 + 13 val do not fit; 24 + 6, the largest that does
     assert set(test.index).isdisjoint(pool.index) and len(pool) == 120
+
+
+def test_serving_benchmark_load_and_memory_readings():
+    import os
+
+    from benchmarks.serving import group_rss_mb, load
+
+    calls = []
+    result = load(calls.append, [b"a", b"b"], clients=3, requests_each=4)
+    assert len(calls) == result["requests"] == 12 and sorted(set(calls)) == [b"a", b"b"]
+    assert 0 <= result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] and result["images_per_s"] > 0
+    assert group_rss_mb(os.getpgrp()) > 10  # this process at least
