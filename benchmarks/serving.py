@@ -8,8 +8,8 @@ pyfunc) in a temporary MLflow store and served on loopback (--env-manager local,
 `clients` threads sends `requests` requests of one real elpv PNG (base64 in dataframe_split JSON)
 and times each answer: p50/p95/p99 latency and images/s over the whole run. The same threads then
 call Predictor.predict_bytes in process on the same images: the difference is the price of HTTP,
-JSON and MLflow. The server's resident memory (its whole process group) is read after a warm-up and
-again at the end: flat means no growth per request.
+JSON and MLflow. The server's resident memory (its whole process group) is read after a warm-up at
+the same concurrency and again at the end: flat means no growth per request.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def run(clients: int, requests_each: int) -> dict:
         blobs = [p.read_bytes() for p in elpv_images(tmp / "elpv", 32)]
         model_uri, store = _register(tmp, onnx_file)
         with served(model_uri, store, tmp / "serve.log") as (url, pid):
-            for b in blobs[:4]:  # warm-up: first requests build the session's buffers
-                _post(url, b)
+            # warm-up at the same concurrency: onnxruntime's arena grows to the concurrent runs once
+            load(lambda b: _post(url, b), blobs, clients, 2)
             rss_start = group_rss_mb(pid)
             report["served"] = load(lambda b: _post(url, b), blobs, clients, requests_each)
             report["server_rss_mb"] = {"start": rss_start, "end": group_rss_mb(pid)}
