@@ -459,10 +459,12 @@ def log_pipeline_run(
     pip_requirements: list[str],
     variants: list[Path] = (),
     classes: list[str] | None = None,
+    serving: dict | None = None,
 ) -> dict[str, str]:
     """Log metrics, tags and artifacts (with `classes` as classes.json) to the pipeline run and
     register its ONNX model as headstart.serving's image-in pyfunc (the fp32 file and the other
-    exported variants, e.g. model_fp16.onnx, as its artifacts); returns ids and the version.
+    exported variants, e.g. model_fp16.onnx, as its artifacts; `serving`: its model_config, e.g.
+    register.serving's max_images); returns ids and the version.
     Idempotent: a retried or rerun register of the same run finds the version it made and returns
     it. The run stays RUNNING until finish_run."""
     from mlflow.entities import Metric
@@ -479,7 +481,8 @@ def log_pipeline_run(
             if classes is not None:
                 text = json.dumps(classes_record(classes), indent=2, ensure_ascii=False)
                 client.log_text(run_id, _text(text), "classes.json")
-            version = _register(client, params, run_id, onnx_path, pip_requirements, variants, uri)
+            files = (onnx_path, variants, serving)
+            version = _register(client, params, run_id, files, pip_requirements, uri)
         exp_id = client.get_run(run_id).info.experiment_id
     return {
         "tracking_uri": uri,
@@ -497,7 +500,7 @@ def _version_of(client, name: str, run_id: str, uri: str) -> str | None:
     return str(min(int(v.version) for v in found)) if found else None
 
 
-def _register(client, params: Params, run_id: str, onnx_path: Path, requirements, variants, uri) -> str:
+def _register(client, params: Params, run_id: str, files: tuple, requirements, uri) -> str:
     """The model is logged in full first, then one create_model_version call: a version exists
     complete or not at all, whatever fails in between."""
     name = params.register.model_name
@@ -506,7 +509,7 @@ def _register(client, params: Params, run_id: str, onnx_path: Path, requirements
     exp_id = client.get_run(run_id).info.experiment_id
     model = client.create_logged_model(exp_id, name="model", source_run_id=run_id)
     with _using(uri):
-        info = _log_serving_model(run_id, model.model_id, onnx_path, variants, requirements, params)
+        info = _log_serving_model(run_id, model.model_id, *files, requirements)
         if _call(uri, "get model", client.get_registered_model, name, missing_ok=True) is None:
             client.create_registered_model(name)
         # inside _using: the client resolves a models:/ source through the fluent tracking URI
@@ -514,7 +517,7 @@ def _register(client, params: Params, run_id: str, onnx_path: Path, requirements
     return str(made.version)
 
 
-def _log_serving_model(run_id: str, model_id: str, onnx_path: Path, variants, requirements, params: Params):
+def _log_serving_model(run_id: str, model_id: str, onnx_path: Path, variants, serving, requirements):
     """The version as headstart.serving's image-in pyfunc (`mlflow models serve` takes images), its
     ONNX files as plain artifacts (artifacts/model.onnx, artifacts/model_fp16.onnx: downloadable as
     they are for onnxruntime and Triton). Model.log, not pyfunc.log_model: only it takes a run_id."""
@@ -524,14 +527,14 @@ def _log_serving_model(run_id: str, model_id: str, onnx_path: Path, variants, re
     import mlflow.pyfunc
     from mlflow.models import Model
 
-    from headstart import serving
+    from headstart import serving as pyfunc
     from headstart.runtime import EXPORT_FILES
 
     files = {"fp32": Path(onnx_path), **{_variant_of(Path(v)): Path(v) for v in variants}}
-    config = {**serving.DEFAULTS, **params.register.serving.model_dump()}
+    config = {**pyfunc.DEFAULTS, **(serving or {})}
     with tempfile.TemporaryDirectory(prefix="headstart-pyfunc-") as tmp:
         code = Path(tmp) / "headstart_model.py"
-        code.write_text(serving.MODEL_CODE, encoding="utf-8")
+        code.write_text(pyfunc.MODEL_CODE, encoding="utf-8")
         files = {k: _named(v, Path(tmp) / Path(EXPORT_FILES[k]).name) for k, v in files.items()}
         with warnings.catch_warnings():
             # the signature is given; an input example would make MLflow run the model at log time
@@ -544,7 +547,7 @@ def _log_serving_model(run_id: str, model_id: str, onnx_path: Path, variants, re
                 model_id=model_id,
                 python_model=str(code),
                 artifacts={k: str(v) for k, v in files.items()},
-                signature=serving.signature(),
+                signature=pyfunc.signature(),
                 pip_requirements=list(requirements),
                 model_config=config,
             )

@@ -354,16 +354,18 @@ def test_a_version_registered_before_the_pyfunc_layout_still_downloads(cfg, tmp_
 def test_a_registered_version_is_the_serving_pyfunc_with_plain_onnx_files(cfg, tmp_path):
     import mlflow
 
+    from headstart import serving
     from headstart.tracking import downloaded_model
 
-    ids = _register(cfg, tmp_path)
+    onnx_file = _onnx(tmp_path / "m.onnx")
+    ids = log_pipeline_run(cfg, {}, {}, onnx_file, {}, [], serving={"max_images": 7})
     with _using_store(cfg):
         flavors = mlflow.models.get_model_info(ids["model_uri"]).flavors
     assert set(flavors) == {"python_function"} and set(flavors["python_function"]["artifacts"]) == {"fp32"}
-    assert flavors["python_function"]["config"]["max_images"] == cfg.register.serving.max_images
+    assert flavors["python_function"]["config"] == {**serving.DEFAULTS, "max_images": 7}
     with downloaded_model(ids["model_uri"], cfg) as path:
         assert path.relative_to(path.parents[1]).as_posix() == "artifacts/model.onnx"
-        assert path.read_bytes() == (tmp_path / "m.onnx").read_bytes()  # the file as exported
+        assert path.read_bytes() == onnx_file.read_bytes()  # the file as exported
     with pytest.raises(HeadstartError, match=r"no artifacts/model_fp16.onnx .*export.fp16=false"):
         with downloaded_model(ids["model_uri"], cfg, "fp16"):
             pass
