@@ -228,8 +228,14 @@ class ExportParams(Section):
     tolerances: Tolerances = Tolerances()
 
 
+class ServingParams(Section):
+    max_images: Int = Field(256, gt=0, le=MAX_IMAGES)  # per request to the served pyfunc: more -> HTTP 400
+    batch_size: Int = Field(32, gt=0, le=MAX_BATCH)  # images decoded and run at a time
+
+
 class RegisterParams(Section):
     model_name: str = "headstart-demo"
+    serving: ServingParams = ServingParams()
 
     @field_validator("model_name")
     @classmethod

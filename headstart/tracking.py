@@ -459,11 +459,14 @@ def log_pipeline_run(
     pip_requirements: list[str],
     variants: list[Path] = (),
     classes: list[str] | None = None,
+    serving: dict | None = None,
 ) -> dict[str, str]:
     """Log metrics, tags and artifacts (with `classes` as classes.json) to the pipeline run and
-    register its ONNX model (other exported variants, e.g. model_fp16.onnx, ride in the same version
-    under extra_files/); returns ids and the version. Idempotent: a retried or rerun register of the
-    same run finds the version it made and returns it. The run stays RUNNING until finish_run."""
+    register its ONNX model as headstart.serving's image-in pyfunc (the fp32 file and the other
+    exported variants, e.g. model_fp16.onnx, as its artifacts; `serving`: its model_config, e.g.
+    register.serving's max_images); returns ids and the version.
+    Idempotent: a retried or rerun register of the same run finds the version it made and returns
+    it. The run stays RUNNING until finish_run."""
     from mlflow.entities import Metric
 
     uri, name = tracking_uri(params), params.register.model_name
@@ -478,7 +481,8 @@ def log_pipeline_run(
             if classes is not None:
                 text = json.dumps(classes_record(classes), indent=2, ensure_ascii=False)
                 client.log_text(run_id, _text(text), "classes.json")
-            version = _register(client, params, run_id, onnx_path, pip_requirements, variants, uri)
+            files = (onnx_path, variants, serving)
+            version = _register(client, params, run_id, files, pip_requirements, uri)
         exp_id = client.get_run(run_id).info.experiment_id
     return {
         "tracking_uri": uri,
@@ -496,31 +500,78 @@ def _version_of(client, name: str, run_id: str, uri: str) -> str | None:
     return str(min(int(v.version) for v in found)) if found else None
 
 
-def _register(client, params: Params, run_id: str, onnx_path: Path, requirements, variants, uri) -> str:
+def _register(client, params: Params, run_id: str, files: tuple, requirements, uri) -> str:
     """The model is logged in full first, then one create_model_version call: a version exists
     complete or not at all, whatever fails in between."""
-    import mlflow.onnx
-    import onnx
-
     name = params.register.model_name
     # a logged model made here, in the run's experiment: log_model alone would put it in the
     # active (default) experiment, as no run is active in the fluent API
     exp_id = client.get_run(run_id).info.experiment_id
     model = client.create_logged_model(exp_id, name="model", source_run_id=run_id)
     with _using(uri):
-        info = mlflow.onnx.log_model(
-            onnx.load(onnx_path),
-            name="model",
-            pip_requirements=requirements,
-            extra_files=[str(v) for v in variants] or None,
-            run_id=run_id,
-            model_id=model.model_id,
-        )
+        info = _log_serving_model(run_id, model.model_id, *files, requirements)
         if _call(uri, "get model", client.get_registered_model, name, missing_ok=True) is None:
             client.create_registered_model(name)
         # inside _using: the client resolves a models:/ source through the fluent tracking URI
         made = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
     return str(made.version)
+
+
+def _log_serving_model(run_id: str, model_id: str, onnx_path: Path, variants, serving, requirements):
+    """The version as headstart.serving's image-in pyfunc (`mlflow models serve` takes images), its
+    ONNX files as plain artifacts (artifacts/model.onnx, artifacts/model_fp16.onnx: downloadable as
+    they are for onnxruntime and Triton). Model.log, not pyfunc.log_model: only it takes a run_id."""
+    import tempfile
+    import warnings
+
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    from headstart import serving as pyfunc
+    from headstart.runtime import EXPORT_FILES
+
+    files = {"fp32": Path(onnx_path), **{_variant_of(Path(v)): Path(v) for v in variants}}
+    config = {**pyfunc.DEFAULTS, **(serving or {})}
+    with tempfile.TemporaryDirectory(prefix="headstart-pyfunc-") as tmp:
+        code = Path(tmp) / "headstart_model.py"
+        code.write_text(pyfunc.MODEL_CODE, encoding="utf-8")
+        files = {k: _named(v, Path(tmp) / Path(EXPORT_FILES[k]).name) for k, v in files.items()}
+        with warnings.catch_warnings():
+            # the signature is given; an input example would make MLflow run the model at log time
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            return Model.log(
+                artifact_path=None,
+                name="model",
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=model_id,
+                python_model=str(code),
+                artifacts={k: str(v) for k, v in files.items()},
+                signature=pyfunc.signature(),
+                pip_requirements=list(requirements),
+                model_config=config,
+            )
+
+
+def _named(path: Path, name: Path) -> Path:
+    """`path` under the name the version's artifacts keep (MLflow keeps the file's own name)."""
+    try:
+        os.link(path, name)
+    except OSError:  # another file system
+        import shutil
+
+        shutil.copyfile(path, name)
+    return name
+
+
+def _variant_of(path: Path) -> str:
+    """A variant's name from its export file (variants/model_fp16.onnx -> fp16)."""
+    from headstart.runtime import EXPORT_FILES
+
+    for variant, file in EXPORT_FILES.items():
+        if Path(file).name == path.name:
+            return variant
+    raise HeadstartError(f"{path}: not an export variant ({sorted(EXPORT_FILES.values())})")
 
 
 def _log_artifacts(client, run_id: str, artifacts: dict[str, Path]) -> None:
@@ -548,22 +599,26 @@ def log_failed_run(
 # --- the registry, read back ------------------------------------------------------------------
 
 
-def _variant_file(variant: str) -> str:
-    """Where a variant lies in a downloaded model version: fp32 is the MLflow onnx flavour's own
-    model.onnx; the others were logged as extra_files (log_pipeline_run)."""
+def _variant_file(variant: str) -> list[str]:
+    """Where a variant may lie in a downloaded model version, newest layout first: an artifact of
+    the serving pyfunc (artifacts/model.onnx, artifacts/model_fp16.onnx), else the layout of versions
+    registered as mlflow.onnx models (model.onnx, extra_files/model_fp16.onnx), so a champion
+    registered before still compares and serves."""
     from headstart.runtime import EXPORT_FILES
 
     if variant not in EXPORT_FILES:
         raise HeadstartError(f"unknown model variant {variant!r}; choose one of {sorted(EXPORT_FILES)}")
-    return "model.onnx" if variant == "fp32" else f"extra_files/{Path(EXPORT_FILES[variant]).name}"
+    file = Path(EXPORT_FILES[variant]).name
+    return [f"artifacts/{file}", "model.onnx" if variant == "fp32" else f"extra_files/{file}"]
 
 
 @contextmanager
 def downloaded_model(uri: str, params: Params, variant: str = "fp32") -> Iterator[Path]:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> the local path of its ONNX file (`variant`
-    fp32: the registered model.onnx; fp16: extra_files/model_fp16.onnx), through the MLflow registry
-    at tracking_uri(params). The download is a temporary folder, removed when the block ends (load
-    the model inside it). An unreachable server raises TransientError (the flow retries the stage)."""
+    fp32: artifacts/model.onnx; fp16: artifacts/model_fp16.onnx; see _variant_file), through the
+    MLflow registry at tracking_uri(params). The download is a temporary folder, removed when the
+    block ends (load the model inside it). An unreachable server raises TransientError (the flow
+    retries the stage)."""
     import tempfile
 
     _variant_file(variant)  # an unknown variant fails before any download
@@ -588,14 +643,14 @@ def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
         )
     if local.is_file():
         return local
-    want = local / _variant_file(variant)
-    if not want.is_file():
-        found = sorted(str(f.relative_to(local)) for f in local.rglob("*.onnx"))
-        raise HeadstartError(
-            f"{uri}: no {want.relative_to(local)} in the model's artifacts (found: {found or 'none'})"
-            + ("; it was registered with export.fp16=false" if variant == "fp16" else "")
-        )
-    return want
+    for file in _variant_file(variant):
+        if (local / file).is_file():
+            return local / file
+    found = sorted(str(f.relative_to(local)) for f in local.rglob("*.onnx"))
+    raise HeadstartError(
+        f"{uri}: no {_variant_file(variant)[0]} in the model's artifacts (found: {found or 'none'})"
+        + ("; it was registered with export.fp16=false" if variant == "fp16" else "")
+    )
 
 
 def _existing_store(uri: str) -> None:

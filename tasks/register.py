@@ -57,6 +57,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         serving_requirements(),
         [export / EXPORT_FILES[v] for v in parity["registered"] if v != "fp32"],
         classes,
+        cfg.register.serving.model_dump(),  # the served pyfunc's model_config
     )
     head = _inputs.read_json(cfg, "train_head", "history.json")
     tuned = _inputs.read_json(cfg, "finetune", "history.json")

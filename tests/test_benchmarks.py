@@ -118,3 +118,15 @@ def test_transfer_reports_run_apart_combine_into_one_and_refuse_a_doubled_data_s
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="different"):
         main(["--combine", str(files[0]), str(tmp_path / "other.json")])
+
+
+def test_serving_benchmark_load_and_memory_readings():
+    import os
+
+    from benchmarks.serving import group_rss_mb, load
+
+    calls = []
+    result = load(calls.append, [b"a", b"b"], clients=3, requests_each=4)
+    assert len(calls) == result["requests"] == 12 and sorted(set(calls)) == [b"a", b"b"]
+    assert 0 <= result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] and result["images_per_s"] > 0
+    assert group_rss_mb(os.getpgrp()) > 10  # this process at least

@@ -261,18 +261,17 @@ def test_the_run_spans_training_and_holds_each_curve_point_once(pipeline):
 
 
 def test_registered_model_loads_and_predicts(pipeline, monkeypatch):
-    import mlflow.onnx
-
-    from headstart.runtime import Predictor
+    """The version is the image-in pyfunc: encoded bytes in, the label out."""
+    import mlflow.pyfunc
+    import pandas as pd
 
     cfg, r = pipeline
     # undone after the test, even a failed one
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow.tracking_uri)
-    proto = mlflow.onnx.load_model(r["register"].model_uri)
-    path = cfg.project.artifacts_dir.parent / "from_registry.onnx"
-    path.write_bytes(proto.SerializeToString())
-    probs = Predictor(path).predict([cfg.prepare.data_dir / "dog" / "dog_000.png"])
-    assert probs.shape == (1, 3) and probs[0].argmax() == 1
+    model = mlflow.pyfunc.load_model(r["register"].model_uri)
+    image = (cfg.prepare.data_dir / "dog" / "dog_000.png").read_bytes()
+    out = model.predict(pd.DataFrame({"image": [image]}))
+    assert len(out) == 1 and out[0]["label"] == "dog" and len(out[0]["probabilities"]) == 3
 
 
 def test_no_temporary_folders_left(pipeline):

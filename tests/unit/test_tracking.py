@@ -324,3 +324,54 @@ def test_a_damaged_run_file_opens_a_new_run_with_a_warning(cfg, garbage, caplog)
     assert json.loads(path.read_text())["run_id"] == run_id
     assert _client(cfg).get_run(run_id).info.status == "RUNNING"
     assert pipeline_run(cfg) == run_id  # the rewritten record is trusted again
+
+
+def test_a_version_registered_before_the_pyfunc_layout_still_downloads(cfg, tmp_path):
+    """Versions logged as mlflow.onnx models (model.onnx, extra_files/) stay servable and comparable:
+    a champion from before is read where it is."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    from headstart.tracking import _using, downloaded_model
+
+    uri, name = cfg.mlflow.tracking_uri, cfg.register.model_name
+    fp16 = _onnx(tmp_path / "model_fp16.onnx")
+    with _using(uri), mlflow.start_run(experiment_id=mlflow.create_experiment(name)) as run:
+        info = mlflow.onnx.log_model(
+            onnx.load(_onnx(tmp_path / "m.onnx")), name="model", extra_files=[str(fp16)]
+        )
+    client = _client(cfg)
+    client.create_registered_model(name)
+    with _using(uri):
+        client.create_model_version(name, info.model_uri, run_id=run.info.run_id, model_id=info.model_id)
+    with downloaded_model(f"models:/{name}/1", cfg) as path:
+        assert path.name == "model.onnx" and path.parent.name != "artifacts"
+    with downloaded_model(f"models:/{name}/1", cfg, "fp16") as path:
+        assert path.parent.name == "extra_files" and path.read_bytes() == fp16.read_bytes()
+
+
+def test_a_registered_version_is_the_serving_pyfunc_with_plain_onnx_files(cfg, tmp_path):
+    import mlflow
+
+    from headstart import serving
+    from headstart.tracking import downloaded_model
+
+    onnx_file = _onnx(tmp_path / "m.onnx")
+    ids = log_pipeline_run(cfg, {}, {}, onnx_file, {}, [], serving={"max_images": 7})
+    with _using_store(cfg):
+        flavors = mlflow.models.get_model_info(ids["model_uri"]).flavors
+    assert set(flavors) == {"python_function"} and set(flavors["python_function"]["artifacts"]) == {"fp32"}
+    assert flavors["python_function"]["config"] == {**serving.DEFAULTS, "max_images": 7}
+    with downloaded_model(ids["model_uri"], cfg) as path:
+        assert path.relative_to(path.parents[1]).as_posix() == "artifacts/model.onnx"
+        assert path.read_bytes() == onnx_file.read_bytes()  # the file as exported
+    with pytest.raises(HeadstartError, match=r"no artifacts/model_fp16.onnx .*export.fp16=false"):
+        with downloaded_model(ids["model_uri"], cfg, "fp16"):
+            pass
+
+
+def _using_store(cfg):
+    from headstart.tracking import _using
+
+    return _using(cfg.mlflow.tracking_uri)
