@@ -261,7 +261,7 @@ def test_fp16_file_and_tensorrt_accelerator(registry, tmp_path):
     ("uri", "match"),
     [
         ("models:/tiny@nosuch", "nosuch"),
-        ("models:/tiny/2", "no model.onnx in the model's artifacts"),
+        ("models:/tiny/2", "no (artifacts/)?model.onnx in the model.s artifacts"),
         ("models:/nosuch@champion", "nosuch"),
     ],
 )
