@@ -420,16 +420,24 @@ def main(argv: list[str] | None = None) -> dict:
 
 def combine(reports: list[dict]) -> dict:
     """One report from several run with the same mode and settings (e.g. a data set per process or
-    machine); a data set in two of them is refused rather than silently doubled."""
+    machine); the sizes may differ (each data set lists its own), and the report's settings then
+    say which sizes each data set asked for. A data set in two of them is refused rather than
+    silently doubled."""
     first = reports[0]
+
+    def same(r: dict) -> tuple:
+        return r["mode"], {k: v for k, v in r["settings"].items() if k != "sizes"}
+
     for r in reports[1:]:
-        if (r["mode"], r["settings"]) != (first["mode"], first["settings"]):
+        if same(r) != same(first):
             raise SystemExit("--combine: the reports were run with different modes or settings")
     names = [d["dataset"] for r in reports for d in r["datasets"]]
     if len(set(names)) < len(names):
         raise SystemExit(f"--combine: a data set appears twice: {names}")
+    sizes = {d["dataset"]: r["settings"].get("sizes") for r in reports for d in r["datasets"]}
     return {
         **first,
+        "settings": {**first["settings"], "sizes": sizes},
         "datasets": [d for r in reports for d in r["datasets"]],
         "wall_s": round(sum(r["wall_s"] for r in reports), 1),
     }

@@ -103,7 +103,7 @@ def test_transfer_reports_run_apart_combine_into_one_and_refuse_a_doubled_data_s
             m: {5: {"test_accuracy": 0.5, "std": 0.0, "wall_s": 1.0}} for m in ("head_only", "scratch")
         }
         run = {"dataset": name, "sizes": [5], "summary": summary}
-        return {"mode": "full", "settings": {"seeds": 3}, "datasets": [run], "wall_s": wall}
+        return {"mode": "full", "settings": {"seeds": 3, "sizes": [5]}, "datasets": [run], "wall_s": wall}
 
     files = []
     for name, wall in (("lfw", 10.0), ("digits", 32.5)):
@@ -111,6 +111,7 @@ def test_transfer_reports_run_apart_combine_into_one_and_refuse_a_doubled_data_s
         files[-1].write_text(json.dumps(report(name, wall)))
     out = main(["--combine", *map(str, files), "--markdown", str(tmp_path / "t.md")])
     assert [d["dataset"] for d in out["datasets"]] == ["lfw", "digits"] and out["wall_s"] == 42.5
+    assert out["settings"] == {"seeds": 3, "sizes": {"lfw": [5], "digits": [5]}}
     assert "| lfw | 5 |" in (tmp_path / "t.md").read_text()
     with pytest.raises(SystemExit, match="appears twice"):
         main(["--combine", str(files[0]), str(files[0])])
