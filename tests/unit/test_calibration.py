@@ -97,7 +97,7 @@ def test_the_report_has_the_figures():
 def test_the_rule_round_trips_through_json():
     rule, _ = fit(*draw(np.random.default_rng(5), 100), 0.1, "synthetic")
     assert AbstentionRule.from_json(rule.to_json()) == rule
-    assert json.loads(rule.to_json())["format"] == "headstart.abstention/1"
+    assert json.loads(rule.to_json())["format"] == "headstart.abstention/2"
 
 
 @pytest.mark.parametrize(
