@@ -133,7 +133,7 @@ def test_a_rule_for_other_classes_is_refused(tmp_path):
 def _rule(**kw) -> AbstentionRule:
     # the tiny graph: a saturated colour gives logits ~(7, -9, -9), grey ~(0, 0, 0) (energy ~ -1.1)
     d = dict(
-        temperature=1.0, alpha=0.1, set_threshold=0.5, energy_threshold=-3.0, n_classes=3, n_calibration=50
+        temperature=1.0, alpha=0.1, set_threshold=0.6, energy_threshold=-3.0, n_classes=3, n_calibration=50
     )
     return AbstentionRule(**{**d, **kw})
 

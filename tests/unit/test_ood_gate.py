@@ -229,3 +229,37 @@ def test_a_rule_that_gates_on_a_missing_output_is_refused_at_load(tmp_path):
     with pytest.raises(HeadstartError, match="'ood_score', which the graph does not have") as err:
         Predictor(path, providers="cpu")
     assert "\n" not in str(err.value)
+
+
+def test_triton_lists_the_score_and_its_client_answers_as_predictor(tiny_weights, images, tmp_path):
+    from pathlib import Path
+
+    from headstart.export import feature_parts
+    from headstart.triton import check_config, config_json, config_text
+    from tests.unit.test_triton import FakeHttp, client_module
+
+    module, spec = _transfer(tiny_weights)
+    gate, f = _fitted(module, lambda m: feature_parts(m)[0], spec, images)
+    rule = _gated_rule(float(np.median(gate.score(f))), k=gate.k)
+    meta = {"headstart.classes": json.dumps(CLASSES), METADATA_KEY: rule.to_json()}
+    folder = tmp_path / "repo" / "gated"
+    path = export_onnx(module, folder / "1" / "model.onnx", spec, meta, 18, input_kind="uint8", gate=gate)
+    model = onnx.load(path)
+    text = config_text("gated", model, 4, False, {p.key: p.value for p in model.metadata_props})
+    assert check_config(text, model, "gated").startswith("checked against Triton's ModelConfig schema")
+    outputs = config_json(text)["output"]
+    assert [(o["name"], o["dims"], o.get("reshape", {})) for o in outputs] == [
+        ("logits", ["3"], {}),
+        ("ood_score", ["1"], {}),  # reshape to [] (a scalar per image): json_format drops the empty shape
+    ]
+    assert "reshape: { shape: [] }" in text
+    (folder / "config.pbtxt").write_text(text)
+    (folder / "client.py").write_text(
+        (Path(__file__).parents[2] / "headstart" / "triton_client.py").read_text()
+    )
+    answers = client_module(folder).classify([str(p) for p in images], "gated", http=FakeHttp(folder.parent))
+    expected = Predictor(path, providers="cpu").predict_files(images)
+    assert [(a["label"], a["abstain"], a["reason"]) for a in answers] == [
+        (e.label, e.abstain, e.reason) for e in expected
+    ]
+    assert 0 < sum(e.reason == OUT_OF_DISTRIBUTION for e in expected) < len(images)
