@@ -16,7 +16,8 @@ images) and benchmarks.abstention.synthetic()'s noise and flat images. Scores (h
   shrinkage (Lee et al. 2018), in the full feature space and after a PCA to k dims (maha_pca{k});
 - maha_ppca{k}: the same full-space distance with the covariance cut to its top k eigenvectors plus
   one isotropic variance for the rest (probabilistic PCA): what leaves the subspace still counts;
-  maha_ppca{k}_unit: the same on L2-normalised features (the direction only, not the norm);
+  maha_ppca{k}_unit: the same on L2-normalised features (the direction only, not the norm): the
+  gate headstart ships, fitted by headstart.calibration.fit_gate;
 - rel_maha: class-conditional minus a class-agnostic background Gaussian (Ren et al. 2021), full and
   after PCA to k dims;
 - residual_pca{k}: the norm of the part of the centred features outside the training PCA subspace;
@@ -50,6 +51,7 @@ import torch
 from benchmarks.abstention import SLACK, SYNTHETIC, ood_scores, synthetic
 from benchmarks.transfer import materialise
 from headstart.backbones import load_backbone
+from headstart.calibration import fit_gate
 from headstart.config import PrepareParams, TrainHeadParams
 from headstart.data.manifest import scan
 from headstart.features import Features
@@ -221,8 +223,9 @@ def fit_scores(x: np.ndarray, y: np.ndarray, n_classes: int, head: torch.nn.Modu
             lambda z, f=rel, p=project: f(p(z)), d * k + d + (n_classes + 1) * k
         )
         scores[f"maha_ppca{k}"] = Score(ppca(x, y, n_classes, k), d * k + n_classes * d + k + 1)
-        on_unit = ppca(unit(x), y, n_classes, k)  # SSD-style: the direction only, not the norm
-        scores[f"maha_ppca{k}_unit"] = Score(lambda z, f=on_unit: f(unit(z)), d * k + n_classes * d + k + 1)
+        gate, _ = fit_gate(x, y, n_classes, k)  # the shipped gate: the direction only, not the norm
+        if gate is not None:
+            scores[f"maha_ppca{k}_unit"] = Score(gate.score, d * k + n_classes * d + k + 1)
         scores[f"residual_pca{k}"] = Score(
             lambda z, mu=mu, w=w: np.linalg.norm((z - mu) - (z - mu) @ w @ w.T, axis=1), d * k + d
         )

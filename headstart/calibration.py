@@ -1,14 +1,19 @@
 """Calibrated abstention: fitted on held-out logits, shipped in the ONNX metadata, applied by every runtime.
 
-Three parts, each from the held-out logits and labels: a temperature T (minimises the NLL), a
+Three parts, each from held-out images: a temperature T (minimises the NLL of the logits), a
 split-conformal threshold on 1 - p_true (prediction sets that hold the true class with probability
->= 1 - alpha, on average over calibration draws), and an energy gate E = -T logsumexp(z / T) at the same
-finite-sample quantile of the held-out energies (at most alpha of in-distribution images rejected).
-numpy only at import: headstart.runtime applies the rule without torch or scipy.
+>= 1 - alpha, on average over calibration draws; the argmax is always in the set), and an
+out-of-distribution gate at the finite-sample (1 - ood_alpha) quantile of the held-out scores (at most
+ood_alpha of in-distribution images rejected). The gate's score is FeatureGate's, on the pooled
+penultimate features, computed inside the exported graph (output `ood_score`): the energy of the logits
+ranked other data sets as more familiar than the model's own images (docs/ood_scores.md). The energy
+E = -T logsumexp(z / T) remains the fallback when the feature gate cannot be fitted.
+numpy only at import: headstart.runtime applies the rule without torch, scipy or sklearn.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -18,7 +23,10 @@ import numpy as np
 
 from headstart import HeadstartError
 
-FORMAT = "headstart.abstention/1"
+FORMAT = "headstart.abstention/2"
+OLD_FORMATS = ("headstart.abstention/1",)  # energy gate only: still loads
+OOD_SCORE, OOD_OUTPUT = "mahalanobis_ppca_unit", "ood_score"
+OOD_K = 32  # the study's k: every bar met on elpv and lfw, ~170 KiB of constants for Lite0
 METADATA_KEY = "headstart.abstention"
 OUT_OF_DISTRIBUTION, AMBIGUOUS = "out_of_distribution", "ambiguous"
 REASONS = (OUT_OF_DISTRIBUTION, AMBIGUOUS)
@@ -28,7 +36,9 @@ T_BOUNDS = (0.05, 20.0)  # wider than any sane network's miscalibration; a bound
 @dataclass(frozen=True)
 class AbstentionRule:
     """What ships in the metadata. A class is in an image's prediction set when its calibrated
-    probability is >= 1 - set_threshold; energy_threshold None: the gate is off (too few images)."""
+    probability is >= 1 - set_threshold (its argmax always is); `ood`: the feature gate ({score, k,
+    output, threshold, alpha}: reject when the graph's `output` exceeds `threshold`); without it the
+    energy gate (energy_threshold; None as well: no gate, too few images)."""
 
     temperature: float
     alpha: float
@@ -37,6 +47,7 @@ class AbstentionRule:
     n_classes: int
     n_calibration: int
     format: str = FORMAT
+    ood: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -47,14 +58,14 @@ class AbstentionRule:
         try:
             d = json.loads(text)
             rule = cls(**d) if isinstance(d, dict) else None
-            ok = rule is not None and rule.format == FORMAT and _valid(rule)
+            ok = rule is not None and rule.format in (FORMAT, *OLD_FORMATS) and _valid(rule)
         except (ValueError, TypeError):
             ok = False
         if not ok:
             raise HeadstartError(
                 f"{source}: metadata {METADATA_KEY} is not a valid abstention rule ({FORMAT}: "
                 "temperature > 0, 0 < alpha < 1, 0 <= set_threshold <= 1, energy_threshold finite or null, "
-                "n_classes >= 2); "
+                "n_classes >= 2, ood null or {score, k, output, threshold, alpha}); "
                 "run calibrate and export again"
             )
         return rule
@@ -87,6 +98,23 @@ def _valid(r: AbstentionRule) -> bool:
         and ints
         and r.n_classes >= 2
         and r.n_calibration >= 0
+        and (r.ood is None or (r.format == FORMAT and _valid_ood(r.ood, num)))
+    )
+
+
+def _valid_ood(ood, num) -> bool:
+    return (
+        isinstance(ood, dict)
+        and set(ood) == {"score", "k", "output", "threshold", "alpha"}
+        and ood["score"] == OOD_SCORE
+        and isinstance(ood["k"], int)
+        and not isinstance(ood["k"], bool)
+        and ood["k"] >= 1
+        and isinstance(ood["output"], str)
+        and bool(ood["output"])
+        and num(ood["threshold"])
+        and num(ood["alpha"])
+        and 0 < ood["alpha"] < 1
     )
 
 
@@ -102,21 +130,38 @@ class Applied:
     reasons: list[str | None]
 
 
-def apply(rule: AbstentionRule, logits: np.ndarray) -> Applied:
-    """The one function that applies a rule: out_of_distribution (energy above the threshold) is
-    checked first, then ambiguous (the prediction set does not hold exactly one class)."""
+def apply(rule: AbstentionRule, logits: np.ndarray, ood_score: np.ndarray | None = None) -> Applied:
+    """The one function that applies a rule: out_of_distribution (the feature gate's score, the
+    graph's `ood_score` output, above its threshold; or the fallback energy gate) is checked first,
+    then ambiguous (the prediction set holds more than one class). The argmax is always in the set:
+    an empty set is a confident model at an alpha above its error rate, and adding a class only raises
+    coverage, so the guarantee holds."""
     z = np.asarray(logits, np.float64)
     if z.ndim != 2 or z.shape[1] != rule.n_classes:
         raise HeadstartError(f"abstention rule for {rule.n_classes} classes given logits of shape {z.shape}")
     probs = softmax(z / rule.temperature)
     sets = (1.0 - probs) <= rule.set_threshold
+    sets[np.arange(len(z)), probs.argmax(1)] = True
     e = energy(z, rule.temperature)
-    ood = np.zeros(len(z), bool) if rule.energy_threshold is None else e > rule.energy_threshold
-    ambiguous = sets.sum(1) != 1
+    ood = _out(rule, e, ood_score, len(z))
+    ambiguous = sets.sum(1) > 1
     reasons = [
         OUT_OF_DISTRIBUTION if o else AMBIGUOUS if a else None for o, a in zip(ood, ambiguous, strict=True)
     ]
     return Applied(probs, sets, e, ood | ambiguous, reasons)
+
+
+def _out(rule: AbstentionRule, e: np.ndarray, ood_score: np.ndarray | None, n: int) -> np.ndarray:
+    if rule.ood is None:
+        return np.zeros(n, bool) if rule.energy_threshold is None else e > rule.energy_threshold
+    if ood_score is None:
+        raise HeadstartError(
+            f"the abstention rule's gate reads the model's {rule.ood['output']!r} output and none was given"
+        )
+    s = np.asarray(ood_score, np.float64).reshape(-1)
+    if len(s) != n:
+        raise HeadstartError(f"{len(s)} ood scores for {n} rows of logits")
+    return ~(s <= rule.ood["threshold"])  # NaN is out: a score that cannot be computed is no evidence
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -174,27 +219,46 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(res.x))
 
 
-def fit(logits: np.ndarray, labels: np.ndarray, alpha: float, source: str) -> tuple[AbstentionRule, dict]:
-    """The rule fitted on held-out logits (n, k) and labels, and its report (T, NLL and ECE before
-    and after, n, where the images came from, and the rule's figures on the same images)."""
+def fit(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    alpha: float,
+    source: str,
+    ood_scores: np.ndarray | None = None,
+    ood_alpha: float | None = None,
+    k: int | None = None,
+) -> tuple[AbstentionRule, dict]:
+    """The rule fitted on held-out logits (n, k) and labels and, when the feature gate was fitted
+    (k its dimension), the held-out images' gate scores; and its report (T, NLL and ECE before and
+    after, n, where the images came from, and the rule's figures on the same images). The gate
+    rejects at most `ood_alpha` (default `alpha`) of in-distribution images."""
     z, y = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
+    ood_alpha = alpha if ood_alpha is None else ood_alpha
     t = fit_temperature(z, y)
     probs = softmax(z / t)
     q = conformal_quantile(1.0 - probs[np.arange(len(y)), y], alpha)
-    e_q = conformal_quantile(energy(z, t), alpha)
-    rule = AbstentionRule(t, alpha, 1.0 if q is None else min(q, 1.0), e_q, z.shape[1], len(y))
+    tau = None if ood_scores is None else conformal_quantile(ood_scores, ood_alpha)
+    ood = None if tau is None else {"score": OOD_SCORE, "k": k, "output": OOD_OUTPUT, "threshold": tau}
+    ood = None if ood is None else ood | {"alpha": ood_alpha}
+    e_q = None if ood else conformal_quantile(energy(z, t), ood_alpha)
+    n_classes = z.shape[1]
+    rule = AbstentionRule(t, alpha, 1.0 if q is None else min(q, 1.0), e_q, n_classes, len(y), ood=ood)
     report = {
         "source": source,
         "n": len(y),
         "alpha": alpha,
+        "ood_alpha": ood_alpha,
+        "gate": "feature" if ood else "energy" if e_q is not None else "none",
         "temperature": t,
         "temperature_at_bound": bool(min(abs(t - b) / b for b in T_BOUNDS) < 1e-3) if len(y) else False,
         "nll_before": nll(z, y),
         "nll_after": nll(z, y, t),
         "ece_before": ece(softmax(z), y),
         "ece_after": ece(probs, y),
-        "too_few": _too_few(len(y), alpha) if q is None else None,
-        "held_out": selective(rule, z, y),
+        "too_few": _too_few(len(y), min(alpha, ood_alpha))
+        if q is None or (ood is None and e_q is None)
+        else None,
+        "held_out": selective(rule, z, y, ood_scores),
     }
     return rule, report
 
@@ -203,14 +267,17 @@ def _too_few(n: int, alpha: float) -> str:
     need = math.ceil((1 - alpha) / alpha)
     return (
         f"{n} held-out images are too few for the conformal quantile at alpha={alpha} (need {need}): "
-        "every prediction set holds every class (every image abstains as ambiguous) and the energy "
-        "gate is off"
+        "at the set's alpha every prediction set holds every class (every image abstains as ambiguous); "
+        "at the gate's, the out-of-distribution gate is off"
     )
 
 
-def selective(rule: AbstentionRule, logits: np.ndarray, labels: np.ndarray) -> dict:
-    """The rule on labelled logits: set coverage, abstention rate by reason, accuracy on kept images."""
-    a = apply(rule, logits)
+def selective(
+    rule: AbstentionRule, logits: np.ndarray, labels: np.ndarray, ood_score: np.ndarray | None = None
+) -> dict:
+    """The rule on labelled logits (and their gate scores): set coverage, abstention rate by reason,
+    accuracy on kept images."""
+    a = apply(rule, logits, ood_score)
     y = np.asarray(labels, np.int64)
     n, kept = len(y), ~a.abstain
     hit = a.probabilities.argmax(1) == y
@@ -227,9 +294,9 @@ def selective(rule: AbstentionRule, logits: np.ndarray, labels: np.ndarray) -> d
     }
 
 
-def far_out_rate(rule: AbstentionRule, logits: np.ndarray) -> dict:
+def far_out_rate(rule: AbstentionRule, logits: np.ndarray, ood_score: np.ndarray | None = None) -> dict:
     """The rule on images with no label among the classes (noise, flat colours, another data set)."""
-    a = apply(rule, logits)
+    a = apply(rule, logits, ood_score)
     n = len(a.reasons)
     return {
         "n": n,
@@ -252,13 +319,26 @@ def to_markdown(d: dict) -> str:
         f"| ECE | {r['ece_before']:.4f} | {r['ece_after']:.4f} |",
         "",
         f"Temperature {r['temperature']:.4f}; set threshold {d['rule']['set_threshold']:.4f}; "
-        f"energy threshold {d['rule']['energy_threshold']}.",
+        f"{gate_line(d['rule'])}.",
         "",
         f"On the same images: {selective_line(h)}.",
     ]
     if r["too_few"]:
         lines += ["", f"**{r['too_few']}**"]
     return "\n".join(lines) + "\n"
+
+
+def gate_line(rule: dict) -> str:
+    """The out-of-distribution gate of a rule (its JSON dict) in words."""
+    ood = rule.get("ood")
+    if ood:
+        return (
+            f"out-of-distribution gate: {ood['score']} (k = {ood['k']}) on the pooled features, graph "
+            f"output {ood['output']!r}, threshold {ood['threshold']:.4g} at alpha {ood['alpha']}"
+        )
+    if rule.get("energy_threshold") is not None:
+        return f"out-of-distribution gate: energy (fallback), threshold {rule['energy_threshold']:.4g}"
+    return "no out-of-distribution gate (too few held-out images)"
 
 
 def _pct(v: float | None) -> str:
@@ -308,3 +388,95 @@ def far_out_images(size: int, channels: int, n: int = 16, seed: int = 0) -> dict
     )
     flat = np.broadcast_to(colours[:, None, None, :], (n, size, size, channels)).astype(np.uint8)
     return {"noise": noise, "flat": flat}
+
+
+@dataclass
+class FeatureGate:
+    """The feature gate's constants (maha_ppca_unit of docs/ood_scores.md): for L2-normalised pooled
+    features u, per class c with r = u - means[c] and p = r @ basis, s_c = sum(p^2 (1/eigenvalues -
+    1/sigma2)) + |r|^2 / sigma2, a Mahalanobis distance whose shared within-class covariance is cut
+    to its top k eigenvectors plus one isotropic variance for the rest; the score is min_c s_c. Its
+    size, (C + k) d + k + 1 floats, does not grow with the training set."""
+
+    means: np.ndarray  # (C, d): class means of the normalised training features
+    basis: np.ndarray  # (d, k): top eigenvectors of the shrunk within-class covariance
+    eigenvalues: np.ndarray  # (k,)
+    sigma2: float  # the mean of the other d - k eigenvalues
+
+    @property
+    def k(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return 1.0 / self.eigenvalues - 1.0 / self.sigma2
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(n,) scores of (n, d) pooled features: higher is stranger."""
+        r = unit(np.asarray(features, np.float64))[:, None, :] - self.means[None]
+        p = r @ self.basis
+        return ((p**2) @ self.weights + (r**2).sum(-1) / self.sigma2).min(1)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, means=self.means, basis=self.basis, eigenvalues=self.eigenvalues, sigma2=self.sigma2)
+        return buf.getvalue()
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; an all-zero row stays zero (no NaN for the gate to let through)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def gate_dimension(n: int, d: int, n_classes: int, k: int = OOD_K) -> int:
+    """k for n training features of width d: at most d - 1 (one variance is left for the rest) and
+    n - C (the within-class residuals span no more)."""
+    return min(k, d - 1, n - n_classes)
+
+
+def fit_gate(x: np.ndarray, y: np.ndarray, n_classes: int, k: int = OOD_K) -> tuple[FeatureGate | None, str]:
+    """The gate fitted on training features and labels (Ledoit-Wolf on the within-class residuals of
+    the normalised features), or None and why it cannot be (tiny d, too few images, a class without
+    images, degenerate features): the rule then falls back to the energy gate."""
+    from sklearn.covariance import LedoitWolf
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.int64)
+    k = gate_dimension(len(x), x.shape[1] if x.ndim == 2 else 0, n_classes, k)
+    counts = np.bincount(y, minlength=n_classes) if len(y) else np.zeros(n_classes, int)
+    if x.ndim != 2 or k < 1 or (counts == 0).any() or not np.isfinite(x).all():
+        return None, (
+            f"the feature gate needs training features of every class, more images than classes and "
+            f"width >= 2 (got {len(x)} images, width {x.shape[-1] if x.ndim else 0}, class counts "
+            f"{counts.tolist()})"
+        )
+    u = unit(x)
+    means = np.stack([u[y == c].mean(0) for c in range(n_classes)])
+    values, vectors = np.linalg.eigh(LedoitWolf(assume_centered=True).fit(u - means[y]).covariance_)
+    top, basis = values[::-1][:k], vectors[:, ::-1][:, :k]
+    sigma2 = float(values[: len(values) - k].mean())
+    if not (sigma2 > 0 and (top > 0).all() and np.isfinite(top).all()):
+        return None, "the training features' within-class covariance is degenerate (all features alike)"
+    return FeatureGate(means, basis.copy(), top.copy(), sigma2), f"fitted on {len(x)} images, k = {k}"
+
+
+def gate_file_bytes(gate: FeatureGate | None, why: str) -> bytes:
+    """calibrate's ood_gate.npz: the constants export puts in the graph, or only why there are none."""
+    if gate is not None:
+        return gate.to_bytes()
+    buf = io.BytesIO()
+    np.savez(buf, why=np.array(why))
+    return buf.getvalue()
+
+
+def read_gate(path: Path) -> FeatureGate | None:
+    """calibrate's ood_gate.npz: the fitted constants, or None when the rule fell back."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "means" not in z:
+                return None
+            gate = FeatureGate(z["means"], z["basis"], z["eigenvalues"], float(z["sigma2"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise HeadstartError(
+            f"{path}: unreadable ({type(exc).__name__}); run the calibrate stage again"
+        ) from None
+    return gate

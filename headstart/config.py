@@ -263,8 +263,15 @@ class ServeParams(Section):
     """The abstention rule the calibrate stage fits and every exported model carries."""
 
     alpha: Float = Field(0.1, gt=0.0, le=0.5)  # above 0.5 a "guarantee" is mostly abstention
+    ood_alpha: Float = Field(0.05, gt=0.0, le=0.5)  # the gate's share of the error budget
     min_calibration: Int = Field(100, ge=0, le=MAX_IMAGES)
     folds: Int = Field(5, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _gate_within_budget(self):
+        if self.ood_alpha > self.alpha:
+            raise ValueError(f"serve.ood_alpha ({self.ood_alpha}) must be <= serve.alpha ({self.alpha})")
+        return self
 
 
 class ScheduleParams(Section):

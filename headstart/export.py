@@ -1,5 +1,6 @@
 """ONNX with a dynamic batch and the preprocessing contract in its metadata; fp32 and fp16 variants;
-parity with torch on real images at several batch sizes."""
+parity with torch on real images at several batch sizes. A model whose rule has the feature gate
+exports a second output, `ood_score`, computed in the graph from the pooled features."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from headstart import HeadstartError, __version__
 from headstart.atomic import write_bytes
+from headstart.calibration import OOD_OUTPUT, FeatureGate
 from headstart.preprocess import InputSpec, decode, normalise, to_uint8
 from headstart.runtime import EXPORT_FILES, Predictor
 
@@ -43,15 +45,63 @@ class Uint8Input(nn.Module):
         return self.model(x.permute(0, 3, 1, 2).float() * self.scale - self.shift)
 
 
+class OodScore(nn.Module):
+    """calibration.FeatureGate.score in torch, its constants as buffers (initializers in the graph)."""
+
+    def __init__(self, gate: FeatureGate):
+        super().__init__()
+        for name, v in (("means", gate.means), ("basis", gate.basis), ("weights", gate.weights)):
+            self.register_buffer(name, torch.tensor(v, dtype=torch.float32))
+        self.register_buffer("inv_sigma2", torch.tensor(1.0 / gate.sigma2, dtype=torch.float32))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = f.to(self.means.dtype)
+        r = (f / f.norm(dim=1, keepdim=True).clamp_min(1e-12))[:, None, :] - self.means
+        p = r @ self.basis
+        return torch.amin((p * p) @ self.weights + (r * r).sum(-1) * self.inv_sigma2, 1)
+
+
+class Scored(nn.Module):
+    """A classifier split at its pooled features: (logits, the feature gate's score) from one pass."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, gate: FeatureGate):
+        super().__init__()
+        self.features, self.head, self.gate = features, head, OodScore(gate)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return self.head(f), self.gate(f)
+
+
+def feature_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(pooled features, head) of a headstart model's module: a transfer Classifier's backbone and
+    head, a from-scratch ResNet's layers up to the pooling and its final linear layer."""
+    if hasattr(model, "features") and hasattr(model, "head"):
+        return model.features, model.head
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return model[:-1], model[-1]
+    raise HeadstartError(f"{type(model).__name__}: no pooled features to gate on (not a headstart model)")
+
+
+def scored(model: nn.Module, gate: FeatureGate | None) -> nn.Module:
+    """The module to export: the model itself, or with the feature gate's score as a second output."""
+    return model if gate is None else Scored(*feature_parts(model), gate).eval()
+
+
 class Fp16(nn.Module):
-    """fp16 weights and compute inside, fp32 in and out: a drop-in for the fp32 model on a GPU."""
+    """fp16 weights and compute inside, fp32 in and out: a drop-in for the fp32 model on a GPU. The
+    gate's score stays fp32: a sum of squares over ~1280 dims cancelling against 1/sigma2 loses
+    too many digits in fp16 for a threshold decision, and it costs a few small matmuls."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).half()
+        if isinstance(self.model, Scored):
+            self.model.gate.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.half()).float()
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.model(x.half())
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
 def to_onnx(
@@ -99,10 +149,13 @@ def export_onnx(
     opset: int,
     input_kind: str = "float32",
     fp16: bool = False,
+    gate: FeatureGate | None = None,
 ) -> Path:
-    """The deployable model: to_onnx plus the preprocessing contract in its metadata."""
-    module, example = deployable(model, spec, input_kind, fp16)
-    proto = to_onnx(module, spec.size, opset, example=example)
+    """The deployable model: to_onnx plus the preprocessing contract in its metadata; with `gate`,
+    a second output `ood_score` (its score on the pooled features, shape [N])."""
+    module, example = deployable(scored(model, gate), spec, input_kind, fp16)
+    outputs = "logits" if gate is None else ["logits", OOD_OUTPUT]
+    proto = to_onnx(module, spec.size, opset, outputs, example=example)
     meta = {
         "headstart.version": __version__,
         "headstart.input_spec": spec.to_json(),
@@ -119,12 +172,13 @@ def export_onnx(
 @dataclass(frozen=True)
 class Reference:
     """What every variant's parity check compares against: the test images decoded once (uint8 and
-    normalised) and torch's fp32 logits on them."""
+    normalised) and torch's fp32 logits on them (and the gate's scores, for a Scored model)."""
 
     spec: InputSpec
     pixels: np.ndarray
     floats: np.ndarray
     logits: np.ndarray
+    ood: np.ndarray | None = None
 
 
 @torch.inference_mode()
@@ -134,13 +188,14 @@ def torch_reference(model: nn.Module, paths: list[Path], spec: InputSpec) -> Ref
     pixels = np.stack([to_uint8(decode(p, keep_grey=True), spec) for p in paths])
     floats = np.stack([normalise(a, spec) for a in pixels])
     model = model.eval().to(memory_format=torch.channels_last)  # same math, ~2x faster on a CPU
-    logits = np.concatenate(
-        [
-            model(torch.from_numpy(floats[i : i + 32]).to(memory_format=torch.channels_last)).float().numpy()
-            for i in range(0, len(paths), 32)
-        ]
-    )
-    return Reference(spec, pixels, floats, logits)
+    outs = [
+        model(torch.from_numpy(floats[i : i + 32]).to(memory_format=torch.channels_last))
+        for i in range(0, len(paths), 32)
+    ]
+    outs = [o if isinstance(o, tuple) else (o,) for o in outs]
+    logits = np.concatenate([o[0].float().numpy() for o in outs])
+    ood = np.concatenate([o[1].float().numpy() for o in outs]) if len(outs[0]) > 1 else None
+    return Reference(spec, pixels, floats, logits, ood)
 
 
 def parity(
@@ -164,20 +219,24 @@ def parity(
         reference = torch_reference(model, paths, predictor.spec)
     feed = reference.pixels if predictor.input_kind == "uint8" else reference.floats
     y = np.full(len(paths), -1) if labels is None else np.asarray(labels)
-    per_size = {
-        str(bs): agreement(
-            reference.logits,
-            np.concatenate([predictor.logits(feed[i : i + bs]) for i in range(0, len(paths), bs)]),
-            y,
-            slack,
-        )
-        for bs in batch_sizes
-    }
+    per_size = {}
+    for bs in batch_sizes:
+        runs = [predictor.outputs(feed[i : i + bs]) for i in range(0, len(paths), bs)]
+        per_size[str(bs)] = agreement(reference.logits, np.concatenate([r[0] for r in runs]), y, slack)
+        if reference.ood is not None and runs[0][1] is not None:
+            ours = np.concatenate([r[1] for r in runs])
+            per_size[str(bs)] |= ood_agreement(reference.ood, ours, predictor.contract.rule)
     worst = {
         k: max(v[k] for v in per_size.values())
         for k in ("max_abs_logit_diff", "metric_diff", "decisive_metric_diff", "near_ties")
     }
+    ood = {
+        k: max(v[k] for v in per_size.values())
+        for k in ("ood_max_abs_diff_over_tau", "ood_decision_flips")
+        if k in per_size[str(batch_sizes[0])]
+    }
     return {
+        **ood,
         "n_images": len(paths),
         "n_labelled": int((y >= 0).sum()),
         "batch_sizes": per_size,
@@ -217,6 +276,16 @@ def agreement(ours: np.ndarray, theirs: np.ndarray, y: np.ndarray, slack: float)
         "accuracy_onnx": accuracy(b),
         "metric_diff": abs(accuracy(b) - accuracy(a)) if labelled.any() else 0.0,
         "decisive_metric_diff": abs(accuracy(settled) - accuracy(a)) if labelled.any() else 0.0,
+    }
+
+
+def ood_agreement(ours: np.ndarray, theirs: np.ndarray, rule) -> dict:
+    """The gate's score in torch and in the graph: the largest difference relative to the threshold,
+    and the share of images whose in/out decision differs."""
+    tau = rule.ood["threshold"] if rule is not None and rule.ood else float("nan")
+    return {
+        "ood_max_abs_diff_over_tau": float(np.abs(ours - theirs).max() / abs(tau)),
+        "ood_decision_flips": float(((ours > tau) != (theirs > tau)).mean()),
     }
 
 
@@ -270,6 +339,13 @@ def to_markdown(figures: dict[str, dict]) -> str:
         for n, f in figures.items()
     ]
     n = next(iter(figures.values()))
+    gate = [
+        f"- {f['file']}: ood_score max abs diff {f['ood_max_abs_diff_over_tau']:.2e} of the threshold; "
+        f"in/out decision flipped on {100 * f['ood_decision_flips']:.2f}% of images"
+        for f in figures.values()
+        if "ood_decision_flips" in f
+    ]
+    verdicts += gate
     return (
         "\n".join(
             [
@@ -284,19 +360,21 @@ def to_markdown(figures: dict[str, dict]) -> str:
     )
 
 
-def export_variants(model, out: Path, meta: dict[str, str], paths: list[Path], labels: list[int], p) -> dict:
+def export_variants(
+    model, out: Path, meta: dict[str, str], paths: list[Path], labels: list[int], p, gate=None
+) -> dict:
     """Each variant (fp32, and fp16 when `p.fp16`; `p`: config.ExportParams) exported into `out` and
     held to its tolerance on the parity images, torch run once for all; an optional variant that fails
-    is deleted, so only files that passed remain. Returns each variant's figures and verdict."""
+    is deleted, so only files that passed remain. With `gate` (calibration.FeatureGate) every variant
+    has the `ood_score` output and the figures its agreement. Returns each variant's figures and verdict."""
     spec = model.spec  # any model of headstart.models: .module takes the spec's normalised input
-    reference = torch_reference(model.module, paths, spec)
+    module = scored(model.module, gate)
+    reference = torch_reference(module, paths, spec)
     figures = {}
     for name in ["fp32", "fp16"] if p.fp16 else ["fp32"]:
         file, tol = out / EXPORT_FILES[name], getattr(p.tolerances, name)
-        export_onnx(model.module, file, spec, meta, p.opset, p.input, name == "fp16")
-        f = parity(
-            model.module, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff
-        )
+        export_onnx(model.module, file, spec, meta, p.opset, p.input, name == "fp16", gate)
+        f = parity(module, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff)
         failures = judge(f, tol)
         required = name == "fp32" or name in p.require
         f.update(

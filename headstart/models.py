@@ -1,7 +1,8 @@
 """Either kind of model file behind one interface, for the stages after selection (evaluate, export):
 `.module` (nn.Module on normalised NCHW), `.spec`, `.classes`, `.kind` ("head" | "finetuned" |
 "scratch"), `.metadata()` (what the ONNX carries about it), `.parameters()` and
-`.logits(paths, shas, runtime, cache_dir, batch_size)` and `.probabilities(...)` (their softmax)."""
+`.logits(paths, shas, runtime, cache_dir, batch_size)`, `.probabilities(...)` (their softmax) and
+`.features(...)` (the pooled features the out-of-distribution gate reads)."""
 
 from __future__ import annotations
 
@@ -22,20 +23,30 @@ def load_model(path: str | Path) -> TrainedModel | ScratchModel:
     return transfer_model(state, Path(path))
 
 
-def far_out_abstention(model: TrainedModel | ScratchModel, rule) -> dict:
-    """The rule on made images (uniform noise, flat colours): the share it abstains on, by kind."""
+def far_out_abstention(model: TrainedModel | ScratchModel, rule, gate=None) -> dict:
+    """The rule on made images (uniform noise, flat colours): the share it abstains on, by kind;
+    `gate` (calibration.FeatureGate): the rule's feature gate, scoring their pooled features."""
     from headstart.calibration import far_out_images, far_out_rate
 
     made = far_out_images(model.spec.size, model.spec.channels)
-    return {kind: far_out_rate(rule, pixel_logits(model, x)) for kind, x in made.items()}
+    out = {}
+    for kind, x in made.items():
+        logits, features = pixel_logits(model, x, with_features=True)
+        out[kind] = far_out_rate(rule, logits, None if gate is None else gate.score(features))
+    return out
 
 
-def pixel_logits(model: TrainedModel | ScratchModel, pixels: np.ndarray) -> np.ndarray:
-    """Logits of uint8 HWC images already at the model's input size (made, not read: no cache)."""
+def pixel_logits(model: TrainedModel | ScratchModel, pixels: np.ndarray, with_features: bool = False):
+    """Logits of uint8 HWC images already at the model's input size (made, not read: no cache); with
+    `with_features`, (logits, pooled features)."""
     import torch
 
+    from headstart.export import feature_parts
     from headstart.preprocess import normalise
 
-    x = np.stack([normalise(p, model.spec) for p in pixels])
+    x = torch.from_numpy(np.stack([normalise(p, model.spec) for p in pixels]))
+    features, head = feature_parts(model.module)
     with torch.no_grad():
-        return model.module(torch.from_numpy(x)).numpy()
+        f = features(x)
+        logits = head(f).numpy()
+    return (logits, f.numpy()) if with_features else logits

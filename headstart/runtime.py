@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 
 from headstart import HeadstartError
-from headstart.calibration import METADATA_KEY, AbstentionRule, apply
+from headstart.calibration import METADATA_KEY, OOD_OUTPUT, AbstentionRule, apply
 from headstart.preprocess import _INTERPOLATION, ImageRefused, InputSpec, decode, normalise, to_uint8
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -126,6 +126,10 @@ class Predictor:
         self.metadata = self.contract.metadata
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        # the feature gate's score, when the graph computes it (check_graph refuses a rule that
+        # needs it on a graph without it)
+        names = [o.name for o in self.session.get_outputs()]
+        self.ood_name = OOD_OUTPUT if OOD_OUTPUT in names[1:] else None
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
         if warmup and self.on_gpu:
             self.logits(self._blank(1))
@@ -150,14 +154,25 @@ class Predictor:
         return self.contract.load(io.BytesIO(data))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, [self.output_name])[0]
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, when the graph has it, the feature gate's `ood_score` (shape [N]), one pass."""
+        if self.ood_name is None:
+            return self.logits(batch), None
+        logits, score = self._run(batch, [self.output_name, self.ood_name])
+        return logits, score
+
+    def _run(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
         batch = np.ascontiguousarray(batch, np.uint8 if self.input_kind == "uint8" else np.float32)
         if not self.on_gpu:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return self.session.run(names, {self.input_name: batch})
         binding = self.session.io_binding()  # the copy to the device happens once, in ORT
         binding.bind_cpu_input(self.input_name, batch)
-        binding.bind_output(self.output_name, "cpu")
+        for name in names:
+            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
     def predict(self, paths: list[str | Path], batch_size: int = 32) -> np.ndarray:
         """Class probabilities, one row per image, in `self.classes` order; raises on a bad file."""
@@ -205,15 +220,18 @@ class Predictor:
                 ]
                 if not loaded:
                     continue
-                decisions = self.decide(self.logits(np.stack([x for _, x in loaded])), abstain)
+                logits, score = self.outputs(np.stack([x for _, x in loaded]))
+                decisions = self.decide(logits, abstain, score)
                 for (i, _), d in zip(loaded, decisions, strict=True):
                     for k, v in d.items():
                         setattr(results[i], k, v)
         return results
 
-    def decide(self, logits: np.ndarray, abstain: bool = True) -> list[dict]:
-        """The contract's answer for each row of logits (Contract.decide)."""
-        return self.contract.decide(logits, abstain)
+    def decide(
+        self, logits: np.ndarray, abstain: bool = True, ood_score: np.ndarray | None = None
+    ) -> list[dict]:
+        """The contract's answer for each row of logits and its gate score (Contract.decide)."""
+        return self.contract.decide(logits, abstain, ood_score)
 
 
 @dataclass
@@ -255,6 +273,12 @@ class Contract:
                 f"output {out.name!r} has {width}; the file was altered: export the model again"
             )
         _check_input(path, session.get_inputs()[0], self.spec, self.input_kind)
+        ood = self.rule.ood if self.rule is not None else None
+        if ood and ood["output"] not in [o.name for o in session.get_outputs()[1:]]:
+            raise HeadstartError(
+                f"{path}: metadata {METADATA_KEY} gates on the graph output {ood['output']!r}, which the "
+                "graph does not have; the file was altered: export the model again"
+            )
 
     def load(self, source: str | Path | BinaryIO) -> np.ndarray:
         """One image (a file, or an open binary stream) as the model's input: uint8 HWC or float32
@@ -262,13 +286,17 @@ class Contract:
         pixels = to_uint8(decode(source, keep_grey=True), self.spec)
         return pixels if self.input_kind == "uint8" else normalise(pixels, self.spec)
 
-    def decide(self, logits: np.ndarray, abstain: bool = True) -> list[dict]:
+    def decide(
+        self, logits: np.ndarray, abstain: bool = True, ood_score: np.ndarray | None = None
+    ) -> list[dict]:
         """Per row of logits: label (the argmax), confidence, probabilities and, with `abstain`,
         whether the model declines to answer and why. The one place the answer is made: the CLI,
         the MLflow pyfunc and the Triton client example all go through it. With the metadata's
-        abstention rule the probabilities are its temperature-calibrated ones; `abstain=False` is
-        the raw softmax and argmax, abstain None; no rule: raw softmax, abstain False."""
-        applied = apply(self.rule, logits) if abstain and self.rule is not None else None
+        abstention rule the probabilities are its temperature-calibrated ones and `ood_score` (the
+        graph's output of that name; required when the rule has the feature gate) decides
+        out_of_distribution; `abstain=False` is the raw softmax and argmax, abstain None; no rule:
+        raw softmax, abstain False."""
+        applied = apply(self.rule, logits, ood_score) if abstain and self.rule is not None else None
         probs = softmax(logits) if applied is None else applied.probabilities
         out = []
         for i, row in enumerate(probs):

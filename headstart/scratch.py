@@ -385,17 +385,24 @@ class ScratchModel:
     def parameters(self) -> int:
         return parameter_count(self.module)
 
-    @torch.no_grad()
     def logits(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
         """Logits over the eval views (decoded here: a scratch model has no feature cache)."""
+        return self._run(self.module, len(self.classes), paths, shas, batch_size)
+
+    def features(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
+        """The pooled features before the final linear layer (what the feature gate reads)."""
+        return self._run(self.module[:-1], self.module[-1].in_features, paths, shas, batch_size)
+
+    @torch.no_grad()
+    def _run(self, net: nn.Module, width: int, paths, shas, batch_size: int) -> np.ndarray:
         norm, items = Normalise(self.spec), list(zip(shas, paths, strict=True))
         out = [
-            self.module(norm(torch.from_numpy(x).permute(0, 3, 1, 2).float())).numpy()
+            net(norm(torch.from_numpy(x).permute(0, 3, 1, 2).float())).numpy()
             for _, x in decoded(
                 self.spec, items, batch_size, "scratch (test)", load=lambda p: pixels(p, self.spec)
             )
         ]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
     def probabilities(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
         """Class probabilities: softmax(logits)."""

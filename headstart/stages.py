@@ -108,7 +108,7 @@ STAGES: tuple[Stage, ...] = (
         "calibrate",
         # train_head's best epoch sets how long each cross-fitted head trains
         deps=(MANIFEST, "select/model.pt", "train_head/metrics.json"),
-        outs=("calibrate/abstention.json",),
+        outs=("calibrate/abstention.json", "calibrate/ood_gate.npz"),
         params=("serve", "project.seed", "train_head"),
         reads_data=True,
         artifact="abstention",
@@ -123,6 +123,7 @@ STAGES: tuple[Stage, ...] = (
             "finetune/model.pt",
             "scratch/model",
             "calibrate/abstention.json",
+            "calibrate/ood_gate.npz",
         ),
         outs=(
             "evaluate/metrics.json",
@@ -142,7 +143,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "export",
-        deps=(MANIFEST, "prepare/report.json", "select/model.pt", "calibrate/abstention.json"),
+        deps=(
+            MANIFEST,
+            "prepare/report.json",
+            "select/model.pt",
+            "calibrate/abstention.json",
+            "calibrate/ood_gate.npz",
+        ),
         # variants/ holds the optional variants that passed their gate (possibly none)
         outs=("export/model.onnx", "export/variants", "export/parity.json"),
         params=("export",),

@@ -247,6 +247,10 @@ class TrainedModel:
         """Class probabilities of image files: softmax(logits)."""
         return softmax(self.logits(paths, shas, runtime, cache_dir, batch_size))
 
+    def features(self, paths, shas, runtime: str, cache_dir, batch_size: int) -> np.ndarray:
+        """The backbone's pooled features (the head's input) of image files, through the cache."""
+        return Features(self.backbone, runtime, cache_dir, batch_size)(paths, list(shas), desc="features")[0]
+
 
 def softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))

@@ -170,6 +170,8 @@ def config_text(name: str, model, max_batch_size: int, tensorrt: bool, meta: dic
 
 
 def _block(kind: str, t: Tensor) -> str:
+    if not t.dims:  # one value per image (ood_score [N]): Triton wants dims [1] reshaped to []
+        return f"{kind} [ {{ name: {_q(t.name)} data_type: {t.dtype} dims: [1] reshape: {{ shape: [] }} }} ]"
     return f"{kind} [ {{ name: {_q(t.name)} data_type: {t.dtype} dims: {t.dims} }} ]"
 
 
@@ -225,7 +227,14 @@ def check_config(text: str, model, source: str) -> str:
 
 def _same(source: str, kind: str, declared, graph: list[Tensor]) -> None:
     schema = model_config_schema()
-    got = [(t.name, schema.DataType.Name(t.data_type), list(t.dims)) for t in declared]
+    got = [
+        (
+            t.name,
+            schema.DataType.Name(t.data_type),
+            list(t.reshape.shape if t.HasField("reshape") else t.dims),
+        )
+        for t in declared
+    ]
     want = [(t.name, t.dtype, t.dims) for t in graph]
     if got != want:
         raise HeadstartError(f"{source}: config {kind} {got} disagrees with the ONNX graph's {want}")

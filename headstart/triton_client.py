@@ -39,6 +39,9 @@ def classify(
     config = client.get_model_config(model)
     contract = contract_from_config(config, f"{url}/{model}")
     inp, out = config["input"][0], config["output"][0]
+    # the feature gate's score travels as a second output (dims [1] per image), when the rule has it
+    ood = contract.rule.ood if contract.rule is not None else None
+    names = [out["name"]] + ([ood["output"]] if ood else [])
     dtype = inp["data_type"].removeprefix("TYPE_")
     step = max(1, int(config.get("max_batch_size") or 1))
     answers: list[dict] = [{} for _ in paths]
@@ -54,8 +57,9 @@ def classify(
         batch = np.stack([pixels[i] for i in rows]).astype(_NUMPY[dtype])
         x = http.InferInput(inp["name"], list(batch.shape), dtype)
         x.set_data_from_numpy(batch)
-        result = client.infer(model, [x], outputs=[http.InferRequestedOutput(out["name"])])
-        for i, a in zip(rows, contract.decide(result.as_numpy(out["name"]), abstain), strict=True):
+        result = client.infer(model, [x], outputs=[http.InferRequestedOutput(o) for o in names])
+        score = result.as_numpy(names[1]).reshape(-1) if len(names) > 1 else None
+        for i, a in zip(rows, contract.decide(result.as_numpy(out["name"]), abstain, score), strict=True):
             answers[i] = a
     return [{"path": str(p), **a} for p, a in zip(paths, answers, strict=True)]
 

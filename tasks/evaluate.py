@@ -12,7 +12,7 @@ import pandas as pd
 
 from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
-from headstart.calibration import read_rule, selective, selective_line, softmax
+from headstart.calibration import read_gate, read_rule, selective, selective_line, softmax
 from headstart.config import Params
 from headstart.metrics import classification_metrics, confusion_png, metrics_markdown
 from headstart.models import far_out_abstention, load_model
@@ -37,8 +37,10 @@ def evaluate(cfg: Params) -> EvaluateResult:
     logits = _probabilities(cfg, model, rows, paths, "logits")
     probs, y_true = softmax(logits), rows["label"].map(model.classes.index).to_numpy()
     rule = read_rule(_inputs.stage_file(cfg, "calibrate", "abstention.json"))
-    kept = selective(rule, logits, y_true)  # the shipped rule on the test split
-    kept["far_out"] = far_out_abstention(model, rule)  # noise and flat colours made here
+    gate = read_gate(_inputs.stage_file(cfg, "calibrate", "ood_gate.npz")) if rule.ood else None
+    score = None if gate is None else gate.score(_probabilities(cfg, model, rows, paths, "features"))
+    kept = selective(rule, logits, y_true, score)  # the shipped rule on the test split
+    kept["far_out"] = far_out_abstention(model, rule, gate)  # noise and flat colours made here
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
     gain = _transfer_gain(cfg, rows, paths, probs)

@@ -1,16 +1,17 @@
 """export: ONNX with a dynamic batch and its preprocessing contract, fp32 and the optional variants
 (fp16); each is held to its parity tolerance against torch on real images. An optional variant that
 fails drops out (reported, not registered); a failed fp32 model (or a variant in export.require)
-stops the run and leaves the last good export untouched."""
+stops the run and leaves the last good export untouched. With calibrate's feature gate, every file
+computes its score as a second output, ood_score."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-from headstart import GateFailed
+from headstart import GateFailed, HeadstartError
 from headstart.atomic import FAILED, directory, write_json, write_text
-from headstart.calibration import METADATA_KEY, read_rule
+from headstart.calibration import METADATA_KEY, read_gate, read_rule
 from headstart.config import Params
 from headstart.export import export_variants, parity_images, to_markdown
 from headstart.models import load_model
@@ -37,6 +38,11 @@ def export(cfg: Params) -> ExportResult:
         for c, s in zip(rows["label"], rows["split"], strict=True)
     ]
     rule = read_rule(_inputs.stage_file(cfg, "calibrate", "abstention.json"))
+    gate = read_gate(_inputs.stage_file(cfg, "calibrate", "ood_gate.npz")) if rule.ood else None
+    if rule.ood and (gate is None or gate.k != rule.ood["k"]):
+        raise HeadstartError(
+            "calibrate's ood_gate.npz does not match its abstention.json; run calibrate again"
+        )
     meta = {
         "headstart.classes": json.dumps(model.classes),
         **model.metadata(),  # transfer: backbone and weights; scratch: architecture and size
@@ -44,7 +50,7 @@ def export(cfg: Params) -> ExportResult:
         METADATA_KEY: rule.to_json(),  # every variant answers with the same rule
     }
     with directory(final) as out:
-        figures = export_variants(model, out, meta, paths, labels, p)
+        figures = export_variants(model, out, meta, paths, labels, p, gate)  # gate: output ood_score
         passed = [n for n, f in figures.items() if f["passed"]]
         refused = [
             f"{n}: {'; '.join(f['failures'])}"

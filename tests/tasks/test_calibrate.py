@@ -10,7 +10,7 @@ import shutil
 import onnx
 import pytest
 
-from headstart.calibration import METADATA_KEY, REASONS, AbstentionRule
+from headstart.calibration import METADATA_KEY, REASONS, AbstentionRule, far_out_images, read_gate
 from headstart.config import load_params
 from headstart.runtime import EXPORT_FILES, Predictor
 from headstart.stages import NAMES, get
@@ -50,7 +50,14 @@ def test_a_small_validation_split_is_cross_fitted_over_train_and_val(run, tmp_pa
     assert d["report"]["n"] == n == result.n and d["rule"]["n_calibration"] == n
     rule = AbstentionRule(**d["rule"])  # the file holds a valid rule
     assert rule.alpha == cfg.serve.alpha and rule.temperature == d["report"]["temperature"]
-    assert rule.energy_threshold is not None  # 29+ images: a finite quantile at alpha 0.1
+    # 29+ images: a finite quantile at ood_alpha 0.05, so the feature gate, not the energy fallback
+    assert rule.energy_threshold is None and rule.ood["alpha"] == cfg.serve.ood_alpha == 0.05
+    assert (
+        rule.ood["output"] == "ood_score"
+        and 1 <= rule.ood["k"] <= 32
+        and "out-of-fold" in d["report"]["gate_fit"]
+    )
+    assert read_gate(cfg.stage_dir("calibrate") / "ood_gate.npz").k == rule.ood["k"]
     held = d["report"]["held_out"]
     assert held["n"] == n and held["coverage"] >= 0.8 and set(held["abstention_by_reason"]) == set(REASONS)
     summary = (cfg.stage_dir("calibrate") / "summary.md").read_text()
@@ -65,6 +72,7 @@ def test_the_validation_split_when_it_is_large_enough_and_the_rule_ships(run, tm
     d = _report(cfg)
     assert d["report"]["too_few"] is not None  # ~6 validation images: too few at alpha 0.1, and said
     assert d["rule"]["set_threshold"] == 1.0 and d["rule"]["energy_threshold"] is None
+    assert d["rule"]["ood"] is None and read_gate(cfg.stage_dir("calibrate") / "ood_gate.npz") is None
     ev = get("evaluate").function(cfg)
     test = json.loads((cfg.stage_dir("evaluate") / "metrics.json").read_text())["abstention"]
     assert test["n"] == ev.n_test and test["coverage"] == 1.0  # every set holds every class...
@@ -84,3 +92,35 @@ def test_the_validation_split_when_it_is_large_enough_and_the_rule_ships(run, tm
     assert (r.abstain, r.reason) == (True, "ambiguous")
     assert main(["predict", "--model", str(files[0]), str(image)]) == 0
     assert capsys.readouterr().out.rstrip("\n").endswith("\tabstain:ambiguous")
+
+    assert [o.name for o in onnx.load(files[0]).graph.output] == ["logits"]  # no gate: one output
+
+
+def test_the_cross_fitted_gate_ships_in_the_graph_and_rejects_noise_and_flat_images(run, tmp_path):
+    from PIL import Image
+
+    cfg = _copy(run, tmp_path, "serve.folds=3")
+    calibrate(cfg)
+    rule = AbstentionRule(**_report(cfg)["rule"])
+    get("evaluate").function(cfg)
+    test = json.loads((cfg.stage_dir("evaluate") / "metrics.json").read_text())["abstention"]
+    get("export").function(cfg)
+    parity = json.loads((cfg.stage_dir("export") / "parity.json").read_text())["variants"]
+    assert {n: f["ood_decision_flips"] for n, f in parity.items()} == {"fp32": 0.0, "fp16": 0.0}
+    path = cfg.stage_dir("export") / EXPORT_FILES["fp32"]
+    assert [o.name for o in onnx.load(path).graph.output] == ["logits", "ood_score"]
+    p = Predictor(path, providers="cpu")
+    made = far_out_images(p.spec.size, 3, n=8, seed=1)
+    files = []
+    for kind, pixels in made.items():
+        for i, a in enumerate(pixels):
+            files.append(tmp_path / f"{kind}{i}.png")
+            Image.fromarray(a).save(files[-1])
+    answers = p.predict_files(files)
+    assert all(a.reason == "out_of_distribution" for a in answers)
+    # the tiny data are noisy flat colours themselves: a random flat colour near a class's may pass
+    assert (
+        test["far_out"]["noise"]["abstention_rate"] == 1.0
+        and test["far_out"]["flat"]["abstention_rate"] >= 0.9
+    )
+    assert test["abstention_by_reason"]["out_of_distribution"] <= 0.5 and rule.ood is not None

@@ -97,7 +97,7 @@ def test_the_report_has_the_figures():
 def test_the_rule_round_trips_through_json():
     rule, _ = fit(*draw(np.random.default_rng(5), 100), 0.1, "synthetic")
     assert AbstentionRule.from_json(rule.to_json()) == rule
-    assert json.loads(rule.to_json())["format"] == "headstart.abstention/1"
+    assert json.loads(rule.to_json())["format"] == "headstart.abstention/2"
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_a_rule_for_other_classes_is_refused(tmp_path):
 def _rule(**kw) -> AbstentionRule:
     # the tiny graph: a saturated colour gives logits ~(7, -9, -9), grey ~(0, 0, 0) (energy ~ -1.1)
     d = dict(
-        temperature=1.0, alpha=0.1, set_threshold=0.5, energy_threshold=-3.0, n_classes=3, n_calibration=50
+        temperature=1.0, alpha=0.1, set_threshold=0.6, energy_threshold=-3.0, n_classes=3, n_calibration=50
     )
     return AbstentionRule(**{**d, **kw})
 
