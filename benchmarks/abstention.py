@@ -118,20 +118,23 @@ def png(array: np.ndarray) -> bytes:
 
 @dataclass
 class Scored:
-    """Each image's answer and, for the readable ones (in order), the logits it was made from."""
+    """Each image's answer and, for the readable ones (in order), the logits it was made from and the
+    graph's out-of-distribution score (`ood_score`, higher = farther; None: the model has no gate)."""
 
     predictions: list[Prediction]
     logits: np.ndarray
     wall_s: float = 0.0
     labels: list[str] | None = field(default=None, repr=False)
+    gate: np.ndarray | None = None
 
 
 def score(predictor: Predictor, items: list, load, names: list[str], batch_size: int = 64) -> Scored:
-    """Every item through the model once (decoding in threads): Predictor.logits, then
-    Predictor.decide, the step every runtime takes; an unreadable item gets its error."""
+    """Every item through the model once (decoding in threads): Predictor.outputs (the logits and
+    the gate's score), then Predictor.decide, the step every runtime takes; an unreadable item gets
+    its error."""
     start = time.perf_counter()
     results = [Prediction(n) for n in names]
-    rows = []
+    rows, gates = [], []
 
     def one(i: int):
         try:
@@ -147,13 +150,16 @@ def score(predictor: Predictor, items: list, load, names: list[str], batch_size:
             ]
             if not loaded:
                 continue
-            logits = predictor.logits(np.stack([x for _, x in loaded]))
+            logits, gate = predictor.outputs(np.stack([x for _, x in loaded]))
             rows.append(logits)
-            for (i, _), d in zip(loaded, predictor.decide(logits), strict=True):
+            if gate is not None:
+                gates.append(np.asarray(gate, np.float64).reshape(-1))
+            for (i, _), d in zip(loaded, predictor.decide(logits, ood_score=gate), strict=True):
                 for k, v in d.items():
                     setattr(results[i], k, v)
     z = np.concatenate(rows) if rows else np.zeros((0, len(predictor.classes)), np.float32)
-    return Scored(results, z, round(time.perf_counter() - start, 2))
+    gate_all = np.concatenate(gates) if gates else None
+    return Scored(results, z, round(time.perf_counter() - start, 2), gate=gate_all)
 
 
 def score_files(predictor: Predictor, paths: list[Path], labels: list[str] | None = None) -> Scored:
@@ -209,16 +215,26 @@ def ood_scores(logits: np.ndarray, temperature: float = 1.0) -> dict[str, np.nda
     return {"msp": -rest, "max_logit": top * temperature, "energy": (top + rest) * temperature}
 
 
-def aurocs(own: np.ndarray, other: np.ndarray, temperature: float = 1.0) -> dict[str, float | None]:
+def aurocs(
+    own: np.ndarray,
+    other: np.ndarray,
+    temperature: float = 1.0,
+    own_gate: np.ndarray | None = None,
+    other_gate: np.ndarray | None = None,
+) -> dict[str, float | None]:
     """AUROC of each score separating own (positive) from other images: 1.0 separates perfectly,
-    0.5 is chance, below 0.5 ranks the foreign images as more familiar."""
+    0.5 is chance, below 0.5 ranks the foreign images as more familiar. With the graph's gate scores,
+    `gate` (the shipped feature-space score, negated: higher = more familiar) is ranked beside them."""
     from sklearn.metrics import roc_auc_score
 
     if not len(own) or not len(other):
         return dict.fromkeys(SCORES)
     a, b = ood_scores(own, temperature), ood_scores(other, temperature)
     y = np.r_[np.ones(len(own)), np.zeros(len(other))]
-    return {s: round(float(roc_auc_score(y, np.r_[a[s], b[s]])), 4) for s in SCORES}
+    out = {s: round(float(roc_auc_score(y, np.r_[a[s], b[s]])), 4) for s in SCORES}
+    if own_gate is not None and other_gate is not None and len(own_gate) and len(other_gate):
+        out["gate"] = round(float(roc_auc_score(y, -np.r_[own_gate, other_gate])), 4)
+    return out
 
 
 def rule(predictor: Predictor) -> dict | None:
@@ -265,7 +281,9 @@ def measure(predictor: Predictor, own: Scored, foreign: dict[str, list[Path]], s
     for kind in SYNTHETIC:
         scored[kind] = score_bytes(predictor, synthetic(kind, s.per_kind))
     groups = {k: {**figures(v.predictions, v.labels), "wall_s": v.wall_s} for k, v in scored.items()}
-    separation = {k: aurocs(own.logits, v.logits) for k, v in scored.items() if k != "own_test"}
+    separation = {
+        k: aurocs(own.logits, v.logits, 1.0, own.gate, v.gate) for k, v in scored.items() if k != "own_test"
+    }
     out = {
         "rule": {"present": r is not None, "alpha": alpha, **({"metadata": r} if r else {})},
         "groups": groups,
@@ -282,7 +300,8 @@ def measure(predictor: Predictor, own: Scored, foreign: dict[str, list[Path]], s
 
 def best_score(separation: dict[str, dict]) -> dict:
     """Each score's worst AUROC over the groups: the gate must work on every one of them."""
-    worst = {s: min((g[s] for g in separation.values() if g[s] is not None), default=None) for s in SCORES}
+    names = [*SCORES, *(["gate"] if any("gate" in g for g in separation.values()) else [])]
+    worst = {s: min((g[s] for g in separation.values() if g.get(s) is not None), default=None) for s in names}
     ranked = sorted((v, s) for s, v in worst.items() if v is not None)
     return {"worst_auroc": worst, "best": ranked[-1][1] if ranked else None}
 
@@ -370,7 +389,21 @@ def markdown(report: dict) -> str:
                 f"{fmt(why.get('ambiguous', 0))}) | {fmt(g.get('accuracy_kept'))} | {bar} | "
                 f"{'yes' if c['holds'] else 'NO'} |"
             )
+    lines += ["", "| model | AUROC vs | " + " | ".join(AUROC_NAMES.values()) + " |"]
+    lines.append("|---|---|" + "---|" * len(AUROC_NAMES))
+    for run in report["datasets"]:
+        for group, a in run["auroc"].items():
+            cells = " | ".join(fmt(a.get(k)) for k in AUROC_NAMES)
+            lines.append(f"| {run['dataset']} | {group} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+AUROC_NAMES = {
+    "msp": "max softmax",
+    "max_logit": "max logit",
+    "energy": "energy",
+    "gate": "shipped gate (features)",
+}
 
 
 def fmt(v: float | None) -> str:

@@ -175,3 +175,14 @@ def test_a_model_without_a_rule_reads_the_default_alpha(tmp_path):
     assert rule(predictor) is None and DEFAULT_ALPHA == 0.1
     with pytest.raises(HeadstartError, match="headstart.abstention"):  # a damaged rule is refused
         Predictor(tiny_onnx(tmp_path / "b.onnx", meta={"headstart.abstention": "{not json"}))
+
+
+def test_the_shipped_gate_score_is_ranked_beside_the_logit_scores():
+    """Graph scores (higher = farther) become a `gate` AUROC; without them the column is absent."""
+    from benchmarks.abstention import aurocs, best_score
+
+    own, other = np.zeros((4, 2)), np.zeros((4, 2))
+    with_gate = aurocs(own, other, 1.0, np.array([0.1, 0.2, 0.3, 0.4]), np.array([5.0, 6.0, 7.0, 8.0]))
+    assert with_gate["gate"] == 1.0 and with_gate["energy"] == 0.5
+    assert "gate" not in aurocs(own, other)
+    assert best_score({"noise": with_gate})["best"] == "gate"
