@@ -315,7 +315,7 @@ def _summary(r: dict) -> None:
     art = Path(r["artifacts_dir"])
     rate, diff = th["extract_images_per_s"], ex["max_abs_logit_diff"]
     speed = f" at {rate:.1f} img/s" if rate else ""
-    scratch = _scratch_lines(r)
+    scratch, abst = _scratch_lines(r), _abstention_lines(r)
     print(f"""
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
@@ -323,7 +323,7 @@ headstart: done.
   domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
   finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}{scratch}
-  test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images
+  test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{abst}
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
   onnx        {ex["onnx_path"]}
@@ -343,6 +343,20 @@ def _scratch_lines(r: dict) -> str:
         f"\n  scratch     {'trained' if sc['ran'] else 'not trained'}: {sc['reason']}"
         f"\n  select      {se['chosen']} ({se['kind']}): {se['reason']}"
         f"\n  transfer gain  {gain_line(r['evaluate'].get('transfer_gain'))}"
+    )
+
+
+def _abstention_lines(r: dict) -> str:
+    """calibrate's rule and what it did on the test split (absent from results of a flow before
+    those stages)."""
+    from headstart.calibration import selective_line
+
+    if not r.get("calibrate") or not r["evaluate"].get("abstention"):
+        return ""
+    c = r["calibrate"]
+    return (
+        f"\n  calibrate   temperature {c['temperature']:.3f} on {c['n']} held-out images ({c['source']})"
+        f"\n  abstention  {selective_line(r['evaluate']['abstention'])}"
     )
 
 

@@ -27,6 +27,7 @@ class EvaluateResult:
     n_test: int
     model_kind: str = "head"
     transfer_gain: dict | None = None
+    abstention: dict | None = None  # the shipped rule on the test split (calibration.selective)
 
 
 def evaluate(cfg: Params) -> EvaluateResult:
@@ -65,7 +66,7 @@ def evaluate(cfg: Params) -> EvaluateResult:
             confusion_png(np.array(m["confusion_matrix"]), model.classes, "test confusion matrix"),
         )
         predictions.to_csv(out / "predictions.csv", index=False)
-    return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"], model.kind, gain)
+    return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"], model.kind, gain, kept)
 
 
 def _probabilities(cfg: Params, model, rows, paths, what: str = "probabilities") -> np.ndarray:

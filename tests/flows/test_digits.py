@@ -67,7 +67,8 @@ def test_digits_mismatch_trains_scratch_selects_exports_and_predicts(tmp_path):
     assert json.loads((art / "register" / "run.json").read_text())["model_version"] == "1"
     gain = json.loads((art / "evaluate" / "metrics.json").read_text())["transfer_gain"]
     assert gain["measured"]
-    for line in ("scratch     trained", "select      ", "transfer gain  ", "promotion   v1 -> champion"):
+    lines = ("scratch     trained", "select      ", "transfer gain  ", "promotion   v1 -> champion")
+    for line in (*lines, "calibrate   temperature", "abstention  set coverage"):
         assert line in out.stdout, out.stdout[-2000:]  # a mismatch answered by selection is promotable
     image = next((data / "digit_7").iterdir())
     pred = subprocess.run(
