@@ -435,6 +435,9 @@ def combine(reports: list[dict]) -> dict:
     if len(set(names)) < len(names):
         raise SystemExit(f"--combine: a data set appears twice: {names}")
     sizes = {d["dataset"]: r["settings"].get("sizes") for r in reports for d in r["datasets"]}
+    for r in reports:  # JSON made the summaries' sizes strings: "100" would sort before "20"
+        for d in r["datasets"]:
+            d["summary"] = {m: {int(n): v for n, v in rows.items()} for m, rows in d["summary"].items()}
     return {
         **first,
         "settings": {**first["settings"], "sizes": sizes},

@@ -112,7 +112,7 @@ def test_transfer_reports_run_apart_combine_into_one_and_refuse_a_doubled_data_s
     out = main(["--combine", *map(str, files), "--markdown", str(tmp_path / "t.md")])
     assert [d["dataset"] for d in out["datasets"]] == ["lfw", "digits"] and out["wall_s"] == 42.5
     assert out["settings"] == {"seeds": 3, "sizes": {"lfw": [5], "digits": [5]}}
-    assert "| lfw | 5 |" in (tmp_path / "t.md").read_text()
+    assert "| lfw | 5 | 0.500 | - | 0.500 |" in (tmp_path / "t.md").read_text()  # sizes read back as numbers
     with pytest.raises(SystemExit, match="appears twice"):
         main(["--combine", str(files[0]), str(files[0])])
     other = report("elpv-type", 1.0) | {"settings": {"seeds": 1}}
