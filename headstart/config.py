@@ -192,7 +192,7 @@ class ScratchParams(Section):
     patience: Int = Field(10, gt=0, le=MAX_EPOCHS)
     label_smoothing: Float = Field(0.1, ge=0.0, lt=1.0)
     class_balance: Literal["weighted", "sampler", "none"] = "weighted"
-    min_train_images: Int = Field(2000, ge=0, le=10**9)
+    min_train_images: Int = Field(1000, ge=0, le=10**9)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
 
