@@ -355,7 +355,7 @@ def _abstention_lines(r: dict) -> str:
         return ""
     c = r["calibrate"]
     return (
-        f"\n  calibrate   temperature {c['temperature']:.3f} on {c['n']} held-out images ({c['source']})"
+        f"\n  calibrate   temperature {c['temperature']:.3f} on {c['n']} held-out images: {c['source']}"
         f"\n  abstention  {selective_line(r['evaluate']['abstention'])}"
     )
 
