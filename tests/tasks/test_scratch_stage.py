@@ -13,6 +13,7 @@ import pytest
 from headstart.config import load_params
 from headstart.stages import NAMES as STAGE_NAMES
 from headstart.stages import get
+from tasks.calibrate import calibrate
 from tasks.domain import domain
 from tasks.evaluate import evaluate
 from tasks.export import export
@@ -169,6 +170,7 @@ def test_a_selected_scratch_model_is_evaluated_exported_parity_gated_and_predict
     assert (c.stage_dir("select") / "model.pt").read_bytes() == (
         c.stage_dir("scratch") / "model" / "model.pt"
     ).read_bytes()
+    calibrate(c)  # as the flow does: the rule (and its feature gate) is the selected model's
     ev = evaluate(c)
     assert ev.model_kind == "scratch" and ev.transfer_gain["measured"]
     assert ev.accuracy == pytest.approx(ev.transfer_gain["scratch"]["test_accuracy"])
