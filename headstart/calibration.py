@@ -413,7 +413,13 @@ class FeatureGate:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """(n,) scores of (n, d) pooled features: higher is stranger."""
-        r = unit(np.asarray(features, np.float64))[:, None, :] - self.means[None]
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.means.shape[1]:
+            raise HeadstartError(
+                f"the out-of-distribution gate was fitted on {self.means.shape[1]} features per image but "
+                f"the model gives {x.shape[1:]}: it belongs to another model; run the calibrate stage again"
+            )
+        r = unit(x)[:, None, :] - self.means[None]
         p = r @ self.basis
         return ((p**2) @ self.weights + (r**2).sum(-1) / self.sigma2).min(1)
 

@@ -263,3 +263,14 @@ def test_triton_lists_the_score_and_its_client_answers_as_predictor(tiny_weights
         (e.label, e.abstain, e.reason) for e in expected
     ]
     assert 0 < sum(e.reason == OUT_OF_DISTRIBUTION for e in expected) < len(images)
+
+
+def test_a_gate_fitted_for_another_model_is_one_line_not_a_broadcast_error():
+    """A stale calibrate output (e.g. a stage run by hand after select chose another model) names the fix."""
+    from headstart import HeadstartError
+    from headstart.calibration import fit_gate
+
+    rng = np.random.default_rng(0)
+    gate, _ = fit_gate(rng.normal(size=(60, 16)), np.repeat([0, 1], 30), 2)
+    with pytest.raises(HeadstartError, match="fitted on 16 features .* run the calibrate stage again"):
+        gate.score(rng.normal(size=(3, 64)))
