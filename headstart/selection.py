@@ -54,6 +54,21 @@ def choose(transfer: dict, scratch: dict | None, margin: float) -> tuple[dict, s
     return transfer, f"transfer kept: {figures}; scratch must beat it by more than the margin"
 
 
+def gain_on_test(
+    y: np.ndarray, models: dict, probabilities: dict, candidates: dict, n: int, confidence: float, seed: int
+) -> dict:
+    """Both candidates on the same test images (`models` and `probabilities` by name, "transfer" and
+    "scratch"; `candidates`: select's figures, for the wall times): each one's test accuracy, size and
+    training time, and transfer's gain over scratch (transfer_gain)."""
+    out, preds = {"measured": True}, {}
+    for name, model in models.items():
+        preds[name] = np.array([model.classes[i] for i in probabilities[name].argmax(1)])
+        accuracy = float((preds[name] == y).mean())
+        out[name] = {"kind": model.kind, "test_accuracy": accuracy, "parameters": model.parameters()}
+        out[name]["wall_s"] = candidates[name]["wall_s"]
+    return out | transfer_gain(y, preds["transfer"], preds["scratch"], n, confidence, seed)
+
+
 def transfer_gain(
     y: np.ndarray, pred_transfer: np.ndarray, pred_scratch: np.ndarray, n: int, confidence: float, seed: int
 ) -> dict:

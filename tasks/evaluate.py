@@ -16,7 +16,7 @@ from headstart.calibration import read_gate, read_rule, selective, selective_lin
 from headstart.config import Params
 from headstart.metrics import classification_metrics, confusion_png, metrics_markdown
 from headstart.models import far_out_abstention, load_model
-from headstart.selection import gain_line, transfer_gain
+from headstart.selection import gain_line, gain_on_test
 from tasks import _inputs
 
 
@@ -82,17 +82,11 @@ def _transfer_gain(cfg: Params, rows, paths, chosen_probs: np.ndarray) -> dict:
     candidates = {c["name"]: c for c in sel["candidates"]}
     if "scratch" not in candidates:
         return {"measured": False, "why_not": f"no from-scratch model ({sel['scratch_reason']})"}
-    out, preds = {"measured": True}, {}
-    for name, (stage, file) in _inputs.MODEL_FILES.items():
-        model = load_model(_inputs.stage_file(cfg, stage, file))
-        probs = chosen_probs if name == sel["chosen"] else _probabilities(cfg, model, rows, paths)
-        preds[name] = np.array([model.classes[i] for i in probs.argmax(1)])
-        accuracy = float((preds[name] == rows["label"].to_numpy()).mean())
-        out[name] = {"kind": model.kind, "test_accuracy": accuracy, "parameters": model.parameters()}
-        out[name]["wall_s"] = candidates[name]["wall_s"]
-    y = rows["label"].to_numpy()
+    models = {n: load_model(_inputs.stage_file(cfg, *f)) for n, f in _inputs.MODEL_FILES.items()}
+    probs = {
+        n: chosen_probs if n == sel["chosen"] else _probabilities(cfg, m, rows, paths)
+        for n, m in models.items()
+    }
     p = cfg.promote
-    out |= transfer_gain(
-        y, preds["transfer"], preds["scratch"], p.n_bootstrap, p.confidence, cfg.project.seed
-    )
-    return out
+    y = rows["label"].to_numpy()
+    return gain_on_test(y, models, probs, candidates, p.n_bootstrap, p.confidence, cfg.project.seed)
