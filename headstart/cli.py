@@ -316,6 +316,9 @@ def _summary(r: dict) -> None:
     rate, diff = th["extract_images_per_s"], ex["max_abs_logit_diff"]
     speed = f" at {rate:.1f} img/s" if rate else ""
     scratch, abst = _scratch_lines(r), _abstention_lines(r)
+    from headstart.metrics import ci_text
+
+    acc = f"{ev['accuracy']:.4f}{ci_text(ev.get('accuracy_ci'), ev.get('ci_confidence', 0.95))}"
     print(f"""
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
@@ -323,7 +326,7 @@ headstart: done.
   domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
   finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}{scratch}
-  test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{abst}
+  test        accuracy {acc}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{abst}
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
   onnx        {ex["onnx_path"]}
@@ -339,9 +342,10 @@ def _scratch_lines(r: dict) -> str:
     if "select" not in r:
         return ""
     sc, se = r["scratch"], r["select"]
+    val = f"; {se['val']}" if se.get("val") else ""  # the chosen candidate's, with its CI
     return (
         f"\n  scratch     {'trained' if sc['ran'] else 'not trained'}: {sc['reason']}"
-        f"\n  select      {se['chosen']} ({se['kind']}): {se['reason']}"
+        f"\n  select      {se['chosen']} ({se['kind']}): {se['reason']}{val}"
         f"\n  transfer gain  {gain_line(r['evaluate'].get('transfer_gain'))}"
     )
 

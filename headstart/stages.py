@@ -101,7 +101,7 @@ STAGES: tuple[Stage, ...] = (
             "scratch/decision.json",
         ),
         outs=("select/model.pt", "select/decision.json"),
-        params=("select",),
+        params=("select", "project.seed", "promote.n_bootstrap", "promote.confidence"),  # val CIs
         artifact="model-selection",
     ),
     Stage(
@@ -109,7 +109,7 @@ STAGES: tuple[Stage, ...] = (
         # train_head's best epoch sets how long each cross-fitted head trains
         deps=(MANIFEST, "select/model.pt", "train_head/metrics.json"),
         outs=("calibrate/abstention.json", "calibrate/ood_gate.npz"),
-        params=("serve", "project.seed", "train_head"),
+        params=("serve", "project.seed", "train_head", "promote.n_bootstrap", "promote.confidence"),
         reads_data=True,
         artifact="abstention",
     ),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from headstart.atomic import directory, write_bytes, write_json, write_text
-from headstart.calibration import fit, fit_gate, gate_file_bytes, to_markdown
+from headstart.calibration import fit, fit_gate, gate_file_bytes, kept_interval, to_markdown
 from headstart.config import Params
 from headstart.models import load_model
 from tasks import _inputs
@@ -45,6 +45,8 @@ def calibrate(cfg: Params) -> CalibrateResult:
         scores = None if gate is None else gate.score(_features(cfg, model, val, paths))
     rule, report = fit(logits, y, s.alpha, source, scores, s.ood_alpha, gate.k if gate else None)
     report["gate_fit"] = why  # what the constants were fitted on, or why the rule fell back
+    b = cfg.promote.n_bootstrap, cfg.promote.confidence, cfg.project.seed  # promotion's bootstrap
+    report["held_out"] = kept_interval(report["held_out"], *b)
     d = {"rule": rule.__dict__, "report": report}
     with directory(cfg.stage_dir("calibrate")) as out:
         write_json(out / "abstention.json", d)
