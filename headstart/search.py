@@ -122,6 +122,22 @@ class Search:
             update={"max_epochs": max(1, self.estimate["epochs"]), "patience": MAX_EPOCHS}
         )
 
+    def line(self) -> str:
+        """The run summary's account of how the head's settings were chosen."""
+        p = self.params
+        notes = "".join(f"; {n}" for n in self.notes)
+        if self.estimate is None:
+            return f"settings as given (search off){notes}"
+        head = "linear head" if p.hidden == 0 else f"hidden {p.hidden}"
+        views = f", {p.augment_views} augmented views" if p.augment_views else ""
+        e, how = self.estimate, "refit on train+val for" if self.refit else "early-stopped on val at"
+        return (
+            f"searched {len(self.trials)} trials on {self.folds.describe()}: {head}, lr {p.lr:.1e}, "
+            f"weight decay {p.weight_decay:.1e}, dropout {p.dropout:.2f}, class balance {p.class_balance}"
+            f"{views}; CV accuracy {e['accuracy']:.4f} +- {e['accuracy_std']:.4f} over {self.folds.k} "
+            f"fold(s), {how} {e['epochs']} epochs; {self.wall_s:.1f} s{notes}"
+        )
+
     def to_json(self) -> dict:
         p = self.params
         return {
@@ -133,6 +149,7 @@ class Search:
             "estimate": self.estimate,
             "refit_epochs": self.final_params().max_epochs if self.refit else None,
             "notes": self.notes,
+            "line": self.line(),
             "n_trials": len(self.trials),
             "n_pruned": sum(t["state"] == "PRUNED" for t in self.trials),
             "wall_s": round(self.wall_s, 2),

@@ -27,6 +27,7 @@ class TrainHeadResult:
     features_computed: int
     features_cached: int
     extract_images_per_s: float | None
+    search: str  # how the head's settings were chosen (the run summary's `head` line)
 
 
 def train_head(cfg: Params) -> TrainHeadResult:
@@ -76,6 +77,7 @@ def train_head(cfg: Params) -> TrainHeadResult:
         "train_loss": best["train_loss"],
         **held_out,
         "val_estimate": "cross-validated" if search.refit else "validation split",
+        "val_accuracy_n": len(y) if search.refit else len(yv),  # the images that accuracy counts
         "refit_on_train_val": search.refit,
         "cv_accuracy": search.estimate["accuracy"] if search.estimate else None,
         "cv_accuracy_std": search.estimate["accuracy_std"] if search.estimate else None,
@@ -99,5 +101,10 @@ def train_head(cfg: Params) -> TrainHeadResult:
         write_json(out / "metrics.json", metrics)
         write_json(out / "search.json", search.to_json())
     return TrainHeadResult(
-        best_epoch, metrics["val_accuracy"], extracted.computed, metrics["features_cached"], extracted.rate
+        best_epoch,
+        metrics["val_accuracy"],
+        extracted.computed,
+        metrics["features_cached"],
+        extracted.rate,
+        search.line(),
     )
