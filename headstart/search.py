@@ -244,3 +244,38 @@ def _trial_row(t) -> dict:
         "score": t.value if t.state.name == "COMPLETE" else None,
         "wall_s": t.user_attrs.get("wall_s"),
     }
+
+
+def train_best_head(
+    xt: np.ndarray,
+    yt: np.ndarray,
+    xv: np.ndarray,
+    yv: np.ndarray,
+    views: np.ndarray | None,
+    num_classes: int,
+    p: TrainHeadParams,
+    seed: int,
+    val_views=None,
+    on_epoch=None,
+) -> tuple:
+    """train_head's head from cached features: the search, then the final fit (a refit on train+val
+    in CV mode, else early-stopped on val): (head, history, best_epoch, search). `views` (len(yt), K,
+    F): the training rows' augmented views; `val_views()` the val rows', called only when val rows
+    train (CV folds), as they may cost backbone passes; held-out val rows never train on views."""
+    folds = plan_folds(yt, yv, p.search, seed)
+    x, y = np.concatenate([xt, xv]), np.concatenate([yt, yv])
+    both = None
+    if p.augment_views:
+        val_trains = folds.mode == "cv" and p.search.trials and val_views is not None
+        both = np.concatenate(
+            [views, val_views() if val_trains else np.repeat(xv[:, None], p.augment_views, 1)]
+        )
+    search = search_head(x, y, folds, num_classes, p, seed, views=both)
+    chosen = search.final_params()
+    n = len(y) if search.refit else len(yt)
+    x_val, y_val = (xv[:0], yv[:0]) if search.refit else (xv, yv)
+    views_fit = both[:n] if chosen.augment_views else None
+    head, history, best = fit_head(
+        x[:n], y[:n], x_val, y_val, num_classes, chosen, seed, views=views_fit, on_epoch=on_epoch
+    )
+    return head, history, best, search

@@ -14,9 +14,9 @@ from headstart.atomic import directory, write_json
 from headstart.backbones import load_backbone
 from headstart.config import Params
 from headstart.features import Extracted, Features
-from headstart.search import SEARCHED, plan_folds, search_head
+from headstart.search import SEARCHED, train_best_head
 from headstart.tracking import curve_logger
-from headstart.training import fit_head, proven_frozen, save_model
+from headstart.training import proven_frozen, save_model
 from tasks import _inputs
 
 
@@ -41,28 +41,18 @@ def train_head(cfg: Params) -> TrainHeadResult:
     with proven_frozen(backbone.model, [], "train_head") as frozen:  # the whole backbone is frozen here
         (xt, views, xv), extracted = features.for_training(train, val, p.augment_views, seed)
         yt, yv = (rows["label"].map(classes.index).to_numpy(np.int64) for rows, _ in (train, val))
-        folds = plan_folds(yt, yv, p.search, seed)
-        x, y = np.concatenate([xt, xv]), np.concatenate([yt, yv])
-        if p.augment_views and folds.mode == "cv" and p.search.trials:  # val rows train in CV folds too
-            val_views, n = features.views(val[1], list(val[0]["sha256"]), p.augment_views, seed)
-            extracted = Extracted(extracted.computed + n, extracted.rate)
-        else:  # held out, never trained on: their "views" are never drawn
-            val_views = np.repeat(xv[:, None], p.augment_views, 1)
-        views = np.concatenate([views, val_views])
-        search = search_head(x, y, folds, len(classes), p, seed, views=views if p.augment_views else None)
-        chosen, live = search.final_params(), curve_logger(cfg, "train_head")
-        n_t = len(y) if search.refit else len(yt)
-        head, history, best_epoch = fit_head(
-            x[:n_t],
-            y[:n_t],
-            xv[:0] if search.refit else xv,
-            yv[:0] if search.refit else yv,
-            len(classes),
-            chosen,
-            seed,
-            views=views[:n_t] if chosen.augment_views else None,
-            on_epoch=live,
+        computed = []
+
+        def val_views() -> np.ndarray:  # val rows train in CV folds: their views too
+            v, n = features.views(val[1], list(val[0]["sha256"]), p.augment_views, seed)
+            computed.append(n)
+            return v
+
+        head, history, best_epoch, search = train_best_head(
+            xt, yt, xv, yv, views, len(classes), p, seed, val_views, curve_logger(cfg, "train_head")
         )
+        extracted = Extracted(extracted.computed + sum(computed), extracted.rate)
+        chosen = search.final_params()
     best = history[best_epoch - 1]
     # on small data the held-out figures are the search's cross-validated ones: the refit saw val
     held_out = (
@@ -77,7 +67,7 @@ def train_head(cfg: Params) -> TrainHeadResult:
         "train_loss": best["train_loss"],
         **held_out,
         "val_estimate": "cross-validated" if search.refit else "validation split",
-        "val_accuracy_n": len(y) if search.refit else len(yv),  # the images that accuracy counts
+        "val_accuracy_n": len(yt) + len(yv) if search.refit else len(yv),  # the images that accuracy counts
         "refit_on_train_val": search.refit,
         "cv_accuracy": search.estimate["accuracy"] if search.estimate else None,
         "cv_accuracy_std": search.estimate["accuracy_std"] if search.estimate else None,
