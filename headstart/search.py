@@ -231,6 +231,12 @@ def search_head(
     return Search(chosen, folds, best.user_attrs["estimate"], trials, notes, time.perf_counter() - start)
 
 
+def chosen_params(p: TrainHeadParams, head_metrics: dict) -> tuple[TrainHeadParams, int]:
+    """train_head's params with the settings its search chose (from its metrics.json), and the epochs
+    the shipped head trained (its best epoch): how a cross-fitted head reproduces it."""
+    return p.model_copy(update=head_metrics.get("settings", {})), head_metrics["best_epoch"]
+
+
 def _trial_row(t) -> dict:
     est = t.user_attrs.get("estimate") or {}
     return {

@@ -66,7 +66,12 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train_head",
         deps=(MANIFEST, "domain/report.json"),
-        outs=("train_head/model.pt", "train_head/history.json", "train_head/metrics.json"),
+        outs=(
+            "train_head/model.pt",
+            "train_head/history.json",
+            "train_head/metrics.json",
+            "train_head/search.json",
+        ),
         # the domain pass put its features in the cache: which images it saw is an input here
         params=("project.seed", "train_head", "domain.max_images"),
         reads_data=True,

@@ -409,6 +409,8 @@ def pipeline_record(
         "finetune.finetuned": str(tune["finetuned"]).lower(),
         "finetune.reason": tune["reason"],
         "classes": names if len(names) <= 5000 else f"{len(classes)} classes: see classes.json",
+        # the head's settings as the search chose them (every trial: train_head/search.json)
+        **{f"train_head.chosen.{k}": str(v) for k, v in train.get("settings", {}).items()},
     }
     if sel := reports.get("select"):
         tags |= {"select.chosen": sel["chosen"], "select.kind": sel["kind"], "select.reason": sel["reason"]}

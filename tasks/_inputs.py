@@ -29,13 +29,6 @@ def read_json(cfg: Params, stage: str, name: str) -> dict:
         raise _damaged(path, stage, exc) from None
 
 
-def head_settings(cfg: Params):
-    """train_head's params with the settings its search chose, and the epochs the shipped head trained
-    (its best epoch): how a cross-fitted head reproduces it."""
-    metrics = read_json(cfg, "train_head", "metrics.json")
-    return cfg.train_head.model_copy(update=metrics.get("settings", {})), metrics["best_epoch"]
-
-
 def prepared_manifest(cfg: Params) -> pd.DataFrame:
     """Every file found, with what decoding it found (prepare's output)."""
     return _parquet(cfg, "prepare")

@@ -15,6 +15,7 @@ from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.calibration import fit, fit_gate, gate_file_bytes, kept_interval, to_markdown
 from headstart.config import Params
 from headstart.models import load_model
+from headstart.search import chosen_params
 from tasks import _inputs
 
 
@@ -72,7 +73,8 @@ def _crossfit(cfg: Params, model, frame):
     rows = frame[frame["split"].isin(["train", "val"])].reset_index(drop=True)
     k, seed = len(model.classes), cfg.project.seed
     x, y = _features(cfg, model, rows, [cfg.prepare.data_dir / x for x in rows["path"]]), _labels(model, rows)
-    p, epochs = _inputs.head_settings(cfg)  # each fold's head trained as the shipped one was
+    # each fold's head trained as the shipped one was
+    p, epochs = chosen_params(cfg.train_head, _inputs.read_json(cfg, "train_head", "metrics.json"))
     logits = out_of_fold_logits(x, y, k, p, cfg.serve.folds, epochs, seed)
     which, scores = stratified_folds(y, cfg.serve.folds, seed), np.zeros(len(y))  # out_of_fold_logits' folds
     gate, why = fit_gate(x, y, k)

@@ -10,6 +10,7 @@ from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
 from headstart.finetune import Images, Tuned, gate, to_markdown, tune
+from headstart.search import chosen_params
 from headstart.tracking import curve_logger
 from tasks import _inputs
 
@@ -51,7 +52,7 @@ def finetune(cfg: Params) -> FinetuneResult:
     else:
         epochs = head_metrics["epochs_run"]  # one step axis
         live = curve_logger(cfg, "finetune", offset=epochs)
-        th = _inputs.head_settings(cfg)[0]  # the class balance train_head's search chose
+        th = chosen_params(cfg.train_head, head_metrics)[0]  # the class balance the search chose
         tuned = tune(head_file, train, val, p, th, cfg.project.seed, cfg.project.cache_dir, live)
     d = {**tuned.decision, "gate": inputs}
     with directory(cfg.stage_dir("finetune")) as out:
