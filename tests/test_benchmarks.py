@@ -131,3 +131,63 @@ def test_serving_benchmark_load_and_memory_readings():
     assert len(calls) == result["requests"] == 12 and sorted(set(calls)) == [b"a", b"b"]
     assert 0 <= result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] and result["images_per_s"] > 0
     assert group_rss_mb(os.getpgrp()) > 10  # this process at least
+
+
+def test_quality_benchmark_scores_default_searched_and_views_heads(tmp_path, tiny_weights):
+    """digits-20 with the tiny backbone, 1 seed, 2 trials: the pipeline's splits, each method's test
+    accuracy with its CI, the search's CV estimate only where it searched, views only where asked."""
+    from benchmarks.quality import Settings, markdown, run_dataset
+    from headstart.config import TrainHeadParams
+    from tests.conftest import TINY_BACKBONE
+
+    th = TrainHeadParams(
+        backbone=TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1], max_epochs=4
+    )
+    run = run_dataset("digits-20", tmp_path / "data", tmp_path / "features", Settings(1, 1, 2), th)
+    assert run["images"] == 200 and run["classes"] == [str(d) for d in range(10)]
+    assert run["feature_extraction"]["computed"] == 200
+    points = {p["method"]: p for p in run["points"]}
+    assert list(points) == ["default", "searched", "searched+views"]
+    for p in points.values():
+        assert p["n_train"] + p["n_val"] + p["n_test"] == 200 and p["test_ci"][0] <= p["test_accuracy"]
+        assert p["test_accuracy"] <= p["test_ci"][1] and p["head_s"] > 0
+    assert points["default"]["search_mode"] == "off" and points["default"]["cv_accuracy"] is None
+    assert points["searched"]["search_mode"] == "cv" and points["searched"]["trials"] == 2
+    assert points["searched"]["views_computed"] == 0 and points["searched+views"]["views_computed"] > 0
+    assert points["searched+views"]["views_s"] > 0
+    assert "| digits-20 | 200 (" in markdown({"datasets": [run]})
+
+
+def test_quality_summary_counts_seeds_helped_and_combines_reports(tmp_path):
+    import json
+
+    from benchmarks.quality import main, summarise
+
+    def point(method: str, seed: int, acc: float) -> dict:
+        return {"method": method, "seed": seed, "test_accuracy": acc, "macro_f1": acc, "cv_accuracy": None,
+                "test_ci": [acc - 0.1, acc + 0.1], "n_test": 40, "head_s": 1.0, "views_s": 0.0}  # fmt: skip
+
+    points = [point("default", s, 0.8) for s in range(3)]
+    points += [point("searched", s, a) for s, a in enumerate((0.9, 0.8, 0.75))]
+    gain = summarise(points)["searched"]["gain_over_default"]
+    assert gain == {"mean": round(0.05 / 3, 4), "helped": 1, "hurt": 1, "tied": 1}
+    run = {"dataset": "lfw", "images": 200, "summary": summarise(points)}
+    report = {"mode": "full", "settings": {"seeds": 3}, "datasets": [run], "wall_s": 5.0}
+    (tmp_path / "a.json").write_text(json.dumps(report))
+    (tmp_path / "b.json").write_text(json.dumps(report | {"datasets": [run | {"dataset": "elpv-type"}]}))
+    out = main(
+        [
+            "--combine",
+            str(tmp_path / "b.json"),
+            str(tmp_path / "a.json"),
+            "--markdown",
+            str(tmp_path / "t.md"),
+        ]
+    )
+    assert [d["dataset"] for d in out["datasets"]] == ["elpv-type", "lfw"] and out["wall_s"] == 10.0
+    assert (
+        "| lfw | 200 (40) | 0.800 (0.000) | 0.817 (0.062) | +0.017 (1/1/1) | - |"
+        in (tmp_path / "t.md").read_text()
+    )
+    with pytest.raises(SystemExit, match="appears twice"):
+        main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "a.json")])
