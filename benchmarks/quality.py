@@ -193,6 +193,8 @@ def summarise(points: list[dict]) -> dict:
             "n_test": round(float(g["n_test"].mean()), 1),
             "head_s": round(float(g["head_s"].mean()), 2),
             "views_s": round(float(g["views_s"].mean()), 2),
+            "chose_views": int(g["chosen"].map(lambda c: c["augment_views"] > 0).sum()),
+            "trials": round(float(g["trials"].mean()), 1),
             "seeds": len(g),
         }
     base = frame[frame["method"] == "default"].set_index("seed")["test_accuracy"]
@@ -212,19 +214,21 @@ def markdown(report: dict) -> str:
     """The README's table: a row per data set, mean test accuracy (spread over seeds) per method."""
     lines = [
         "| data set | images (test) | default | searched | gain (+/-/=) | searched+views | gain (+/-/=) "
-        "| head s: default / searched / +views | views s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| views chosen | head s: default / searched / +views | views s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["datasets"]:
         s = run["summary"]
         acc = {m: f"{s[m]['test_accuracy']:.3f} ({s[m]['std']:.3f})" if m in s else "-" for m in METHODS}
         gain = {m: _gain(s.get(m, {}).get("gain_over_default")) for m in METHODS}
         walls = " / ".join(f"{s[m]['head_s']:.1f}" if m in s else "-" for m in METHODS)
-        views = f"{s['searched+views']['views_s']:.1f}" if "searched+views" in s else "-"
+        sv = s.get("searched+views")
+        views = f"{sv['chose_views']}/{sv['seeds']} | " if sv else "- | "
+        views += f"{walls} | " + (f"{sv['views_s']:.1f}" if sv else "-")
         lines.append(
             f"| {run['dataset']} | {run['images']} ({s['default']['n_test']:.0f}) | {acc['default']} | "
             f"{acc['searched']} | {gain['searched']} | {acc['searched+views']} | {gain['searched+views']} | "
-            f"{walls} | {views} |"
+            f"{views} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -241,6 +245,8 @@ def combine(reports: list[dict]) -> dict:
     names = [d["dataset"] for r in reports for d in r["datasets"]]
     if len(set(names)) < len(names):
         raise SystemExit(f"--combine: a data set appears twice: {names}")
+    for d in (d for r in reports for d in r["datasets"] if d.get("points")):
+        d["summary"] = summarise(d["points"])  # a report from before a summary's field was added
     runs = sorted((d for r in reports for d in r["datasets"]), key=lambda d: DATASETS.index(d["dataset"]))
     return {**first, "datasets": runs, "wall_s": round(sum(r["wall_s"] for r in reports), 1)}
 

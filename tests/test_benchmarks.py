@@ -165,7 +165,8 @@ def test_quality_summary_counts_seeds_helped_and_combines_reports(tmp_path):
 
     def point(method: str, seed: int, acc: float) -> dict:
         return {"method": method, "seed": seed, "test_accuracy": acc, "macro_f1": acc, "cv_accuracy": None,
-                "test_ci": [acc - 0.1, acc + 0.1], "n_test": 40, "head_s": 1.0, "views_s": 0.0}  # fmt: skip
+                "test_ci": [acc - 0.1, acc + 0.1], "n_test": 40, "head_s": 1.0, "views_s": 0.0, "trials": 20,
+                "chosen": {"augment_views": 0}}  # fmt: skip
 
     points = [point("default", s, 0.8) for s in range(3)]
     points += [point("searched", s, a) for s, a in enumerate((0.9, 0.8, 0.75))]
