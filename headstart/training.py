@@ -117,7 +117,7 @@ def fit_head(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     head = make_head(x_train.shape[1], num_classes, p.hidden, p.dropout)
-    opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay, foreach=True)
     weights = class_weights(y_train, num_classes) if p.class_balance == "weighted" else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     xt, yt = torch.tensor(x_train), torch.tensor(y_train).long()
