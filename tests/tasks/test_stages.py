@@ -225,6 +225,11 @@ def test_the_run_summary_shows_each_accuracy_with_its_interval(pipeline, capsys)
     assert f"on {ev.n_test} images" in test
     select_line = next(x for x in lines if x.startswith("  select "))
     assert "; val accuracy " in select_line and "(95% CI " in select_line and "images" in select_line
+    head = next(x for x in lines if x.startswith("  head "))  # tiny_overrides turn the search off
+    assert head.endswith(
+        "settings as given (search off); train_head.search.trials is 0: the settings in "
+        "params.yaml, early-stopped on the val split"
+    )
 
 
 def test_export_parity_on_real_images_of_every_split(pipeline):
