@@ -167,3 +167,32 @@ def test_the_sample_is_bounded_stratified_and_train_first(validated):
     assert set(rows["split"][:first_val]) == {"train"} and set(rows["split"][first_val:]) == {"val"}
     assert ranking_sample(pool.sample(frac=1, random_state=3), 12).equals(rows)  # order-free
     assert len(ranking_sample(pool, 10_000)) == len(pool)
+
+
+@pytest.mark.pretrained
+def test_real_backbones_are_ranked_and_the_decision_names_one(tmp_path):
+    """efficientnet_lite0 and lite1 with their packaged ImageNet weights, on 20 images."""
+    data = make_folder(tmp_path / "data", per_class=10, classes=("cat", "dog"))
+    cfg = load_params(
+        None,
+        [
+            f"project.artifacts_dir={tmp_path / 'artifacts'}",
+            f"project.cache_dir={tmp_path / 'cache'}",
+            f"prepare.data_dir={data}",
+            "train_head.backbone=auto",
+            "train_head.runtime=torch",  # two ONNX exports would dominate; the ranking is the point
+            "backbone.candidates=[efficientnet_lite0, efficientnet_lite1]",
+        ],
+    )
+    prepare(cfg)
+    validate(cfg)
+    result = backbone(cfg)
+    d = _decision(cfg)
+    scores = {c["name"]: c["logme"] for c in d["candidates"]}
+    assert set(scores) == {"efficientnet_lite0", "efficientnet_lite1"}
+    assert all(isinstance(v, float) and abs(v) < 1e3 for v in scores.values())
+    assert {c["num_features"] for c in d["candidates"]} == {1280}
+    assert d["how"] in ("logme", "cv_accuracy") and result.chosen == d["chosen"] in scores
+    if d["how"] == "logme":
+        assert d["chosen"] == max(scores, key=scores.get)
+    assert result.line.startswith(f"{d['chosen']} (auto: ")
