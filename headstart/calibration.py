@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import HeadstartError
+from headstart.metrics import ci_metrics, counted, interval_fields
 
 FORMAT = "headstart.abstention/2"
 OLD_FORMATS = ("headstart.abstention/1",)  # energy gate only: still loads
@@ -294,6 +295,13 @@ def selective(
     }
 
 
+def kept_interval(s: dict, n: int, confidence: float, seed: int) -> dict:
+    """selective()'s figures with the bootstrap CI of the accuracy on the kept images
+    (`selective_accuracy_ci`, None when none was kept)."""
+    hits = counted(round((s["selective_accuracy"] or 0.0) * s["kept"]), s["kept"])
+    return s | interval_fields("selective_accuracy", hits, n, confidence, seed)
+
+
 def far_out_rate(rule: AbstentionRule, logits: np.ndarray, ood_score: np.ndarray | None = None) -> dict:
     """The rule on images with no label among the classes (noise, flat colours, another data set)."""
     a = apply(rule, logits, ood_score)
@@ -347,14 +355,15 @@ def _pct(v: float | None) -> str:
 
 def selective_line(s: dict) -> str:
     """selective()'s figures in one line (evaluate's summary), with far_out's when present."""
-    by = s["abstention_by_reason"]
+    by, ci = s["abstention_by_reason"], s.get("selective_accuracy_ci")
+    ci_part = f"{s['ci_confidence']:.0%} CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%; " if ci else ""
     far = "".join(
         f"; on {f['n']} made {k} images {_pct(f['abstention_rate'])}" for k, f in s.get("far_out", {}).items()
     )
     return (
         f"set coverage {_pct(s['coverage'])}; abstained {_pct(s['abstention_rate'])} (out of distribution "
         f"{_pct(by[OUT_OF_DISTRIBUTION])}, ambiguous {_pct(by[AMBIGUOUS])}); accuracy on the {s['kept']} "
-        f"kept of {s['n']} images {_pct(s['selective_accuracy'])} (all: {_pct(s['accuracy'])})" + far
+        f"kept of {s['n']} images {_pct(s['selective_accuracy'])} ({ci_part}all: {_pct(s['accuracy'])})" + far
     )
 
 
@@ -374,7 +383,7 @@ def run_metrics(calibrated: dict | None, test: dict | None) -> dict[str, float]:
 def _flat(s: dict) -> dict[str, float]:
     by = s.get("abstention_by_reason") or {}
     both = {k: v for k, v in s.items() if k != "abstention_by_reason"}
-    both |= {f"rate_{k}": v for k, v in by.items()}
+    both |= {f"rate_{k}": v for k, v in by.items()} | ci_metrics(s)
     return {k: v for k, v in both.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 

@@ -318,14 +318,18 @@ def _summary(r: dict) -> None:
     rate, diff = th["extract_images_per_s"], ex["max_abs_logit_diff"]
     speed = f" at {rate:.1f} img/s" if rate else ""
     scratch, abst = _scratch_lines(r), _abstention_lines(r)
+    head = f"\n  head        {th['search']}" if th.get("search") else ""
+    from headstart.metrics import ci_text
+
+    acc = f"{ev['accuracy']:.4f}{ci_text(ev.get('accuracy_ci'), ev.get('ci_confidence', 0.95))}"
     print(f"""
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
   validation  {va["n_quarantined"]} files quarantined, warnings: {", ".join(va["warnings"]) or "none"}
 {_backbone_line(r)}  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
-  features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache
+  features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache{head}
   finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}{scratch}
-  test        accuracy {ev["accuracy"]:.4f}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{abst}
+  test        accuracy {acc}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{abst}
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
   onnx        {ex["onnx_path"]}
@@ -345,9 +349,10 @@ def _scratch_lines(r: dict) -> str:
     if "select" not in r:
         return ""
     sc, se = r["scratch"], r["select"]
+    val = f"; {se['val']}" if se.get("val") else ""  # the chosen candidate's, with its CI
     return (
         f"\n  scratch     {'trained' if sc['ran'] else 'not trained'}: {sc['reason']}"
-        f"\n  select      {se['chosen']} ({se['kind']}): {se['reason']}"
+        f"\n  select      {se['chosen']} ({se['kind']}): {se['reason']}{val}"
         f"\n  transfer gain  {gain_line(r['evaluate'].get('transfer_gain'))}"
     )
 

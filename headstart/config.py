@@ -186,11 +186,18 @@ class DomainParams(Section):
     batch_size: Int = Field(32, gt=0, le=MAX_BATCH)
 
 
+class SearchParams(Section):
+    trials: Int = Field(20, ge=0, le=10_000)  # Optuna trials; 0: no search, the settings as given
+    timeout_s: Float = Field(120.0, gt=0.0, le=MAX_SECONDS)  # a cap; hitting it is recorded
+    folds: Int = Field(5, ge=2, le=50)
+    cv_max_images: Int = Field(1000, ge=0, le=MAX_IMAGES)  # train+val below this: k-fold CV, refit on both
+
+
 class TrainHeadParams(Section):
     backbone: str = "efficientnet_lite0"
     weights: Path | None = None
     weights_sha256: str | None = None
-    hidden: Int = Field(256, gt=0, le=MAX_HIDDEN)
+    hidden: Int = Field(256, ge=0, le=MAX_HIDDEN)  # 0: a linear head (logistic regression on the features)
     dropout: Float = Field(0.2, ge=0.0, lt=1.0)
     lr: Float = Field(1e-3, gt=0.0, le=10.0)  # AdamW diverges far below 10
     weight_decay: Float = Field(1e-4, ge=0.0)
@@ -201,6 +208,7 @@ class TrainHeadParams(Section):
     runtime: Runtime = "auto"
     class_balance: Literal["weighted", "sampler", "none"] = "weighted"
     augment_views: Int = Field(0, ge=0, le=64)  # each view is a full extra feature pass
+    search: SearchParams = SearchParams()
 
 
 class FinetuneParams(Section):

@@ -274,7 +274,7 @@ def _restore(path: Path, key: str, *objects) -> dict | None:
     return _checkpoint(path, key).restore(*objects)
 
 
-def gate(p: FinetuneParams, n_train: int, verdict: str) -> str | None:
+def gate(p: FinetuneParams, n_train: int, verdict: str, head_refit: bool = False) -> str | None:
     """Why fine-tuning must not run, or None when it may."""
     if not p.enabled:
         return "finetune.enabled is false"
@@ -282,6 +282,11 @@ def gate(p: FinetuneParams, n_train: int, verdict: str) -> str | None:
         return (
             f"{n_train} training images < finetune.min_train_images={p.min_train_images}: too few to "
             f"unfreeze backbone blocks without overfitting; the head alone is kept"
+        )
+    if head_refit:  # the keep rule compares on val, which the refit head trained on
+        return (
+            "the head was refit on train+val by train_head's cross-validated search: no clean validation "
+            "split is left to judge fine-tuning on; lower train_head.search.cv_max_images to fine-tune"
         )
     if p.require_shifted and verdict != "shifted":
         return f"domain verdict is {verdict}, and finetune.require_shifted asks for shifted"

@@ -20,10 +20,9 @@ import pandas as pd
 
 from headstart import HeadstartError
 from headstart.config import PromoteParams
-from headstart.metrics import classification_metrics
+from headstart.metrics import classification_metrics, percentile_bootstrap
 
 TRAINED_SPLITS = ("train", "val")  # what a version has seen: the rest of its manifest is fair evidence
-_BOOTSTRAP_CELLS = 1_000_000  # resamples x images per batch: a peak near 70 MB at any data size
 
 
 @dataclass
@@ -152,26 +151,12 @@ def paired_bootstrap(
     seed: int = 0,
 ) -> dict:
     """Accuracy difference new - old with a percentile CI from resampling images (pairs kept)."""
-    from scipy.stats import bootstrap
-
     y, pred_new, pred_old = map(np.asarray, (y, pred_new, pred_old))
     right_new, right_old = (pred_new == y).astype(np.float64), (pred_old == y).astype(np.float64)
     diff = right_new - right_old
-    if len(y) > 1:
-        ci = bootstrap(
-            (right_new, right_old),
-            lambda a, b, axis: (a - b).mean(axis),
-            paired=True,
-            vectorized=True,
-            n_resamples=n,
-            batch=max(1, _BOOTSTRAP_CELLS // len(y)),
-            confidence_level=confidence,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        ).confidence_interval
-        low, high = ci.low, ci.high
-    else:  # one image: no spread to resample
-        low = high = diff.mean() if len(y) else float("nan")
+    low, high = percentile_bootstrap(
+        (right_new, right_old), lambda a, b, axis: (a - b).mean(axis), n, confidence, seed
+    )
     return {
         "accuracy_new": float(right_new.mean()),
         "accuracy_old": float(right_old.mean()),

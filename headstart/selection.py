@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from headstart.metrics import ci_text, counted, interval_fields
 from headstart.promotion import mcnemar, paired_bootstrap
 
 _EPS = 1e-9  # validation accuracies are ratios of small counts: equal within rounding is equal
@@ -30,6 +31,26 @@ def scratch_candidate(decision: dict) -> dict | None:
         return None
     keys = ("val_accuracy", "val_loss", "wall_s", "parameters")
     return {"name": "scratch", "kind": "scratch", **{k: decision[k] for k in keys}}
+
+
+def val_images(head_metrics: dict, kind: str) -> int:
+    """How many images a candidate's val accuracy counts: the validation split's (train_head's n_val),
+    or for the head alone `val_accuracy_n` where train_head's figure is an estimate over other images
+    (cross-validation over train+val)."""
+    n_val = head_metrics["n_val"]
+    return head_metrics.get("val_accuracy_n", n_val) if kind == "head" else n_val
+
+
+def with_interval(candidate: dict, n_images: int, n: int, confidence: float, seed: int) -> dict:
+    """The candidate with its val accuracy's bootstrap CI over the n_images it was measured on."""
+    hits = counted(round(candidate["val_accuracy"] * n_images), n_images)
+    return {**candidate, "n_val": n_images, **interval_fields("val_accuracy", hits, n, confidence, seed)}
+
+
+def val_line(c: dict) -> str:
+    """`val accuracy 0.8293 (95% CI 0.7073-0.9268) on 41 images`, for summaries."""
+    ci = ci_text(c.get("val_accuracy_ci"), c.get("ci_confidence", 0.95))
+    return f"val accuracy {c['val_accuracy']:.4f}{ci} on {c.get('n_val', '?')} images"
 
 
 def choose(transfer: dict, scratch: dict | None, margin: float) -> tuple[dict, str]:
@@ -101,6 +122,11 @@ def _k(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
+def _ci_cell(c: dict) -> str:
+    ci = c.get("val_accuracy_ci")
+    return f"{c['ci_confidence']:.0%}: {ci[0]:.4f}-{ci[1]:.4f}" if ci else ""
+
+
 def to_markdown(d: dict) -> str:
     """The selection decision: every candidate's validation figures and the reason."""
     lines = [
@@ -108,10 +134,11 @@ def to_markdown(d: dict) -> str:
         "",
         d["reason"],
         "",
-        "| candidate | kind | val accuracy | val loss | training wall time (s) |",
-        "|---|---|---|---|---|",
+        "| candidate | kind | val accuracy | CI | val images | val loss | training wall time (s) |",
+        "|---|---|---|---|---|---|---|",
         *[
-            f"| {c['name']} | {c['kind']} | {c['val_accuracy']:.4f} | {c['val_loss']:.4f} | {c['wall_s']} |"
+            f"| {c['name']} | {c['kind']} | {c['val_accuracy']:.4f} | {_ci_cell(c)} | {c.get('n_val', '')} "
+            f"| {c['val_loss']:.4f} | {c['wall_s']} |"
             for c in d["candidates"]
         ],
     ]

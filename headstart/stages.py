@@ -76,7 +76,12 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train_head",
         deps=(MANIFEST, BACKBONE, "domain/report.json"),
-        outs=("train_head/model.pt", "train_head/history.json", "train_head/metrics.json"),
+        outs=(
+            "train_head/model.pt",
+            "train_head/history.json",
+            "train_head/metrics.json",
+            "train_head/search.json",
+        ),
         # the domain pass put its features in the cache: which images it saw is an input here
         params=("project.seed", "train_head", "domain.max_images"),
         reads_data=True,
@@ -111,7 +116,7 @@ STAGES: tuple[Stage, ...] = (
             "scratch/decision.json",
         ),
         outs=("select/model.pt", "select/decision.json"),
-        params=("select",),
+        params=("select", "project.seed", "promote.n_bootstrap", "promote.confidence"),  # val CIs
         artifact="model-selection",
     ),
     Stage(
@@ -119,7 +124,7 @@ STAGES: tuple[Stage, ...] = (
         # train_head's best epoch sets how long each cross-fitted head trains
         deps=(MANIFEST, "select/model.pt", "train_head/metrics.json"),
         outs=("calibrate/abstention.json", "calibrate/ood_gate.npz"),
-        params=("serve", "project.seed", "train_head"),
+        params=("serve", "project.seed", "train_head", "promote.n_bootstrap", "promote.confidence"),
         reads_data=True,
         artifact="abstention",
     ),

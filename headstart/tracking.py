@@ -19,6 +19,7 @@ from pathlib import Path
 from headstart import HeadstartError, TransientError
 from headstart.atomic import write_json
 from headstart.config import Params, flatten
+from headstart.metrics import ci_metrics
 
 # The flow's retries are the one retry layer; MLflow's own HTTP retries would multiply them (and by
 # default retry an unreachable server for minutes per call). Users may still set them.
@@ -392,6 +393,7 @@ def pipeline_record(
             if isinstance(v, int | float) and not isinstance(v, bool)
         },
         "test_accuracy": test["accuracy"],
+        **ci_metrics(test, "test_"),  # test_accuracy_ci_low / _high
         "test_macro_f1": test["macro_f1"],
         **{k: test["per_class"][c]["recall"] for k, c in zip(recall_keys, classes, strict=True)},
         "export.max_abs_logit_diff": parity["max_abs_logit_diff"],
@@ -407,9 +409,16 @@ def pipeline_record(
         "finetune.finetuned": str(tune["finetuned"]).lower(),
         "finetune.reason": tune["reason"],
         "classes": names if len(names) <= 5000 else f"{len(classes)} classes: see classes.json",
+        # the head's settings as the search chose them (every trial: train_head/search.json)
+        **{f"train_head.chosen.{k}": str(v) for k, v in train.get("settings", {}).items()},
     }
     if sel := reports.get("select"):
         tags |= {"select.chosen": sel["chosen"], "select.kind": sel["kind"], "select.reason": sel["reason"]}
+        for c in sel["candidates"]:  # what selection weighed, each with its CI
+            metrics |= {
+                f"select.{c['name']}.val_accuracy": c["val_accuracy"],
+                **ci_metrics(c, f"select.{c['name']}."),
+            }
     if scr := reports.get("scratch"):
         tags |= {"scratch.trained": str(scr["ran"]).lower(), "scratch.reason": scr["reason"]}
     if choice := reports.get("backbone"):  # the backbone stage's decision (its file is an artifact)

@@ -64,6 +64,10 @@ def proven_frozen(model: nn.Module, trainable: list[str], what: str) -> Iterator
 
 
 def make_head(num_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Sequential:
+    """Linear -> ReLU -> Dropout -> Linear; hidden 0: Dropout -> Linear, a linear probe (multinomial
+    logistic regression on the features), often the best head on a few images."""
+    if hidden == 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
     return nn.Sequential(
         nn.Linear(num_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
     )
@@ -104,11 +108,12 @@ def fit_head(
     seed: int,
     views: np.ndarray | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = True,
 ) -> tuple[nn.Sequential, list[dict], int]:
     """Train the head on cached features; early stopping on validation loss; returns the best head.
     `views` (n, K, F): features of K augmented views per training image; each epoch shows every
     image once, as its original or one of its views, drawn by the seeded generator. `on_epoch` gets
-    each epoch's history row as it is computed (live curves)."""
+    each epoch's history row as it is computed (live curves); `progress` False hides the bar (searches)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     head = make_head(x_train.shape[1], num_classes, p.hidden, p.dropout)
@@ -119,7 +124,9 @@ def fit_head(
     pool = torch.cat([xt[:, None], torch.tensor(views)], 1) if views is not None and views.shape[1] else None
     xv, yv = (torch.tensor(x_val), torch.tensor(y_val).long()) if len(y_val) else (xt, yt)
     history, best, best_state, best_epoch, waited = [], float("inf"), None, 0, 0
-    for epoch in (bar := tqdm(range(1, p.max_epochs + 1), desc="train_head", unit="epoch")):
+    for epoch in (
+        bar := tqdm(range(1, p.max_epochs + 1), desc="train_head", unit="epoch", disable=not progress)
+    ):
         head.train()
         order = (
             balanced_order(yt, gen)

@@ -1,9 +1,9 @@
 """calibrate: the abstention rule (temperature, conformal set threshold, out-of-distribution gate) fitted
 on held-out images of the selected model: its validation split or, for the head-only transfer model with
-fewer than serve.min_calibration validation images, out-of-fold figures of train+val (heads and gates
-cross-fitted). The gate's constants (ood_gate.npz: fitted on the training features, or on train+val
-after a cross-fit) go to export, which computes the score in the graph; evaluate measures the rule on
-the test split."""
+fewer than serve.min_calibration validation images or refit on train+val by train_head's search,
+out-of-fold figures of train+val (heads and gates cross-fitted). The gate's constants (ood_gate.npz:
+fitted on the training features, or on train+val after a cross-fit) go to export, which computes the
+score in the graph; evaluate measures the rule on the test split."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from headstart.atomic import directory, write_bytes, write_json, write_text
-from headstart.calibration import fit, fit_gate, gate_file_bytes, to_markdown
+from headstart.calibration import fit, fit_gate, gate_file_bytes, kept_interval, to_markdown
 from headstart.config import Params
 from headstart.models import load_model
+from headstart.search import chosen_params
 from tasks import _inputs
 
 
@@ -29,7 +30,8 @@ def calibrate(cfg: Params) -> CalibrateResult:
     model = load_model(_inputs.stage_file(cfg, "select", "model.pt"))
     frame, s = _inputs.manifest(cfg), cfg.serve
     val, paths = _inputs.split_paths(cfg, frame, "val")
-    if len(val) < s.min_calibration and model.kind == "head":
+    refit = _inputs.read_json(cfg, "train_head", "metrics.json").get("refit_on_train_val", False)
+    if model.kind == "head" and (len(val) < s.min_calibration or refit):  # refit: the head saw val
         logits, y, source, scores, gate, why = _crossfit(cfg, model, frame)
     else:
         p = cfg.train_head
@@ -44,6 +46,8 @@ def calibrate(cfg: Params) -> CalibrateResult:
         scores = None if gate is None else gate.score(_features(cfg, model, val, paths))
     rule, report = fit(logits, y, s.alpha, source, scores, s.ood_alpha, gate.k if gate else None)
     report["gate_fit"] = why  # what the constants were fitted on, or why the rule fell back
+    b = cfg.promote.n_bootstrap, cfg.promote.confidence, cfg.project.seed  # promotion's bootstrap
+    report["held_out"] = kept_interval(report["held_out"], *b)
     d = {"rule": rule.__dict__, "report": report}
     with directory(cfg.stage_dir("calibrate")) as out:
         write_json(out / "abstention.json", d)
@@ -67,9 +71,10 @@ def _crossfit(cfg: Params, model, frame):
     from headstart.training import out_of_fold_logits, stratified_folds
 
     rows = frame[frame["split"].isin(["train", "val"])].reset_index(drop=True)
-    p, k, seed = cfg.train_head, len(model.classes), cfg.project.seed
+    k, seed = len(model.classes), cfg.project.seed
     x, y = _features(cfg, model, rows, [cfg.prepare.data_dir / x for x in rows["path"]]), _labels(model, rows)
-    epochs = _inputs.read_json(cfg, "train_head", "metrics.json")["best_epoch"]
+    # each fold's head trained as the shipped one was
+    p, epochs = chosen_params(cfg.train_head, _inputs.read_json(cfg, "train_head", "metrics.json"))
     logits = out_of_fold_logits(x, y, k, p, cfg.serve.folds, epochs, seed)
     which, scores = stratified_folds(y, cfg.serve.folds, seed), np.zeros(len(y))  # out_of_fold_logits' folds
     gate, why = fit_gate(x, y, k)

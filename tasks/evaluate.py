@@ -12,9 +12,9 @@ import pandas as pd
 
 from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
-from headstart.calibration import read_gate, read_rule, selective, selective_line, softmax
+from headstart.calibration import kept_interval, read_gate, read_rule, selective, selective_line, softmax
 from headstart.config import Params
-from headstart.metrics import classification_metrics, confusion_png, metrics_markdown
+from headstart.metrics import classification_metrics, confusion_png, interval_fields, metrics_markdown
 from headstart.models import far_out_abstention, load_model
 from headstart.selection import gain_line, gain_on_test
 from tasks import _inputs
@@ -28,6 +28,8 @@ class EvaluateResult:
     model_kind: str = "head"
     transfer_gain: dict | None = None
     abstention: dict | None = None  # the shipped rule on the test split (calibration.selective)
+    accuracy_ci: list[float] | None = None  # percentile bootstrap over the test images
+    ci_confidence: float = 0.95
 
 
 def evaluate(cfg: Params) -> EvaluateResult:
@@ -40,10 +42,12 @@ def evaluate(cfg: Params) -> EvaluateResult:
     rule = read_rule(_inputs.stage_file(cfg, "calibrate", "abstention.json"))
     gate = read_gate(_inputs.stage_file(cfg, "calibrate", "ood_gate.npz")) if rule.ood else None
     score = None if gate is None else gate.score(_probabilities(cfg, model, rows, paths, "features"))
-    kept = selective(rule, logits, y_true, score)  # the shipped rule on the test split
+    b = cfg.promote.n_bootstrap, cfg.promote.confidence, cfg.project.seed  # every CI: promotion's bootstrap
+    kept = kept_interval(selective(rule, logits, y_true, score), *b)  # the shipped rule on the test split
     kept["far_out"] = far_out_abstention(model, rule, gate)  # noise and flat colours made here
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
+    m |= interval_fields("accuracy", y_pred == y_true, *b)
     gain = _transfer_gain(cfg, rows, paths, probs)
     predictions = pd.DataFrame(
         {
@@ -66,7 +70,9 @@ def evaluate(cfg: Params) -> EvaluateResult:
             confusion_png(np.array(m["confusion_matrix"]), model.classes, "test confusion matrix"),
         )
         predictions.to_csv(out / "predictions.csv", index=False)
-    return EvaluateResult(m["accuracy"], m["macro_f1"], m["n"], model.kind, gain, kept)
+    return EvaluateResult(
+        m["accuracy"], m["macro_f1"], m["n"], model.kind, gain, kept, m["accuracy_ci"], m["ci_confidence"]
+    )
 
 
 def _probabilities(cfg: Params, model, rows, paths, what: str = "probabilities") -> np.ndarray:

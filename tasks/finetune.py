@@ -10,6 +10,7 @@ from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
 from headstart.finetune import Images, Tuned, gate, to_markdown, tune
+from headstart.search import chosen_params
 from headstart.tracking import curve_logger
 from tasks import _inputs
 
@@ -26,7 +27,8 @@ def finetune(cfg: Params) -> FinetuneResult:
     p, frame = cfg.finetune, _inputs.manifest(cfg)
     head_file = _inputs.stage_file(cfg, "train_head", "model.pt")
     verdict = _inputs.read_json(cfg, "domain", "report.json")["verdict"]
-    head_val = _inputs.read_json(cfg, "train_head", "metrics.json")["val_accuracy"]
+    head_metrics = _inputs.read_json(cfg, "train_head", "metrics.json")
+    head_val = head_metrics["val_accuracy"]
     train, val = (_images(cfg, frame, split) for split in ("train", "val"))
     inputs = {
         "n_train": len(train.paths),
@@ -35,7 +37,7 @@ def finetune(cfg: Params) -> FinetuneResult:
         "require_shifted": p.require_shifted,
         "enabled": p.enabled,
     }
-    closed = gate(p, len(train.paths), verdict)
+    closed = gate(p, len(train.paths), verdict, head_metrics.get("refit_on_train_val", False))
     if closed:
         decision = {
             "finetuned": False,
@@ -48,9 +50,10 @@ def finetune(cfg: Params) -> FinetuneResult:
     elif not val.paths:
         raise HeadstartError("finetune needs a validation split to decide; raise prepare.val_fraction")
     else:
-        epochs = _inputs.read_json(cfg, "train_head", "metrics.json")["epochs_run"]  # one step axis
+        epochs = head_metrics["epochs_run"]  # one step axis
         live = curve_logger(cfg, "finetune", offset=epochs)
-        tuned = tune(head_file, train, val, p, cfg.train_head, cfg.project.seed, cfg.project.cache_dir, live)
+        th = chosen_params(cfg.train_head, head_metrics)[0]  # the class balance the search chose
+        tuned = tune(head_file, train, val, p, th, cfg.project.seed, cfg.project.cache_dir, live)
     d = {**tuned.decision, "gate": inputs}
     with directory(cfg.stage_dir("finetune")) as out:
         write_bytes(out / "model.pt", tuned.model)

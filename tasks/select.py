@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.config import Params
-from headstart.selection import choose, scratch_candidate, to_markdown, transfer_candidate
+from headstart.selection import (
+    choose,
+    scratch_candidate,
+    to_markdown,
+    transfer_candidate,
+    val_images,
+    val_line,
+    with_interval,
+)
 from tasks import _inputs
 
 
@@ -18,13 +26,17 @@ class SelectResult:
     chosen: str
     kind: str
     reason: str
+    val: str = ""  # the chosen candidate's val accuracy with its CI, for the run summary
 
 
 def select(cfg: Params) -> SelectResult:
     head = _inputs.read_json(cfg, "train_head", "metrics.json")
     scratch = _inputs.read_json(cfg, "scratch", "decision.json")
+    b = cfg.promote.n_bootstrap, cfg.promote.confidence, cfg.project.seed  # promotion's bootstrap
     transfer = transfer_candidate(head, _inputs.read_json(cfg, "finetune", "decision.json"))
+    transfer = with_interval(transfer, val_images(head, transfer["kind"]), *b)
     other = scratch_candidate(scratch)
+    other = other and with_interval(other, val_images(head, "scratch"), *b)
     chosen, reason = choose(transfer, other, cfg.select.margin)
     d = {"chosen": chosen["name"], "kind": chosen["kind"], "reason": reason, "margin": cfg.select.margin}
     d |= {"candidates": [c for c in (transfer, other) if c], "scratch_reason": scratch["reason"]}
@@ -33,4 +45,4 @@ def select(cfg: Params) -> SelectResult:
         write_bytes(out / "model.pt", model)
         write_json(out / "decision.json", d)
         write_text(out / "summary.md", to_markdown(d))
-    return SelectResult(d["chosen"], d["kind"], reason)
+    return SelectResult(d["chosen"], d["kind"], reason, val_line(chosen))

@@ -1,4 +1,6 @@
-"""train_head: a new head on the frozen backbone's cached features, early-stopped on validation loss."""
+"""train_head: a new head on the frozen backbone's cached features, its settings chosen by a
+cross-validated search (headstart.search): on small data refit on train+val for the folds' epochs,
+on large data early-stopped on the validation split."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import numpy as np
 from headstart import HeadstartError
 from headstart.atomic import directory, write_json
 from headstart.config import Params
-from headstart.features import Features
+from headstart.features import Extracted, Features
+from headstart.search import SEARCHED, plan_folds, search_head
 from headstart.tracking import curve_logger
 from headstart.training import fit_head, proven_frozen, save_model
 from tasks import _backbone, _inputs
@@ -23,6 +26,7 @@ class TrainHeadResult:
     features_computed: int
     features_cached: int
     extract_images_per_s: float | None
+    search: str  # how the head's settings were chosen (the run summary's `head` line)
 
 
 def train_head(cfg: Params) -> TrainHeadResult:
@@ -36,21 +40,54 @@ def train_head(cfg: Params) -> TrainHeadResult:
     with proven_frozen(backbone.model, [], "train_head") as frozen:  # the whole backbone is frozen here
         (xt, views, xv), extracted = features.for_training(train, val, p.augment_views, seed)
         yt, yv = (rows["label"].map(classes.index).to_numpy(np.int64) for rows, _ in (train, val))
-        live = curve_logger(cfg, "train_head")
+        folds = plan_folds(yt, yv, p.search, seed)
+        x, y = np.concatenate([xt, xv]), np.concatenate([yt, yv])
+        if p.augment_views and folds.mode == "cv" and p.search.trials:  # val rows train in CV folds too
+            val_views, n = features.views(val[1], list(val[0]["sha256"]), p.augment_views, seed)
+            extracted = Extracted(extracted.computed + n, extracted.rate)
+        else:  # held out, never trained on: their "views" are never drawn
+            val_views = np.repeat(xv[:, None], p.augment_views, 1)
+        views = np.concatenate([views, val_views])
+        search = search_head(x, y, folds, len(classes), p, seed, views=views if p.augment_views else None)
+        chosen, live = search.final_params(), curve_logger(cfg, "train_head")
+        n_t = len(y) if search.refit else len(yt)
         head, history, best_epoch = fit_head(
-            xt, yt, xv, yv, len(classes), p, seed, views=views, on_epoch=live
+            x[:n_t],
+            y[:n_t],
+            xv[:0] if search.refit else xv,
+            yv[:0] if search.refit else yv,
+            len(classes),
+            chosen,
+            seed,
+            views=views[:n_t] if chosen.augment_views else None,
+            on_epoch=live,
         )
     best = history[best_epoch - 1]
+    # on small data the held-out figures are the search's cross-validated ones: the refit saw val
+    held_out = (
+        {"val_loss": search.estimate["loss"], "val_accuracy": search.estimate["accuracy"]}
+        if search.refit
+        else {k: best[k] for k in ("val_loss", "val_accuracy")}
+    )
     n_features = len(yt) * (1 + p.augment_views) + len(yv)
     metrics = {
         "best_epoch": best_epoch,
         "epochs_run": len(history),
-        **{k: best[k] for k in ("train_loss", "val_loss", "val_accuracy")},
+        "train_loss": best["train_loss"],
+        **held_out,
+        "val_estimate": "cross-validated" if search.refit else "validation split",
+        "val_accuracy_n": len(y) if search.refit else len(yv),  # the images that accuracy counts
+        "refit_on_train_val": search.refit,
+        "cv_accuracy": search.estimate["accuracy"] if search.estimate else None,
+        "cv_accuracy_std": search.estimate["accuracy_std"] if search.estimate else None,
+        "search_trials": len(search.trials),
+        "search_wall_s": round(search.wall_s, 2),
+        "settings": {k: getattr(chosen, k) for k in SEARCHED},
         "n_train": len(yt),
         "n_val": len(yv),
         "features_computed": extracted.computed,
-        "augment_views": p.augment_views,
-        "class_balance": p.class_balance,
+        "augment_views": chosen.augment_views,
+        "class_balance": chosen.class_balance,
         "features_cached": n_features - extracted.computed,
         "extract_images_per_s": extracted.rate,
         "runtime": features.runtime,
@@ -58,9 +95,15 @@ def train_head(cfg: Params) -> TrainHeadResult:
         "wall_s": round(time.perf_counter() - start, 2),  # features included: transfer's training cost
     }
     with directory(cfg.stage_dir("train_head")) as out:
-        save_model(out / "model.pt", backbone, head, classes, p)
+        save_model(out / "model.pt", backbone, head, classes, chosen)
         write_json(out / "history.json", history)
         write_json(out / "metrics.json", metrics)
+        write_json(out / "search.json", search.to_json())
     return TrainHeadResult(
-        best_epoch, best["val_accuracy"], extracted.computed, metrics["features_cached"], extracted.rate
+        best_epoch,
+        metrics["val_accuracy"],
+        extracted.computed,
+        metrics["features_cached"],
+        extracted.rate,
+        search.line(),
     )

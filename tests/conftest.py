@@ -64,6 +64,9 @@ def tiny_overrides(root: Path, data: Path, weights: tuple[Path, str]) -> list[st
         "train_head.patience=10",
         "train_head.lr=0.02",  # the random tiny backbone's features are ~1e-3 in scale
         "train_head.hidden=32",
+        # the stage tests pin the head's settings above; the search has its own tests (test_search.py,
+        # tests/tasks/test_stages.py's searched train_head)
+        "train_head.search.trials=0",
         "export.opset=18",
         f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
         f"mlflow.artifact_location={root / 'mlruns'}",

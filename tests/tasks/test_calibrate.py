@@ -60,6 +60,8 @@ def test_a_small_validation_split_is_cross_fitted_over_train_and_val(run, tmp_pa
     assert read_gate(cfg.stage_dir("calibrate") / "ood_gate.npz").k == rule.ood["k"]
     held = d["report"]["held_out"]
     assert held["n"] == n and held["coverage"] >= 0.8 and set(held["abstention_by_reason"]) == set(REASONS)
+    low, high = held["selective_accuracy_ci"]  # the kept images' accuracy, with promotion's bootstrap
+    assert low <= held["selective_accuracy"] <= high and held["ci_confidence"] == cfg.promote.confidence
     summary = (cfg.stage_dir("calibrate") / "summary.md").read_text()
     assert "cross-fitted" in summary and "Temperature" in summary
 

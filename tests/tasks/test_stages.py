@@ -196,9 +196,37 @@ def test_evaluate_metrics_and_confusion(pipeline):
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     cm = json.loads((out / "confusion.json").read_text())["matrix"]
     assert sum(map(sum, cm)) == metrics["n"]
-    assert "Accuracy" in (out / "summary.md").read_text()
+    low, high = metrics["accuracy_ci"]  # promotion's bootstrap over the test images
+    assert low <= metrics["accuracy"] <= high and metrics["ci_confidence"] == cfg.promote.confidence
+    assert r["evaluate"].accuracy_ci == [low, high]
+    assert (
+        f"Accuracy {metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f})"
+        in (out / "summary.md").read_text()
+    )
+    kept = metrics["abstention"]
+    assert kept["selective_accuracy_ci"] is None or len(kept["selective_accuracy_ci"]) == 2
+    candidate = json.loads((cfg.stage_dir("select") / "decision.json").read_text())["candidates"][0]
+    assert (
+        candidate["n_val"] == json.loads((cfg.stage_dir("train_head") / "metrics.json").read_text())["n_val"]
+    )
+    assert candidate["val_accuracy_ci"][0] <= candidate["val_accuracy"] <= candidate["val_accuracy_ci"][1]
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == metrics["n"] and set(preds.columns) >= {"path", "actual", "predicted"}
+
+
+def test_the_run_summary_shows_each_accuracy_with_its_interval(pipeline, capsys):
+    from headstart.cli import _summary
+
+    cfg, r = pipeline
+    results = {k: v.__dict__ for k, v in r.items()} | {"artifacts_dir": str(cfg.project.artifacts_dir)}
+    _summary(results)
+    lines = capsys.readouterr().out.splitlines()
+    ev, low, high = r["evaluate"], *r["evaluate"].accuracy_ci
+    test = next(x for x in lines if x.startswith("  test "))
+    assert f"accuracy {ev.accuracy:.4f} (95% CI {low:.4f}-{high:.4f}), macro-F1" in test
+    assert f"on {ev.n_test} images" in test
+    select_line = next(x for x in lines if x.startswith("  select "))
+    assert "; val accuracy " in select_line and "(95% CI " in select_line and "images" in select_line
 
 
 def test_export_parity_on_real_images_of_every_split(pipeline):
@@ -231,6 +259,14 @@ def test_register_logs_one_run_with_everything(pipeline):
     assert run.data.params["train_head.backbone"] == "test_efficientnet"
     assert run.data.metrics["test_accuracy"] == pytest.approx(r["evaluate"].accuracy)
     assert run.data.metrics["export.top1_agreement"] == 1.0
+    low, high = r["evaluate"].accuracy_ci
+    assert (
+        run.data.metrics["test_accuracy_ci_low"] == low and run.data.metrics["test_accuracy_ci_high"] == high
+    )
+    assert (
+        run.data.metrics["select.transfer.val_accuracy_ci_high"]
+        >= run.data.metrics["select.transfer.val_accuracy"]
+    )
     assert run.data.tags["origin"] == "test" and run.data.tags["data_hash"] == r["prepare"].data_hash
     artifacts = {a.path for a in client.list_artifacts(reg.run_id, "evaluate")}
     assert "evaluate/confusion.png" in artifacts

@@ -21,6 +21,9 @@ from headstart.calibration import (
     far_out_images,
     fit,
     fit_temperature,
+    kept_interval,
+    run_metrics,
+    selective_line,
     softmax,
 )
 from headstart.cli import main
@@ -92,6 +95,15 @@ def test_the_report_has_the_figures():
     held = r["held_out"]
     assert held["coverage"] >= 0.9 and set(held["abstention_by_reason"]) == {OUT_OF_DISTRIBUTION, AMBIGUOUS}
     assert held["selective_accuracy"] > held["accuracy"]
+    ci = kept_interval(held, 2000, 0.95, 0)  # what calibrate and evaluate report
+    low, high = ci["selective_accuracy_ci"]
+    assert low < held["selective_accuracy"] < high and high - low < 0.2 and ci["ci_confidence"] == 0.95
+    assert f"(95% CI {100 * low:.1f}-{100 * high:.1f}%; all: " in selective_line(ci)
+    flat = run_metrics(None, ci)
+    assert flat["test_abstention.selective_accuracy_ci_low"] == low
+    assert flat["test_abstention.selective_accuracy_ci_high"] == high
+    none_kept = kept_interval({**held, "kept": 0, "selective_accuracy": None}, 2000, 0.95, 0)
+    assert none_kept["selective_accuracy_ci"] is None and "CI" not in selective_line(none_kept)
 
 
 def test_the_rule_round_trips_through_json():

@@ -72,7 +72,6 @@ def test_unknown_key_in_file_raises_with_key_name(tmp_path):
     "override, key",
     [
         ("train_head.hidden=-1", "train_head.hidden"),
-        ("train_head.hidden=0", "train_head.hidden"),
         ("prepare.test_fraction=abc", "prepare.test_fraction"),
         ("train_head.dropout=1.5", "train_head.dropout"),
         ("export.opset=12", "export.opset"),

@@ -161,6 +161,17 @@ def test_fixed_inputs_give_fixed_numbers():
     assert mcnemar(y, new, old) == {"only_old_right": 3, "only_new_right": 1, "p_value": pytest.approx(0.625)}
 
 
+def test_one_models_interval_is_the_paired_bootstrap_against_a_model_always_wrong():
+    """headstart.metrics.accuracy_interval and paired_bootstrap share one resampler (same draws)."""
+    from headstart.metrics import accuracy_interval
+
+    y, new, _ = _preds(185, 0.8, 0.7, 4)
+    wrong = (y + 1) % 2
+    a = accuracy_interval(new == y, 700, 0.9, 4)
+    r = paired_bootstrap(y, new, wrong, n=700, confidence=0.9, seed=4)
+    assert (a["accuracy"], a["ci_low"], a["ci_high"]) == (r["difference"], r["ci_low"], r["ci_high"])
+
+
 def test_bootstrap_memory_stays_bounded_at_10k_images():
     y, new, old = _preds(10_000, 0.9, 0.88)
     tracemalloc.start()

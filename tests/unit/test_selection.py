@@ -7,7 +7,17 @@ import pytest
 
 from headstart.config import MinPerSplit, ScratchParams
 from headstart.scratch import gate, too_small, why_run
-from headstart.selection import choose, gain_line, scratch_candidate, transfer_candidate, transfer_gain
+from headstart.selection import (
+    choose,
+    gain_line,
+    scratch_candidate,
+    to_markdown,
+    transfer_candidate,
+    transfer_gain,
+    val_images,
+    val_line,
+    with_interval,
+)
 
 
 def _c(name: str, acc: float, loss: float) -> dict:
@@ -55,6 +65,21 @@ def test_candidates_from_the_stage_reports():
     assert scratch_candidate({"ran": False, "reason": "x"}) is None
     ran = {"ran": True, "val_accuracy": 0.7, "val_loss": 0.9, "wall_s": 3.0, "parameters": 271954}
     assert scratch_candidate(ran)["kind"] == "scratch"
+
+
+def test_each_candidate_carries_its_val_accuracy_interval():
+    head = {"val_accuracy": 34 / 41, "val_loss": 0.5, "wall_s": 1.0, "n_val": 41}
+    t = with_interval(transfer_candidate(head, {"finetuned": False}), val_images(head, "head"), 2000, 0.95, 0)
+    low, high = t["val_accuracy_ci"]
+    assert t["n_val"] == 41 and low < t["val_accuracy"] < high and 0.09 < (high - low) / 2 < 0.14
+    assert val_line(t) == f"val accuracy 0.8293 (95% CI {low:.4f}-{high:.4f}) on 41 images"
+    # a cross-validated figure counts every train+val image: a narrower interval
+    cv = {**head, "val_accuracy_n": 410}
+    assert val_images(cv, "head") == 410 and val_images(cv, "finetuned") == val_images(cv, "scratch") == 41
+    narrow = with_interval(transfer_candidate(cv, {"finetuned": False}), 410, 2000, 0.95, 0)
+    assert narrow["val_accuracy_ci"][1] - narrow["val_accuracy_ci"][0] < high - low
+    d = {"chosen": "transfer", "kind": "head", "reason": "r", "candidates": [t], "scratch_reason": ""}
+    assert f"| 95%: {low:.4f}-{high:.4f} | 41 |" in to_markdown(d)
 
 
 @pytest.mark.parametrize(
