@@ -56,7 +56,9 @@ def decide(candidates: list[dict], small: bool, default: str) -> tuple[str, str,
     others = ", ".join(_short(c, by_cv) for c in ranked if c is not best) or "no other candidate ranked"
     if by_cv:
         how = "cv_accuracy"
-        why = f"highest CV accuracy {_cv(best)}, LogME {best['logme']:.3f} (others: {others})"
+        tied = [c for c in ranked if round(c["cv_accuracy"], TIE) == round(best["cv_accuracy"], TIE)]
+        tie = f"; tied with {len(tied) - 1} other(s), LogME decides" if len(tied) > 1 else ""
+        why = f"highest CV accuracy {_cv(best)}, LogME {best['logme']:.3f}{tie} (others: {others})"
     else:
         how = "logme"
         why = f"highest LogME {best['logme']:.3f} (others: {others})"
@@ -101,21 +103,20 @@ def to_markdown(d: dict) -> str:
         return "\n".join(lines)
     lines += [
         f"Ranked on {d['n_images']} train+val images (a class-stratified sample, at most "
-        f"backbone.max_images); {d.get('folds') or 'no cross-validation (large data: LogME alone)'}; "
-        f"{d['wall_s']:.1f} s in all.",
+        f"backbone.max_images); scored by {d['folds']}; {d['wall_s']:.1f} s in all.",
         "",
-        "| backbone | LogME | CV accuracy | features | computed | extraction s | note |",
-        "|---|---|---|---|---|---|---|",
+        "| backbone | LogME | CV accuracy | features | computed | extraction s | scoring s | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in d["candidates"]:
         if "skipped" in c:
-            lines.append(f"| {c['name']} | | | | | | skipped: {c['skipped']} |")
+            lines.append(f"| {c['name']} | | | | | | | skipped: {c['skipped']} |")
             continue
         cv = _cv(c) if c.get("cv_accuracy") is not None else "n/a"
         mark = "chosen" if c["name"] == d["chosen"] else ""
         lines.append(
             f"| {c['name']} | {c['logme']:.4f} | {cv} | {c['num_features']} | {c['features_computed']} "
-            f"| {c['extract_s']:.1f} | {mark} |"
+            f"| {c['extract_s']:.1f} | {c['score_s']:.1f} | {mark} |"
         )
     return "\n".join(lines) + "\n"
 

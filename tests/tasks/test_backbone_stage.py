@@ -54,7 +54,9 @@ def _own(cfg, tmp_path):
 
 def _auto(cfg, tmp_path, candidates: list[Candidate], max_images: int = 24):
     """train_head.backbone auto over `candidates`, with its own artifacts and feature cache."""
-    th = cfg.train_head.model_copy(update={"backbone": "auto", "weights": None, "weights_sha256": None})
+    # torch: each fresh cache would export every candidate to ONNX again, the slow part here
+    update = {"backbone": "auto", "weights": None, "weights_sha256": None, "runtime": "torch"}
+    th = cfg.train_head.model_copy(update=update)
     choice = BackboneParams(candidates=candidates, max_images=max_images)
     return _own(cfg, tmp_path).model_copy(update={"train_head": th, "backbone": choice})
 
@@ -93,7 +95,10 @@ def test_auto_ranks_every_candidate_and_later_stages_use_the_choice(
     for c in d["candidates"]:
         assert isinstance(c["logme"], float) and c["n_images"] == d["n_images"] == 24
         assert c["features_computed"] == 24 and c["extract_s"] >= 0 and c["num_features"] > 0
-    assert d["how"] in ("logme", "cv_accuracy") and d["chosen"] == result.chosen
+    for c in d["candidates"]:  # 28 train+val images: small data, each scored by 5-fold CV too
+        assert 0 <= c["cv_accuracy"] <= 1 and len(c["cv_fold_accuracies"]) == 5 and c["cv_accuracy_std"] >= 0
+    assert d["how"] == "cv_accuracy" and d["chosen"] == result.chosen
+    assert d["folds"].startswith("5-fold cross-validation over 24")
     assert d["chosen"] in (TINY_BACKBONE, SECOND) and d["wall_s"] > 0
     assert d["backbone"]["weights"] == str(
         dict(tiny=tiny_weights, second=second_weights)["tiny" if d["chosen"] == TINY_BACKBONE else "second"][
@@ -124,9 +129,21 @@ def test_a_candidate_without_weights_is_skipped_and_the_run_goes_on(validated, t
     skipped = d["candidates"][0]
     assert skipped["name"] == SECOND and "nowhere.pth does not exist" in skipped["skipped"]
     assert "logme" not in skipped
-    assert (result.chosen, d["how"]) == (TINY_BACKBONE, "logme")  # the one left, by its score
+    assert (result.chosen, d["how"]) == (TINY_BACKBONE, "cv_accuracy")  # the one left, by its score
     assert f"skipped {SECOND}" in result.line
     assert "skipped: " in (cfg.stage_dir("backbone") / "summary.md").read_text()
+
+
+def test_larger_data_ranks_by_logme_alone(validated, tmp_path, tiny_weights, second_weights):
+    cfg = _auto(validated, tmp_path, [_tiny(tiny_weights), _second(second_weights)])
+    search = cfg.train_head.search.model_copy(update={"cv_max_images": 20})  # 28 train+val images
+    cfg = cfg.model_copy(update={"train_head": cfg.train_head.model_copy(update={"search": search})})
+    result = backbone(cfg)
+    d = _decision(cfg)
+    assert d["how"] == "logme" and "cv_max_images" in d["folds"]
+    assert all(c["cv_accuracy"] is None for c in d["candidates"])
+    best = max(d["candidates"], key=lambda c: c["logme"])["name"]
+    assert result.chosen == best and result.line.startswith(f"{best} (auto: LogME ")
 
 
 def test_no_loadable_candidate_falls_back_to_the_default(validated, tmp_path):
