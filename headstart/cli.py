@@ -263,6 +263,7 @@ def _domain_check(args) -> int:
     import json
 
     from headstart.config import literal, load_params
+    from tasks.backbone import backbone
     from tasks.domain import domain
     from tasks.prepare import prepare
     from tasks.validate import validate
@@ -274,6 +275,7 @@ def _domain_check(args) -> int:
     with _writing(cfg):
         prepare(cfg)
         validate(cfg)
+        backbone(cfg)  # train_head.backbone auto: the check runs for the one it chooses
         result = domain(cfg)
     report = cfg.stage_dir("domain")
     print(
@@ -324,7 +326,7 @@ def _summary(r: dict) -> None:
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
   validation  {va["n_quarantined"]} files quarantined, warnings: {", ".join(va["warnings"]) or "none"}
-  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
+{_backbone_line(r)}  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache{head}
   finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}{scratch}
   test        accuracy {acc}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{abst}
@@ -334,6 +336,10 @@ headstart: done.
   mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})
   model       {reg["model_uri"]}{_promotion_line(r)}
   browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}""")
+
+
+def _backbone_line(r: dict) -> str:
+    return f"  backbone    {r['backbone']['line']}\n" if r.get("backbone") else ""
 
 
 def _scratch_lines(r: dict) -> str:

@@ -421,6 +421,14 @@ def pipeline_record(
             }
     if scr := reports.get("scratch"):
         tags |= {"scratch.trained": str(scr["ran"]).lower(), "scratch.reason": scr["reason"]}
+    if choice := reports.get("backbone"):  # the backbone stage's decision (its file is an artifact)
+        tags |= {"backbone.how": choice["how"], "backbone.reason": choice["reason"][:5000]}
+        metrics |= {
+            f"backbone.{c['name']}.{k}": c[k]
+            for c in choice["candidates"]
+            for k in ("logme", "cv_accuracy")
+            if c.get(k) is not None
+        }
     gain_metrics, gain_tags = transfer_gain_record(test.get("transfer_gain"))
     return {**metrics, **gain_metrics}, {**tags, **gain_tags}
 

@@ -10,6 +10,7 @@ import pytest
 
 from headstart import HeadstartError
 from headstart.config import load_params
+from tasks.backbone import backbone
 from tasks.calibrate import calibrate
 from tasks.domain import DomainMismatch, domain
 from tasks.evaluate import evaluate
@@ -31,7 +32,8 @@ def pipeline(tmp_path_factory, tiny_weights):
     data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
     (data / "cat" / "broken.png").write_bytes(b"not an image")
     cfg = load_params(None, tiny_overrides(root, data, tiny_weights))
-    results = {"prepare": prepare(cfg), "validate": validate(cfg), "domain": domain(cfg)}
+    results = {"prepare": prepare(cfg), "validate": validate(cfg), "backbone": backbone(cfg)}
+    results["domain"] = domain(cfg)
     results["train_head"] = train_head(cfg)
     results["finetune"] = finetune(cfg)  # 29 training images: the gate stays closed
     results["scratch"] = scratch(cfg)  # on_mismatch=warn and 29 images: transfer alone
@@ -279,6 +281,8 @@ def test_register_logs_one_run_with_everything(pipeline):
     assert run.data.tags["domain.verdict"] == r["domain"].verdict
     assert run.data.metrics["domain.score"] == pytest.approx(r["domain"].score)
     assert "domain/profile.png" in {a.path for a in client.list_artifacts(reg.run_id, "domain")}
+    assert "backbone/decision.json" in {a.path for a in client.list_artifacts(reg.run_id, "backbone")}
+    assert (run.data.tags["backbone"], run.data.tags["backbone.how"]) == ("test_efficientnet", "fixed")
     version = client.get_model_version("tiny", reg.model_version)
     assert version.run_id == reg.run_id
     run_json = json.loads((cfg.stage_dir("register") / "run.json").read_text())
