@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from headstart.config import MAX_EPOCHS, SearchParams, TrainHeadParams
 from headstart.training import fit_head, stratified_folds
@@ -222,8 +220,7 @@ def search_head(
         trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 3))
         return est["accuracy"] - LOSS_TIE_BREAK * est["loss"]
 
-    with one_thread():
-        study.optimize(objective, n_trials=sp.trials, timeout=sp.timeout_s, catch=())
+    study.optimize(objective, n_trials=sp.trials, timeout=sp.timeout_s, catch=())
     trials = [_trial_row(t) for t in study.trials]
     if len(study.trials) < sp.trials:
         notes.append(
@@ -233,18 +230,6 @@ def search_head(
     best = study.best_trial
     chosen = p.model_copy(update=best.user_attrs["settings"])
     return Search(chosen, folds, best.user_attrs["estimate"], trials, notes, time.perf_counter() - start)
-
-
-@contextmanager
-def one_thread():
-    """torch on one thread: a head's matrices are small enough that a second thread's synchronisation
-    costs more than it computes (2-4x slower per epoch on 2 busy cores, measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def chosen_params(p: TrainHeadParams, head_metrics: dict) -> tuple[TrainHeadParams, int]:
