@@ -347,6 +347,12 @@ def to_markdown(figures: dict[str, dict]) -> str:
         if "ood_decision_flips" in f
     ]
     verdicts += gate
+    verdicts += [
+        f"- {f['file']}: calibrated on {f['calibration_images']} training images"
+        + (f" ({len(f['calibration_skipped'])} skipped: not decodable)" if f["calibration_skipped"] else "")
+        for f in figures.values()
+        if "calibration_images" in f
+    ]
     return (
         "\n".join(
             [
