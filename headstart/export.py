@@ -388,7 +388,7 @@ def export_variants(
     figures = {}
     for name in ["fp32"] + ["fp16"] * p.fp16 + ["int8"] * p.int8:
         file, tol, made = out / EXPORT_FILES[name], getattr(p.tolerances, name), {}
-        if name == "int8":  # from whatever fp32 file was just written and passed into `out`
+        if name == "int8":  # from the fp32 file written above, however it was made
             made = quantize_int8(out / EXPORT_FILES["fp32"], file, calibration)
         else:
             export_onnx(model.module, file, spec, meta, p.opset, p.input, name == "fp16", gate)

@@ -31,7 +31,7 @@ def pipeline(tmp_path_factory, tiny_weights):
     root = tmp_path_factory.mktemp("stages")
     data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
     (data / "cat" / "broken.png").write_bytes(b"not an image")
-    cfg = load_params(None, tiny_overrides(root, data, tiny_weights))
+    cfg = load_params(None, [*tiny_overrides(root, data, tiny_weights), "export.int8=true"])
     results = {"prepare": prepare(cfg), "validate": validate(cfg), "backbone": backbone(cfg)}
     results["domain"] = domain(cfg)
     results["train_head"] = train_head(cfg)

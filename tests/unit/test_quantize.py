@@ -31,7 +31,7 @@ def fp32(tiny_weights, tmp_path_factory):
     head = make_head(backbone.num_features, len(CLASSES), 16, 0.0)
     with torch.no_grad():  # the random backbone's features are tiny: logits spread like a trained head's
         head[0].weight.mul_(100.0)
-        head[-1].weight.mul_(20.0)
+        head[-1].weight.mul_(50.0)
     classifier = Classifier(backbone.feature_extractor(), head.eval()).eval()
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     meta = {"headstart.classes": json.dumps(CLASSES)}
