@@ -84,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     pred.add_argument(
         "--variant",
-        choices=["fp32", "fp16"],
+        choices=["fp32", "fp16", "int8"],
         default="fp32",
-        help="with a models:/ URI: which exported file of that version (fp16 for GPU servers)",
+        help="with a models:/ URI: which exported file of that version (fp16 for GPUs, int8 for CPUs)",
     )
     pred.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     pred.add_argument("--batch-size", type=int, default=32)

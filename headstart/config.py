@@ -263,17 +263,20 @@ class Tolerance(Section):
 class Tolerances(Section):
     fp32: Tolerance = Tolerance()
     fp16: Tolerance = Tolerance(max_abs_diff=0.5, min_top1_agreement=0.98, max_metric_diff=0.01)
+    int8: Tolerance = Tolerance(max_abs_diff=3.0, min_top1_agreement=0.97, max_metric_diff=0.02)
 
 
 class ExportParams(Section):
     opset: Int = Field(18, ge=17, le=99)
     input: Literal["float32", "uint8"] = "float32"
     fp16: bool = True
+    int8: bool = False
+    int8_calibration_images: Int = Field(128, ge=1, le=MAX_IMAGES)
     parity_batch_sizes: list[Annotated[Int, Field(gt=0, le=MAX_BATCH)]] = Field(
         default_factory=lambda: [1, 7, 32], min_length=1
     )
     parity_max_images: Int = Field(256, ge=1, le=MAX_IMAGES)
-    require: list[Literal["fp32", "fp16"]] = ["fp32"]
+    require: list[Literal["fp32", "fp16", "int8"]] = ["fp32"]
     tolerances: Tolerances = Tolerances()
 
 

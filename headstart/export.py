@@ -19,6 +19,7 @@ from headstart import HeadstartError, __version__
 from headstart.atomic import write_bytes
 from headstart.calibration import OOD_OUTPUT, FeatureGate
 from headstart.preprocess import InputSpec, decode, normalise, to_uint8
+from headstart.quantize import quantize_int8
 from headstart.runtime import EXPORT_FILES, Predictor
 
 LAYOUTS = {
@@ -346,6 +347,12 @@ def to_markdown(figures: dict[str, dict]) -> str:
         if "ood_decision_flips" in f
     ]
     verdicts += gate
+    verdicts += [
+        f"- {f['file']}: calibrated on {f['calibration_images']} training images"
+        + (f" ({len(f['calibration_skipped'])} skipped: not decodable)" if f["calibration_skipped"] else "")
+        for f in figures.values()
+        if "calibration_images" in f
+    ]
     return (
         "\n".join(
             [
@@ -361,20 +368,32 @@ def to_markdown(figures: dict[str, dict]) -> str:
 
 
 def export_variants(
-    model, out: Path, meta: dict[str, str], paths: list[Path], labels: list[int], p, gate=None
+    model,
+    out: Path,
+    meta: dict[str, str],
+    paths: list[Path],
+    labels: list[int],
+    p,
+    gate=None,
+    calibration: list[Path] = (),
 ) -> dict:
-    """Each variant (fp32, and fp16 when `p.fp16`; `p`: config.ExportParams) exported into `out` and
-    held to its tolerance on the parity images, torch run once for all; an optional variant that fails
-    is deleted, so only files that passed remain. With `gate` (calibration.FeatureGate) every variant
-    has the `ood_score` output and the figures its agreement. Returns each variant's figures and verdict."""
+    """Each variant (fp32, fp16 when `p.fp16`, int8 when `p.int8`; `p`: config.ExportParams) exported
+    into `out` and held to its tolerance on the parity images, torch run once for all; an optional
+    variant that fails is deleted, so only files that passed remain. int8 is quantized from the fp32
+    file, calibrated on `calibration` (training images). With `gate` (calibration.FeatureGate) every
+    variant has the `ood_score` output and the figures its agreement. Returns each variant's figures."""
     spec = model.spec  # any model of headstart.models: .module takes the spec's normalised input
     module = scored(model.module, gate)
     reference = torch_reference(module, paths, spec)
     figures = {}
-    for name in ["fp32", "fp16"] if p.fp16 else ["fp32"]:
-        file, tol = out / EXPORT_FILES[name], getattr(p.tolerances, name)
-        export_onnx(model.module, file, spec, meta, p.opset, p.input, name == "fp16", gate)
+    for name in ["fp32"] + ["fp16"] * p.fp16 + ["int8"] * p.int8:
+        file, tol, made = out / EXPORT_FILES[name], getattr(p.tolerances, name), {}
+        if name == "int8":  # from the fp32 file written above, however it was made
+            made = quantize_int8(out / EXPORT_FILES["fp32"], file, calibration)
+        else:
+            export_onnx(model.module, file, spec, meta, p.opset, p.input, name == "fp16", gate)
         f = parity(module, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff)
+        f |= made
         failures = judge(f, tol)
         required = name == "fp32" or name in p.require
         f.update(

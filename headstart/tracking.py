@@ -666,7 +666,7 @@ def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
     found = sorted(str(f.relative_to(local)) for f in local.rglob("*.onnx"))
     raise HeadstartError(
         f"{uri}: no {_variant_file(variant)[0]} in the model's artifacts (found: {found or 'none'})"
-        + ("; it was registered with export.fp16=false" if variant == "fp16" else "")
+        + (f"; it was registered with export.{variant}=false or failed its gate" if variant != "fp32" else "")
     )
 
 
