@@ -13,7 +13,15 @@ import torch
 from headstart.backbones import load_backbone
 from headstart.calibration import FeatureGate
 from headstart.config import ExportParams, Tolerances
-from headstart.export import export_onnx, export_variants, judge, parity, scored, torch_reference
+from headstart.export import (
+    export_onnx,
+    export_variants,
+    judge,
+    parity,
+    scored,
+    to_markdown,
+    torch_reference,
+)
 from headstart.features import backbone_onnx, digest_path
 from headstart.graft import GraftRefused, check_graft, graft_source
 from headstart.runtime import Predictor
@@ -124,6 +132,7 @@ def test_graph_of_other_weights_is_refused_and_the_full_export_runs(model, image
     for f in figures.values():
         assert f["build"].startswith("full export: the cached backbone graph was exported from weights")
         assert f["passed"], f["failures"]
+    assert "- model.onnx: full export: the cached backbone graph" in to_markdown(figures)
 
 
 def test_fine_tuned_model_gets_the_full_export(model, cache):
