@@ -42,20 +42,21 @@ def graft_source(model, cache_dir: str | Path | None, opset: int, gate: FeatureG
 
     path = backbone_onnx(model.backbone, cache_dir, opset)  # rebuilt there when its sha256 is off
     try:
-        check_graft(onnx.load(path), model.backbone, model.module.head, gate)
+        check_graft(onnx.load(path), model.backbone, model.module.head, gate, opset)
     except GraftRefused as exc:
         log.warning("%s; running the full export instead", exc)
         return None, f"full export: {exc}"
     return path, f"grafted onto the cached backbone graph {path.name}"
 
 
-def check_graft(backbone_graph: onnx.ModelProto, backbone, head: nn.Module, gate: FeatureGate | None) -> None:
+def check_graft(
+    backbone_graph: onnx.ModelProto, backbone, head: nn.Module, gate: FeatureGate | None, opset: int
+) -> None:
     """Refuse a backbone graph that is not this backbone's (engine key, weights digest) or whose
     feature width the head (or the gate) does not take."""
     from headstart.features import ENGINE_KEY, WEIGHTS_KEY, engine_key
 
     meta = {p.key: p.value for p in backbone_graph.metadata_props}
-    opset = next(o.version for o in backbone_graph.opset_import if o.domain in ("", "ai.onnx"))
     if meta.get(WEIGHTS_KEY) != backbone.weights_sha256:
         raise GraftRefused(
             f"the cached backbone graph was exported from weights {meta.get(WEIGHTS_KEY)!r}, not this "
@@ -185,7 +186,7 @@ def ood_graph(gate: FeatureGate, opset: int, ir_version: int) -> onnx.ModelProto
     ]
     n = helper.make_node
     nodes = [
-        n("ReduceL2", ["x", "axis1"], ["norm"], keepdims=1),
+        _reduce("ReduceL2", "x", "norm", 1, opset, keepdims=1),
         n("Max", ["norm", "eps"], ["norm_c"]),
         n("Div", ["x", "norm_c"], ["u"]),
         n("Unsqueeze", ["u", "axis1"], ["u3"]),
@@ -197,10 +198,17 @@ def ood_graph(gate: FeatureGate, opset: int, ir_version: int) -> onnx.ModelProto
         n("ReduceSum", ["r2", "last"], ["rr"], keepdims=0),
         n("Mul", ["rr", "inv_sigma2"], ["iso"]),
         n("Add", ["maha", "iso"], ["s"]),
-        n("ReduceMin", ["s", "axis1"], [OOD_OUTPUT], keepdims=0),
+        _reduce("ReduceMin", "s", OOD_OUTPUT, 1, opset, keepdims=0),
     ]
     io = [_batch("x", TensorProto.FLOAT, gate.means.shape[1])], [_batch(OOD_OUTPUT, TensorProto.FLOAT)]
     return _model(nodes, *io, inits, opset, ir_version)
+
+
+def _reduce(op: str, x: str, out: str, axis: int, opset: int, keepdims: int) -> onnx.NodeProto:
+    """ReduceL2/ReduceMin over `axis`: an input from opset 18 ("axis1"), an attribute before it."""
+    if opset >= 18:
+        return helper.make_node(op, [x, f"axis{axis}"], [out], keepdims=keepdims)
+    return helper.make_node(op, [x], [out], axes=[axis], keepdims=keepdims)
 
 
 def uint8_graph(spec: InputSpec, opset: int, ir_version: int) -> onnx.ModelProto:

@@ -108,7 +108,7 @@ def test_head_of_another_width_is_refused(model, cache):
     graph = onnx.load(backbone_onnx(model.backbone, cache))
     wrong = make_head(model.backbone.num_features + 1, 2, 0, 0.0)
     with pytest.raises(GraftRefused, match=f"takes {model.backbone.num_features + 1} features"):
-        check_graft(graph, model.backbone, wrong, None)
+        check_graft(graph, model.backbone, wrong, None, 18)
 
 
 def test_graph_of_other_weights_is_refused_and_the_full_export_runs(model, images, tmp_path, caplog):
@@ -156,3 +156,25 @@ def test_corrupted_cached_graph_is_rebuilt(model, tmp_path, caplog):
         source, build = graft_source(model, tmp_path, 18, None)
     assert source == path and build.startswith("grafted") and path.read_bytes() == good
     assert "damaged" in caplog.text and path.name in caplog.text
+
+
+def test_other_head_layers_and_opset_17(model, gate, images, tmp_path):
+    """A head of layers without a hand-built form goes through the exporter on its own; opset 17
+    (reductions with axes as attributes) grafts onto its own cached backbone graph."""
+    torch.manual_seed(1)
+    d = model.backbone.num_features
+    head = torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.GELU(), torch.nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        head[0].weight.mul_(100.0)
+    other = TrainedModel(Classifier(model.backbone.feature_extractor(), head).eval(), model.backbone, CLASSES)
+    source, build = graft_source(other, tmp_path, 17, gate)
+    assert source is not None and build.startswith("grafted"), build
+    meta = {"headstart.classes": json.dumps(CLASSES)}
+    path = export_onnx(
+        other.module, tmp_path / "m.onnx", other.spec, meta, 17, "float32", False, gate, source
+    )
+    reference = torch_reference(scored(other.module, gate), images, other.spec)
+    figures = parity(scored(other.module, gate), path, images, (1, 4), reference=reference)
+    assert judge(figures, Tolerances().fp32) == []
+    ood = _outputs(path, reference)[1]
+    assert np.allclose(ood, reference.ood, rtol=1e-4, atol=0) and np.ptp(ood) > 0
