@@ -56,8 +56,10 @@ def export(cfg: Params) -> ExportResult:
         METADATA_KEY: rule.to_json(),  # every variant answers with the same rule
     }
     with directory(final) as out:
-        # gate: output ood_score; calibration: int8's sample of training images
-        figures = export_variants(model, out, meta, paths, labels, p, gate, calibration)
+        # gate: output ood_score; calibration: int8's sample of training images; the cache: the graft's
+        figures = export_variants(
+            model, out, meta, paths, labels, p, gate, calibration, cfg.project.cache_dir
+        )
         passed = [n for n, f in figures.items() if f["passed"]]
         refused = [
             f"{n}: {'; '.join(f['failures'])}"
@@ -82,4 +84,4 @@ def export(cfg: Params) -> ExportResult:
 
 def _top(fp32: dict) -> dict:
     """The fp32 model's figures at the top level: what register logs and the summary prints."""
-    return {k: fp32[k] for k in ("max_abs_logit_diff", "top1_agreement", "n_images", "providers")}
+    return {k: fp32[k] for k in ("max_abs_logit_diff", "top1_agreement", "n_images", "providers", "build")}
