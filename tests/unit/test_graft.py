@@ -127,7 +127,9 @@ def test_graph_of_other_weights_is_refused_and_the_full_export_runs(model, image
     p = ExportParams(fp16=False, parity_batch_sizes=[1, 7])
     with caplog.at_level(logging.WARNING, "headstart.graft"):
         meta = {"headstart.classes": json.dumps(CLASSES)}
-        figures = export_variants(model, tmp_path / "out", meta, images, [0] * len(images), p, None, tmp_path)
+        figures = export_variants(
+            model, tmp_path / "out", meta, images, [0] * len(images), p, None, cache_dir=tmp_path
+        )
     assert "0000000000" in caplog.text and "full export" in caplog.text
     for f in figures.values():
         assert f["build"].startswith("full export: the cached backbone graph was exported from weights")
