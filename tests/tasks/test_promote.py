@@ -127,8 +127,9 @@ def test_champion_challenger_and_rollback(world):
         "challenger": "3",
         "best": g,
     }
-    # the bad model again: no worse than the champion it equals, but worse than the best so far
-    register(bad)
+    # the bad model again (forced: an identical model is otherwise not registered twice): no worse
+    # than the champion it equals, but worse than the best so far
+    register(bad, force=True)
     drift = promote(bad)
     assert (
         not drift.promoted
@@ -195,7 +196,7 @@ def test_a_champion_whose_artifact_is_gone_is_not_compared(world):
     shutil.rmtree(run.info.artifact_uri.removeprefix("file://"), ignore_errors=True)
     for folder in (world["root"] / "mlruns").rglob("models"):
         shutil.rmtree(folder, ignore_errors=True)  # MLflow 3 keeps logged models here
-    register(cfg)
+    register(cfg, force=True)  # the same model again, on purpose
     result = promote(cfg)
     assert not result.promoted and "cannot compare with champion v1" in result.reason, (result, source)
     assert _aliases(cfg, "lost") == {"champion": "1", "challenger": "2", "best": "1"}
