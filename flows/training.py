@@ -88,8 +88,8 @@ def training(
                 log.info("promote: skipped: %s", results["register"].reason)
                 continue
             try:
-                results[stage.name], since = _run_or_reuse(cfg, stage, results, _tags(tags, reused), force)
-                reused |= {stage.name: since} if since else {}
+                results[stage.name], source = _run_or_reuse(cfg, stage, results, _tags(tags, reused), force)
+                reused |= {stage.name: source} if source else {}
                 log.info("%s: %s", stage.name, results[stage.name])
             except Exception as exc:
                 if stage.artifact:
@@ -137,8 +137,8 @@ def training(
 
 
 def _run_or_reuse(cfg, stage, results: dict, tags: dict[str, str], force: bool):
-    """(the stage's result, None), or (its recorded result, since when) when its inputs equal those
-    of the run that wrote its outputs. Only a stage that ran records its inputs."""
+    """(the stage's result, None), or (its recorded result, the flow run that wrote it) when its
+    inputs equal that run's. Only a stage that ran records its inputs."""
     log = get_run_logger()
     if stage.name in reuse.ALWAYS_RUN:
         kwargs = {"tags": tags, "force": force} if stage.name == "register" else {}
@@ -147,7 +147,7 @@ def _run_or_reuse(cfg, stage, results: dict, tags: dict[str, str], force: bool):
     record, why = (None, ["--force"]) if force else reuse.previous(cfg, stage, parts)
     if record is not None:
         log.info("%s: skipped: %s", stage.name, reuse.since(record))
-        return reuse.result(record), reuse.since(record)
+        return reuse.result(record), record["flow_run_id"]
     log.info("%s runs: %s", stage.name, "; ".join(why))
     result = _stage(stage.function, cfg)(cfg)
     if not reuse.remember(cfg, stage, parts, result, str(flow_run.id)):
@@ -161,9 +161,9 @@ def _tags(tags: dict[str, str], reused: dict[str, str]) -> dict[str, str]:
 
 
 def _reused_markdown(reused: dict[str, str]) -> str:
-    rows = "".join(f"| {name} | {why} |\n" for name, why in reused.items())
+    rows = "".join(f"| {name} | {run} |\n" for name, run in reused.items())
     head = "# Reused stages\n\nTheir inputs equal those of the run that wrote their outputs.\n\n"
-    return f"{head}| stage | reused |\n|---|---|\n{rows}"
+    return f"{head}| stage | outputs of flow run |\n|---|---|\n{rows}"
 
 
 def _enabled(cfg, key: str) -> bool:

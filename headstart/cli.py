@@ -390,8 +390,12 @@ def _reused_line(r: dict) -> str:
     """Which stages this run reused (headstart.reuse) rather than ran, and since when."""
     if not r.get("reused"):
         return ""
-    since = sorted(set(r["reused"].values()))
-    return f"\n  reused      {', '.join(r['reused'])}: {'; '.join(since)}"
+    by_run: dict[str, list[str]] = {}
+    for stage, run in r["reused"].items():
+        by_run.setdefault(run, []).append(stage)
+    return "\n  reused      " + "; ".join(
+        f"{', '.join(s)} (from flow run {run})" for run, s in by_run.items()
+    )
 
 
 def _promotion_line(r: dict) -> str:
