@@ -36,9 +36,13 @@ class RegisterResult:
     model_uri: str
     tracking_uri: str
     experiment_id: str
+    registered: bool = True  # False: the model equals the latest version's, which model_version names
+    reason: str = ""
 
 
-def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
+def register(cfg: Params, tags: dict[str, str] | None = None, force: bool = False) -> RegisterResult:
+    """Log the pipeline run and register its model; a model equal to the latest version's is not
+    registered again unless `force`."""
     from headstart.tracking import finish_run, log_curves, log_pipeline_run, onnx_classes, pipeline_record
 
     parity = _inputs.read_json(cfg, "export", "parity.json")
@@ -59,6 +63,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         [export / EXPORT_FILES[v] for v in parity["registered"] if v != "fp32"],
         classes,
         cfg.register.serving.model_dump(),  # the served pyfunc's model_config
+        force=force,
     )
     head = _inputs.read_json(cfg, "train_head", "history.json")
     tuned = _inputs.read_json(cfg, "finetune", "history.json")
