@@ -45,7 +45,10 @@ def main() -> None:
         report["images"] = 2 * args.per_class
         report["stages_cold"] = {s: measured([headstart, "stage", s], cwd=tmp) for s in STAGES}
         report["stages_warm"] = {s: measured([headstart, "stage", s], cwd=tmp) for s in STAGES}
+        # every stage runs (the stages above ran without the flow, so none has a reuse record yet)...
         report["flow_warm"] = measured([headstart, "run"], cwd=tmp)
+        # ...then nothing changed: every stage but prepare, register and promote is reused
+        report["flow_unchanged"] = measured([headstart, "run"], cwd=tmp)
         more = tmp / "data" / "raw" / "functional"
         for i, src in enumerate(sorted(more.glob("*.png"))[: args.per_class // 5]):  # +10% images
             (more / f"copy_{i}.png").write_bytes(_flip(src))

@@ -1,12 +1,15 @@
 """Benchmark (not a test): serving speed of an exported model, torch vs onnxruntime, and `predict`.
 
-    python -m benchmarks.runtime [--images 256] [--repeats 20]   # prints one JSON report
+    python -m benchmarks.runtime [--images 256] [--repeats 20] [--demo-per-class 400]   # one JSON report
 
 The model is Lite0 with a new 2-class head (the head's weights do not change the speed). For batch 1
-and 32: images/s and p50/p95 latency per batch for torch eager (fp32, NCHW, inference_mode) and
-onnxruntime on the CPU; then `Predictor.predict_files` end to end on a folder of real elpv PNGs
-(decoding included). Where torch sees a GPU: torch CUDA fp32 and fp16, and onnxruntime CUDA and
-TensorRT on the fp32 and fp16 ONNX files where those providers load.
+and 32: images/s and p50/p95 latency per batch for torch eager (fp32, NCHW, inference_mode),
+onnxruntime on the CPU, and its INT8 variant (headstart.quantize, calibrated on 128 elpv images);
+then `Predictor.predict_files` end to end on a folder of real elpv PNGs (decoding included);
+`demo_int8`: the demo's stages up to export (elpv defect, --demo-per-class images per class; 0 skips
+it), the INT8 gate's figures on its test images and what INT8 adds to the export stage. Where torch
+sees a GPU: torch CUDA fp32 and fp16, and onnxruntime CUDA and TensorRT on the fp32 and fp16 ONNX files
+where those providers load.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.features import BACKBONE, elpv_images
+from benchmarks.features import BACKBONE, elpv_images, measured
 from headstart.backbones import load_backbone
 from headstart.export import export_onnx
+from headstart.quantize import quantize_int8
 from headstart.runtime import Predictor, _loadable
+from headstart.stages import NAMES as STAGES
 from headstart.training import Classifier, make_head
+
+CALIBRATION = 128  # export.int8_calibration_images
 
 
 def timed(fn, x, repeats: int) -> dict:
@@ -50,8 +58,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256, help="images in the predict folder")
     ap.add_argument("--repeats", type=int, default=20, help="timed calls per configuration")
+    ap.add_argument("--demo-per-class", type=int, default=400, help="demo images per class (0: skip)")
     args = ap.parse_args()
-    print(json.dumps(run(args.images, args.repeats), indent=2))
+    report = run(args.images, args.repeats)
+    if args.demo_per_class:
+        report["demo_int8"] = demo_int8(args.demo_per_class)
+    print(json.dumps(report, indent=2))
 
 
 def run(n_images: int, repeats: int) -> dict:
@@ -74,7 +86,13 @@ def run(n_images: int, repeats: int) -> dict:
         tmp = Path(tmp)
         fp32 = export_onnx(model, tmp / "model.onnx", spec, meta, 18)
         fp16 = export_onnx(model, tmp / "model_fp16.onnx", spec, meta, 18, fp16=True)
-        ort_cpu = Predictor(fp32, providers="cpu")
+        paths = elpv_images(tmp / "elpv", max(n_images, 2 * CALIBRATION))
+        int8 = tmp / "model_int8.onnx"
+        start = time.perf_counter()
+        report["int8_quantize"] = quantize_int8(fp32, int8, paths[-CALIBRATION:]) | {
+            "s": round(time.perf_counter() - start, 1)
+        }
+        ort_cpu, ort_int8 = Predictor(fp32, providers="cpu"), Predictor(int8, providers="cpu")
         rng = np.random.default_rng(0)
         for bs in (1, 32):
             x = rng.normal(size=(bs, 3, spec.size, spec.size)).astype(np.float32)
@@ -85,10 +103,14 @@ def run(n_images: int, repeats: int) -> dict:
             row["onnxruntime_cpu_vs_torch_eager"] = round(
                 row["onnxruntime_cpu"]["images_per_s"] / row["torch_eager_cpu"]["images_per_s"], 2
             )
+            row["onnxruntime_cpu_int8"] = timed(ort_int8.logits, x, repeats)
+            row["int8_vs_fp32"] = round(
+                row["onnxruntime_cpu_int8"]["images_per_s"] / row["onnxruntime_cpu"]["images_per_s"], 2
+            )
             if torch.cuda.is_available():
                 row.update(_gpu(model, fp32, fp16, x, repeats))
             report["batch"][str(bs)] = row
-        paths = elpv_images(tmp / "elpv", n_images)
+        paths = paths[:n_images]
         ort_cpu.predict_files(paths[:8])
         start = time.perf_counter()
         results = ort_cpu.predict_files(paths, batch_size=32)
@@ -99,6 +121,47 @@ def run(n_images: int, repeats: int) -> dict:
             "providers": ort_cpu.providers,
         }
     return report
+
+
+def demo_int8(per_class: int) -> dict:
+    """The demo's stages up to export (each `headstart stage`, as DVC runs them) with the INT8 variant,
+    its gate's figures on the demo's real images, and export timed without and with it."""
+    headstart = str(Path(sys.executable).parent / "headstart")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+        pull = [
+            "data",
+            "pull",
+            "elpv",
+            "--task",
+            "defect",
+            "--out",
+            "data/raw",
+            "--per-class",
+            str(per_class),
+        ]
+        measured([headstart, *pull], cwd=tmp)
+        for stage in STAGES[: STAGES.index("export")]:
+            measured([headstart, "stage", stage], cwd=tmp)
+        timings = {
+            f"export_int8_{flag}": measured(
+                [headstart, "stage", "export", "--set", f"export.int8={flag}"], cwd=tmp
+            )
+            for flag in ("false", "true")
+        }
+        figures = json.loads((tmp / "artifacts" / "export" / "parity.json").read_text())["variants"]
+    keep = ("n_images", "n_labelled", "max_abs_logit_diff", "top1_agreement", "decisive_top1_agreement")
+    keep += ("near_ties", "accuracy_torch", "max_metric_diff", "decisive_metric_diff", "ood_decision_flips")
+    int8 = figures["int8"]
+    return {
+        "images": 2 * per_class,
+        **timings,
+        "int8": {k: int8[k] for k in keep if k in int8}
+        | {k: int8[k] for k in ("calibration_images", "calibration_skipped", "passed", "failures")},
+        "int8_accuracy_per_batch": {b: v["accuracy_onnx"] for b, v in int8["batch_sizes"].items()},
+        "fp16_max_abs_logit_diff": figures.get("fp16", {}).get("max_abs_logit_diff"),
+    }
 
 
 def _gpu(model, fp32: Path, fp16: Path, x: np.ndarray, repeats: int) -> dict:

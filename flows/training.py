@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from headstart import GateFailed, HeadstartError, TransientError
+from headstart import GateFailed, HeadstartError, TransientError, reuse
 from headstart.atomic import FAILED, sweep, write_json
 from headstart.config import load_params
 from headstart.ops.lock import exclusive
@@ -61,12 +61,17 @@ def _transient(_task, _run, state) -> bool:
 
 @flow(name="training", log_prints=True)
 def training(
-    params_file: str = "params.yaml", overrides: list[str] | None = None, skip_unchanged: bool = False
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    skip_unchanged: bool = False,
+    force: bool = False,
 ) -> dict:
     """Every stage of headstart.stages.STAGES in order. One run per project at a time; with
     skip_unchanged (scheduled runs), a run whose data, params, code and library versions equal the
     last successful run's ends after prepare as "skipped"; otherwise the result's "changed" says why
-    it retrains (e.g. ["code"])."""
+    it retrains (e.g. ["code"]). A stage whose inputs equal those of the run that wrote its outputs
+    is not run again (headstart.reuse; "reused" names them), and a model equal to the latest
+    registered version is neither registered nor promoted again; `force` runs and registers all."""
     log = get_run_logger()
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
@@ -75,12 +80,16 @@ def training(
         for left in sweep(cfg.project.artifacts_dir):  # holding the lock: their writer is dead
             log.info("removed %s, left by a killed run", left)
         results, changed, started = {}, [], time.time()  # the MLflow run's start is the pipeline's
+        reused: dict[str, str] = {}
         for stage in STAGES:
             if stage.optional and not _enabled(cfg, stage.optional):
                 continue
-            kwargs = {"tags": tags} if stage.name == "register" else {}
+            if stage.name == "promote" and not (force or results["register"].registered):
+                log.info("promote: skipped: %s", results["register"].reason)
+                continue
             try:
-                results[stage.name] = _stage(stage.function, cfg)(cfg, **kwargs)
+                results[stage.name], source = _run_or_reuse(cfg, stage, results, _tags(tags, reused), force)
+                reused |= {stage.name: source} if source else {}
                 log.info("%s: %s", stage.name, results[stage.name])
             except Exception as exc:
                 if stage.artifact:
@@ -92,7 +101,7 @@ def training(
                 _publish(cfg, stage.name, stage.artifact)
             if stage.name == "register":
                 _link(results["register"])
-            if stage.name == "prepare" and skip_unchanged:
+            if stage.name == "prepare" and skip_unchanged and not force:
                 skipped, changed = _unchanged(cfg, state_file, results["prepare"].data_hash)
                 if not skipped:
                     log.info("retraining: changed since the last success: %s", ", ".join(changed))
@@ -108,6 +117,8 @@ def training(
                     }
             if stage.name == "prepare":  # opened after the skip check: a skipped run leaves no MLflow run
                 _stage(open_run, cfg)(cfg, tags=tags, started=started)
+        if reused:
+            create_markdown_artifact(markdown=_reused_markdown(reused), key="reused")
         reg = results["register"]
         fp = run_fingerprint(cfg, results["prepare"].data_hash)
         write_json(
@@ -122,7 +133,37 @@ def training(
             },
         )
     out = {k: v.__dict__ for k, v in results.items()}
-    return {**out, "artifacts_dir": str(cfg.project.artifacts_dir), "changed": changed}
+    return {**out, "artifacts_dir": str(cfg.project.artifacts_dir), "changed": changed, "reused": reused}
+
+
+def _run_or_reuse(cfg, stage, results: dict, tags: dict[str, str], force: bool):
+    """(the stage's result, None), or (its recorded result, the flow run that wrote it) when its
+    inputs equal that run's. Only a stage that ran records its inputs."""
+    log = get_run_logger()
+    if stage.name in reuse.ALWAYS_RUN:
+        kwargs = {"tags": tags, "force": force} if stage.name == "register" else {}
+        return _stage(stage.function, cfg)(cfg, **kwargs), None
+    parts = reuse.inputs(cfg, stage, results["prepare"].data_hash)
+    record, why = (None, ["--force"]) if force else reuse.previous(cfg, stage, parts)
+    if record is not None:
+        log.info("%s: skipped: %s", stage.name, reuse.since(record))
+        return reuse.result(record), record["flow_run_id"]
+    log.info("%s runs: %s", stage.name, "; ".join(why))
+    result = _stage(stage.function, cfg)(cfg)
+    if not reuse.remember(cfg, stage, parts, result, str(flow_run.id)):
+        log.warning("%s: its result is not plain data, so a later run cannot reuse it", stage.name)
+    return result, None
+
+
+def _tags(tags: dict[str, str], reused: dict[str, str]) -> dict[str, str]:
+    """The MLflow run's tags: it says which stages this flow run reused rather than ran."""
+    return {**tags, "headstart.reused_stages": ",".join(reused) or "none"}
+
+
+def _reused_markdown(reused: dict[str, str]) -> str:
+    rows = "".join(f"| {name} | {run} |\n" for name, run in reused.items())
+    head = "# Reused stages\n\nTheir inputs equal those of the run that wrote their outputs.\n\n"
+    return f"{head}| stage | outputs of flow run |\n|---|---|\n{rows}"
 
 
 def _enabled(cfg, key: str) -> bool:

@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop after prepare when data and params equal the last success",
     )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="run every stage, even one whose inputs did not change, and register even an identical model",
+    )
     run.set_defaults(func=_run)
 
     check = with_params(sub.add_parser("validate", help="prepare + validate a data folder; exit 0 or 1"))
@@ -84,9 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     pred.add_argument(
         "--variant",
-        choices=["fp32", "fp16"],
+        choices=["fp32", "fp16", "int8"],
         default="fp32",
-        help="with a models:/ URI: which exported file of that version (fp16 for GPU servers)",
+        help="with a models:/ URI: which exported file of that version (fp16 for GPUs, int8 for CPUs)",
     )
     pred.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     pred.add_argument("--batch-size", type=int, default=32)
@@ -181,6 +186,7 @@ def _run(args) -> int:
             params_file=args.params,
             overrides=overrides,
             skip_unchanged=args.skip_unchanged,
+            force=args.force,
             return_state=True,
         )
     if not state.is_completed():
@@ -263,6 +269,7 @@ def _domain_check(args) -> int:
     import json
 
     from headstart.config import literal, load_params
+    from tasks.backbone import backbone
     from tasks.domain import domain
     from tasks.prepare import prepare
     from tasks.validate import validate
@@ -274,6 +281,7 @@ def _domain_check(args) -> int:
     with _writing(cfg):
         prepare(cfg)
         validate(cfg)
+        backbone(cfg)  # train_head.backbone auto: the check runs for the one it chooses
         result = domain(cfg)
     report = cfg.stage_dir("domain")
     print(
@@ -324,16 +332,20 @@ def _summary(r: dict) -> None:
 headstart: done.
   data        {r["prepare"]["n_images"]} images, classes {", ".join(r["prepare"]["classes"])}
   validation  {va["n_quarantined"]} files quarantined, warnings: {", ".join(va["warnings"]) or "none"}
-  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
-  features    {th["features_computed"]} computed{speed}, {th["features_cached"]} from the cache{head}
+{_backbone_line(r)}  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
+  features    {_features(th, speed, "train_head" in r.get("reused", {}))}{head}
   finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}{scratch}
   test        accuracy {acc}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{abst}
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
   onnx        {ex["onnx_path"]}
   mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})
-  model       {reg["model_uri"]}{_promotion_line(r)}
+  model       {reg["model_uri"]}{_registered_line(reg)}{_promotion_line(r)}{_reused_line(r)}
   browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}""")
+
+
+def _backbone_line(r: dict) -> str:
+    return f"  backbone    {r['backbone']['line']}\n" if r.get("backbone") else ""
 
 
 def _scratch_lines(r: dict) -> str:
@@ -365,10 +377,32 @@ def _abstention_lines(r: dict) -> str:
     )
 
 
+def _features(th: dict, speed: str, reused: bool) -> str:
+    computed = f"{th['features_computed']} computed{speed}, {th['features_cached']} from the cache"
+    return f"none: train_head reused (when it ran: {computed})" if reused else computed
+
+
+def _registered_line(reg: dict) -> str:
+    return "" if reg.get("registered", True) else f" ({reg['reason']})"
+
+
+def _reused_line(r: dict) -> str:
+    """Which stages this run reused (headstart.reuse) rather than ran, and since when."""
+    if not r.get("reused"):
+        return ""
+    by_run: dict[str, list[str]] = {}
+    for stage, run in r["reused"].items():
+        by_run.setdefault(run, []).append(stage)
+    return "\n  reused      " + "; ".join(
+        f"{', '.join(s)} (from flow run {run})" for run, s in by_run.items()
+    )
+
+
 def _promotion_line(r: dict) -> str:
     p = r.get("promote")
     if not p:
-        return ""
+        reg = r.get("register") or {}
+        return "" if reg.get("registered", True) else "\n  promotion   skipped: the model did not change"
     status = "champion" if p["promoted"] else "challenger"
     return f"\n  promotion   v{p['version']} -> {status}: {p['reason']}"
 

@@ -139,6 +139,47 @@ class ValidateParams(Section):
     levels: ValidateLevels = ValidateLevels()
 
 
+class Candidate(Section):
+    """A backbone to rank: a registry or timm name, with a local weights file when it is not built in."""
+
+    name: str = Field(min_length=1)
+    weights: Path | None = None
+    weights_sha256: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_auto(cls, v: str) -> str:
+        if v == AUTO:
+            raise ValueError("`auto` is what train_head.backbone says to choose, not a backbone to rank")
+        return v
+
+
+AUTO = "auto"  # train_head.backbone: choose among backbone.candidates (the backbone stage)
+
+
+class BackboneParams(Section):
+    candidates: list[Candidate] = Field(
+        default_factory=lambda: ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        min_length=1,
+        validate_default=True,
+    )
+    max_images: Int = Field(256, ge=2, le=MAX_IMAGES)
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _names_or_entries(cls, v: Any) -> Any:
+        """A bare name is a candidate with its packaged or hub weights."""
+        return [{"name": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
+
+    @field_validator("candidates")
+    @classmethod
+    def _named_once(cls, v: list[Candidate]) -> list[Candidate]:
+        names = [c.name for c in v]
+        if len(set(names)) < len(names):
+            raise ValueError(f"a backbone is listed twice: {names}")
+        return v
+
+
 class DomainParams(Section):
     on_mismatch: Literal["scratch", "fail", "warn", "continue"] = "scratch"
     max_images: Int = Field(128, gt=0, le=MAX_IMAGES)
@@ -222,17 +263,20 @@ class Tolerance(Section):
 class Tolerances(Section):
     fp32: Tolerance = Tolerance()
     fp16: Tolerance = Tolerance(max_abs_diff=0.5, min_top1_agreement=0.98, max_metric_diff=0.01)
+    int8: Tolerance = Tolerance(max_abs_diff=3.0, min_top1_agreement=0.97, max_metric_diff=0.02)
 
 
 class ExportParams(Section):
     opset: Int = Field(18, ge=17, le=99)
     input: Literal["float32", "uint8"] = "float32"
     fp16: bool = True
+    int8: bool = False
+    int8_calibration_images: Int = Field(128, ge=1, le=MAX_IMAGES)
     parity_batch_sizes: list[Annotated[Int, Field(gt=0, le=MAX_BATCH)]] = Field(
         default_factory=lambda: [1, 7, 32], min_length=1
     )
     parity_max_images: Int = Field(256, ge=1, le=MAX_IMAGES)
-    require: list[Literal["fp32", "fp16"]] = ["fp32"]
+    require: list[Literal["fp32", "fp16", "int8"]] = ["fp32"]
     tolerances: Tolerances = Tolerances()
 
 
@@ -315,6 +359,7 @@ class Params(Section):
     project: ProjectParams = ProjectParams()
     prepare: PrepareParams = PrepareParams()
     validate: ValidateParams = ValidateParams()
+    backbone: BackboneParams = BackboneParams()
     domain: DomainParams = DomainParams()
     train_head: TrainHeadParams = TrainHeadParams()
     finetune: FinetuneParams = FinetuneParams()
@@ -331,6 +376,16 @@ class Params(Section):
 
     def stage_dir(self, stage: str) -> Path:
         return self.project.artifacts_dir / stage
+
+    @model_validator(mode="after")
+    def _weights_name_a_backbone(self) -> Params:
+        th = self.train_head
+        if th.backbone == AUTO and (th.weights or th.weights_sha256):
+            raise ValueError(
+                "train_head.weights belongs to a named train_head.backbone; with `auto`, give each "
+                "candidate's weights in backbone.candidates ({name: ..., weights: FILE})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _folders_apart(self) -> Params:

@@ -19,6 +19,7 @@ from headstart import HeadstartError, __version__
 from headstart.atomic import write_bytes
 from headstart.calibration import OOD_OUTPUT, FeatureGate
 from headstart.preprocess import InputSpec, decode, normalise, to_uint8
+from headstart.quantize import quantize_int8
 from headstart.runtime import EXPORT_FILES, Predictor
 
 LAYOUTS = {
@@ -150,12 +151,19 @@ def export_onnx(
     input_kind: str = "float32",
     fp16: bool = False,
     gate: FeatureGate | None = None,
+    graft: Path | None = None,
 ) -> Path:
     """The deployable model: to_onnx plus the preprocessing contract in its metadata; with `gate`,
-    a second output `ood_score` (its score on the pooled features, shape [N])."""
-    module, example = deployable(scored(model, gate), spec, input_kind, fp16)
-    outputs = "logits" if gate is None else ["logits", OOD_OUTPUT]
-    proto = to_onnx(module, spec.size, opset, outputs, example=example)
+    a second output `ood_score` (its score on the pooled features, shape [N]). `graft`: a backbone
+    graph checked by graft.graft_source: the model's head is composed with it (headstart.graft)."""
+    if graft is not None:
+        from headstart.graft import grafted
+
+        proto = grafted(onnx.load(graft), feature_parts(model)[1], spec, input_kind, fp16, gate)
+    else:
+        module, example = deployable(scored(model, gate), spec, input_kind, fp16)
+        outputs = "logits" if gate is None else ["logits", OOD_OUTPUT]
+        proto = to_onnx(module, spec.size, opset, outputs, example=example)
     meta = {
         "headstart.version": __version__,
         "headstart.input_spec": spec.to_json(),
@@ -346,6 +354,13 @@ def to_markdown(figures: dict[str, dict]) -> str:
         if "ood_decision_flips" in f
     ]
     verdicts += gate
+    verdicts += [
+        f"- {f['file']}: calibrated on {f['calibration_images']} training images"
+        + (f" ({len(f['calibration_skipped'])} skipped: not decodable)" if f["calibration_skipped"] else "")
+        for f in figures.values()
+        if "calibration_images" in f
+    ]
+    verdicts += [f"- {f['file']}: {f['build']}" for f in figures.values() if "build" in f]
     return (
         "\n".join(
             [
@@ -361,20 +376,38 @@ def to_markdown(figures: dict[str, dict]) -> str:
 
 
 def export_variants(
-    model, out: Path, meta: dict[str, str], paths: list[Path], labels: list[int], p, gate=None
+    model,
+    out: Path,
+    meta: dict[str, str],
+    paths: list[Path],
+    labels: list[int],
+    p,
+    gate=None,
+    calibration: list[Path] = (),
+    cache_dir=None,
 ) -> dict:
-    """Each variant (fp32, and fp16 when `p.fp16`; `p`: config.ExportParams) exported into `out` and
-    held to its tolerance on the parity images, torch run once for all; an optional variant that fails
-    is deleted, so only files that passed remain. With `gate` (calibration.FeatureGate) every variant
-    has the `ood_score` output and the figures its agreement. Returns each variant's figures and verdict."""
+    """Each variant (fp32, fp16 when `p.fp16`, int8 when `p.int8`; `p`: config.ExportParams) exported
+    into `out` and held to its tolerance on the parity images, torch run once for all; an optional
+    variant that fails is deleted, so only files that passed remain. int8 is quantized from the fp32
+    file, calibrated on `calibration` (training images). With `gate` (calibration.FeatureGate) every
+    variant has the `ood_score` output and the figures its agreement. A head on a frozen backbone is
+    grafted onto the backbone graph cached in `cache_dir` (headstart.graft), else exported whole;
+    `build` in each variant's figures says which and why. Returns each variant's figures and verdict."""
+    from headstart.graft import graft_source
+
     spec = model.spec  # any model of headstart.models: .module takes the spec's normalised input
     module = scored(model.module, gate)
     reference = torch_reference(module, paths, spec)
+    graft, build = graft_source(model, cache_dir, p.opset, gate)
     figures = {}
-    for name in ["fp32", "fp16"] if p.fp16 else ["fp32"]:
-        file, tol = out / EXPORT_FILES[name], getattr(p.tolerances, name)
-        export_onnx(model.module, file, spec, meta, p.opset, p.input, name == "fp16", gate)
+    for name in ["fp32"] + ["fp16"] * p.fp16 + ["int8"] * p.int8:
+        file, tol, made = out / EXPORT_FILES[name], getattr(p.tolerances, name), {}
+        if name == "int8":  # from the fp32 file written above, however it was made
+            made = quantize_int8(out / EXPORT_FILES["fp32"], file, calibration)
+        else:
+            export_onnx(model.module, file, spec, meta, p.opset, p.input, name == "fp16", gate, graft)
         f = parity(module, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff)
+        f |= made
         failures = judge(f, tol)
         required = name == "fp32" or name in p.require
         f.update(
@@ -383,6 +416,7 @@ def export_variants(
             passed=not failures,
             failures=failures,
             required=required,
+            build=f"quantized from {EXPORT_FILES['fp32']}" if name == "int8" else build,
         )
         figures[name] = f
         if failures and not required:

@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 
 from headstart import HeadstartError, provenance
 from headstart.atomic import write_bytes
-from headstart.backbones import Backbone
+from headstart.backbones import Backbone, sha256_file
 from headstart.config import Runtime
 from headstart.preprocess import InputSpec, load_image, load_view
 
 RUNTIMES = get_args(Runtime)
 OPSET = 18  # the engine's own export (a cache detail), not export.opset of the shipped model
+ENGINE_KEY, WEIGHTS_KEY = "headstart.engine_key", "headstart.backbone_weights_sha256"  # engine metadata
 log = logging.getLogger(__name__)
 
 
@@ -130,12 +131,18 @@ def engine_key(backbone: Backbone, opset: int = OPSET, probe: bool = False) -> s
 def backbone_onnx(
     backbone: Backbone, cache_dir: str | Path, opset: int = OPSET, probe: nn.Module | None = None
 ) -> Path:
-    """The feature extractor (or the domain probe) as ONNX, exported once per engine_key; a cached
-    file that fails the ONNX checker (truncated, overwritten) is exported again."""
-    path = Path(cache_dir) / "engines" / f"{engine_key(backbone, opset, probe is not None)}.onnx"
-    if path.exists() and not _valid_onnx(path):
+    """The feature extractor (or the domain probe) as ONNX, exported once per engine_key, with that key
+    and the weights digest in its metadata (export grafts onto it, having checked them) and its sha256
+    beside it; a cached file that does not match its sha256 (truncated, overwritten, a flipped weight
+    byte that the ONNX checker would pass) is exported again."""
+    key = engine_key(backbone, opset, probe is not None)
+    path = Path(cache_dir) / "engines" / f"{key}.onnx"
+    if path.exists() and not intact(path):
+        log.warning("cached engine %s is damaged (its sha256 does not match); exporting it again", path)
         path.unlink(missing_ok=True)
     if not path.exists():
+        import onnx
+
         from headstart.export import to_onnx
 
         if probe is None:
@@ -144,19 +151,21 @@ def backbone_onnx(
             stats = [f"{r['layer']}.{m}" for r in probe.layers for m in ("mean", "meansq")]
             module, names = probe, ["features", "logits", *stats]
         proto = to_onnx(module, backbone.spec.size, opset, output=names)
-        write_bytes(path, proto.SerializeToString())
+        onnx.helper.set_model_props(proto, {ENGINE_KEY: key, WEIGHTS_KEY: backbone.weights_sha256})
+        data = proto.SerializeToString()
+        write_bytes(path, data)
+        write_bytes(digest_path(path), hashlib.sha256(data).hexdigest().encode())
     return path
 
 
-def _valid_onnx(path: Path) -> bool:
-    import onnx
+def digest_path(path: Path) -> Path:
+    return path.with_suffix(".sha256")
 
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:
-        log.warning("cached engine %s is damaged (%s); exporting it again", path, exc)
-        return False
-    return True
+
+def intact(path: Path) -> bool:
+    """The cached engine's bytes hash to the sha256 written beside it (no record: not trusted)."""
+    record = digest_path(path)
+    return record.exists() and sha256_file(path) == record.read_text().strip()
 
 
 def feature_key(backbone: Backbone, runtime: str, opset: int = OPSET) -> str:

@@ -85,6 +85,8 @@ def fingerprint_changes(old_parts: dict, new_parts: dict) -> list[str]:
             changes += [f"library {d} {a or 'absent'} -> {b or 'absent'}" for d, a, b in _diff(old, new)]
         elif part == "version":
             changes.append(f"headstart {old} -> {new}")
+        elif part == "deps":  # a stage's input files (headstart.reuse)
+            changes += [f"input {k}" for k, _, _ in _diff(old, new)]
         else:
             changes.append("data" if part == "data_hash" else part)
     return changes

@@ -21,7 +21,11 @@ from headstart.preprocess import _INTERPOLATION, ImageRefused, InputSpec, decode
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # the files the export stage writes, by variant (optional ones in variants/, present when they
 # passed their parity gate); a registered version carries those that passed
-EXPORT_FILES = {"fp32": "model.onnx", "fp16": "variants/model_fp16.onnx"}
+EXPORT_FILES = {
+    "fp32": "model.onnx",
+    "fp16": "variants/model_fp16.onnx",
+    "int8": "variants/model_int8.onnx",
+}
 PROVIDER_NAMES = {"tensorrt": DEFAULT_PROVIDERS[0], "cuda": DEFAULT_PROVIDERS[1], "cpu": DEFAULT_PROVIDERS[2]}
 
 

@@ -32,6 +32,7 @@ class Stage:
 
 
 MANIFEST = "validate/manifest.parquet"  # the usable images with their splits: every later stage's input
+BACKBONE = "backbone/decision.json"  # the backbone of every stage after it (train_head.backbone: auto)
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -48,8 +49,17 @@ STAGES: tuple[Stage, ...] = (
         artifact="data-validation",
     ),
     Stage(
-        "domain",
+        "backbone",
         deps=(MANIFEST,),
+        outs=("backbone/decision.json",),
+        # train_head's settings (runtime, extraction, the head cross-validated on small data) score it
+        params=("project.seed", "backbone", "train_head"),
+        reads_data=True,
+        artifact="backbone-choice",
+    ),
+    Stage(
+        "domain",
+        deps=(MANIFEST, BACKBONE),
         outs=("domain/report.json", "domain/profile.png"),
         # the backbone and runtime decide the statistics; this pass's features fill train_head's cache
         params=(
@@ -65,7 +75,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train_head",
-        deps=(MANIFEST, "domain/report.json"),
+        deps=(MANIFEST, BACKBONE, "domain/report.json"),
         outs=(
             "train_head/model.pt",
             "train_head/history.json",
@@ -166,6 +176,7 @@ STAGES: tuple[Stage, ...] = (
         deps=(
             "prepare/report.json",
             "validate/report.json",
+            BACKBONE,
             "domain/report.json",
             "train_head/metrics.json",
             "train_head/history.json",
@@ -181,7 +192,13 @@ STAGES: tuple[Stage, ...] = (
             "export/parity.json",
         ),
         outs=("register/run.json",),
-        params=("register", "mlflow", "train_head.backbone"),
+        params=(
+            "register",
+            "mlflow",
+            "train_head.backbone",
+            "train_head.weights",
+            "train_head.weights_sha256",
+        ),
     ),
     Stage(
         "promote",

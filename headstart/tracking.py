@@ -421,6 +421,14 @@ def pipeline_record(
             }
     if scr := reports.get("scratch"):
         tags |= {"scratch.trained": str(scr["ran"]).lower(), "scratch.reason": scr["reason"]}
+    if choice := reports.get("backbone"):  # the backbone stage's decision (its file is an artifact)
+        tags |= {"backbone.how": choice["how"], "backbone.reason": choice["reason"][:5000]}
+        metrics |= {
+            f"backbone.{c['name']}.{k}": c[k]
+            for c in choice["candidates"]
+            for k in ("logme", "cv_accuracy")
+            if c.get(k) is not None
+        }
     gain_metrics, gain_tags = transfer_gain_record(test.get("transfer_gain"))
     return {**metrics, **gain_metrics}, {**tags, **gain_tags}
 
@@ -469,11 +477,14 @@ def log_pipeline_run(
     variants: list[Path] = (),
     classes: list[str] | None = None,
     serving: dict | None = None,
-) -> dict[str, str]:
+    force: bool = False,
+) -> dict:
     """Log metrics, tags and artifacts (with `classes` as classes.json) to the pipeline run and
     register its ONNX model as headstart.serving's image-in pyfunc (the fp32 file and the other
     exported variants, e.g. model_fp16.onnx, as its artifacts; `serving`: its model_config, e.g.
-    register.serving's max_images); returns ids and the version.
+    register.serving's max_images); returns ids and the version. A model equal to the latest
+    version's (its files and serving config: MODEL_DIGEST) is not registered again unless `force`:
+    then the version is that one, "registered" is False and "reason" says why.
     Idempotent: a retried or rerun register of the same run finds the version it made and returns
     it. The run stays RUNNING until finish_run."""
     from mlflow.entities import Metric
@@ -481,7 +492,7 @@ def log_pipeline_run(
     uri, name = tracking_uri(params), params.register.model_name
     client, run_id = _client(uri), pipeline_run(params)
     with _classified("register", uri):
-        version = _version_of(client, name, run_id, uri)
+        version, same = _version_of(client, name, run_id, uri), None
         if version is None:
             now = int(time.time() * 1000)
             scalars = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -491,7 +502,15 @@ def log_pipeline_run(
                 text = json.dumps(classes_record(classes), indent=2, ensure_ascii=False)
                 client.log_text(run_id, _text(text), "classes.json")
             files = (onnx_path, variants, serving)
-            version = _register(client, params, run_id, files, pip_requirements, uri)
+            digest = model_digest(onnx_path, variants, serving)
+            same = None if force else _latest_if_same(client, name, digest, uri)
+            if same is None:
+                version = _register(client, params, run_id, files, pip_requirements, uri, digest)
+            else:
+                version = same
+                client.set_tag(
+                    run_id, "registered", f"no: the same model as v{same} ({MODEL_DIGEST} {digest})"
+                )
         exp_id = client.get_run(run_id).info.experiment_id
     return {
         "tracking_uri": uri,
@@ -500,7 +519,30 @@ def log_pipeline_run(
         "model_name": name,
         "model_version": version,
         "model_uri": f"models:/{name}/{version}",
+        "registered": same is None,
+        "reason": "" if same is None else f"the same model as v{same}: not registered again (--force does)",
     }
+
+
+MODEL_DIGEST = "headstart.model_sha256"  # a version's tag: what register compares a new model with
+
+
+def model_digest(onnx_path: Path, variants, serving: dict | None) -> str:
+    """sha256 of what a version serves: each ONNX file's bytes under its name, and the serving config."""
+    digest = hashlib.sha256(json.dumps(serving or {}, sort_keys=True, default=str).encode())
+    for path in sorted([Path(onnx_path), *map(Path, variants)], key=lambda p: p.name):
+        digest.update(f"\n{path.name}\t".encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _latest_if_same(client, name: str, digest: str, uri: str) -> str | None:
+    """The latest version of `name` when it carries `digest`, else None."""
+    found = _call(uri, "find versions", client.search_model_versions, f"name='{name}'")
+    latest = max(found or (), key=lambda v: int(v.version), default=None)
+    return str(latest.version) if latest is not None and latest.tags.get(MODEL_DIGEST) == digest else None
 
 
 def _version_of(client, name: str, run_id: str, uri: str) -> str | None:
@@ -509,7 +551,7 @@ def _version_of(client, name: str, run_id: str, uri: str) -> str | None:
     return str(min(int(v.version) for v in found)) if found else None
 
 
-def _register(client, params: Params, run_id: str, files: tuple, requirements, uri) -> str:
+def _register(client, params: Params, run_id: str, files: tuple, requirements, uri, digest: str) -> str:
     """The model is logged in full first, then one create_model_version call: a version exists
     complete or not at all, whatever fails in between."""
     name = params.register.model_name
@@ -522,7 +564,9 @@ def _register(client, params: Params, run_id: str, files: tuple, requirements, u
         if _call(uri, "get model", client.get_registered_model, name, missing_ok=True) is None:
             client.create_registered_model(name)
         # inside _using: the client resolves a models:/ source through the fluent tracking URI
-        made = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
+        made = client.create_model_version(
+            name, info.model_uri, run_id=run_id, model_id=info.model_id, tags={MODEL_DIGEST: digest}
+        )
     return str(made.version)
 
 
@@ -658,7 +702,7 @@ def _download(uri: str, params: Params, variant: str, dest: Path) -> Path:
     found = sorted(str(f.relative_to(local)) for f in local.rglob("*.onnx"))
     raise HeadstartError(
         f"{uri}: no {_variant_file(variant)[0]} in the model's artifacts (found: {found or 'none'})"
-        + ("; it was registered with export.fp16=false" if variant == "fp16" else "")
+        + (f"; it was registered with export.{variant}=false or failed its gate" if variant != "fp32" else "")
     )
 
 

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 from headstart import GateFailed
 from headstart.atomic import FAILED, directory, write_bytes, write_json, write_text
-from headstart.backbones import load_backbone
 from headstart.config import Params
 from headstart.domain import Probe, analyse, build_report, input_summary, profile_png, reference, to_markdown
 from headstart.features import Features
-from tasks import _inputs
+from tasks import _backbone, _inputs
 
 
 class DomainMismatch(GateFailed):
@@ -29,7 +28,7 @@ def domain(cfg: Params) -> DomainResult:
     train, _ = _inputs.split_paths(cfg, _inputs.manifest(cfg), "train")
     rows = train.sort_values("sha256").head(p.max_images)  # the same sample every run
     paths = [cfg.prepare.data_dir / x for x in rows["path"]]
-    backbone = load_backbone(th.backbone, th.weights, th.weights_sha256)
+    backbone = _backbone.load(cfg)  # the chosen one: the domain check runs for it
     # the features runtime and cache of train_head: this pass's features are its features
     features = Features(backbone, th.runtime, cfg.project.cache_dir, p.batch_size)
     probe = Probe(backbone)

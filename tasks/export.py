@@ -1,8 +1,9 @@
 """export: ONNX with a dynamic batch and its preprocessing contract, fp32 and the optional variants
-(fp16); each is held to its parity tolerance against torch on real images. An optional variant that
-fails drops out (reported, not registered); a failed fp32 model (or a variant in export.require)
-stops the run and leaves the last good export untouched. With calibrate's feature gate, every file
-computes its score as a second output, ood_score."""
+(fp16; int8, quantized from the fp32 file and calibrated on training images); each is held to its
+parity tolerance against torch on real images. An optional variant that fails drops out (reported,
+not registered); a failed fp32 model (or a variant in export.require) stops the run and leaves the
+last good export untouched. With calibrate's feature gate, every file computes its score as a second
+output, ood_score."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from headstart.calibration import METADATA_KEY, read_gate, read_rule
 from headstart.config import Params
 from headstart.export import export_variants, parity_images, to_markdown
 from headstart.models import load_model
+from headstart.quantize import calibration_images
 from headstart.runtime import EXPORT_FILES
 from tasks import _inputs
 
@@ -31,7 +33,11 @@ class ExportResult:
 def export(cfg: Params) -> ExportResult:
     p, final = cfg.export, cfg.stage_dir("export")
     model = load_model(_inputs.stage_file(cfg, "select", "model.pt"))
-    rows = parity_images(_inputs.manifest(cfg), p.parity_max_images)
+    frame = _inputs.manifest(cfg)
+    rows = parity_images(frame, p.parity_max_images)
+    calibration = [
+        cfg.prepare.data_dir / x for x in calibration_images(frame, p.int8_calibration_images)["path"]
+    ]
     paths = [cfg.prepare.data_dir / x for x in rows["path"]]
     labels = [
         model.classes.index(c) if s == "test" and c in model.classes else -1
@@ -50,7 +56,10 @@ def export(cfg: Params) -> ExportResult:
         METADATA_KEY: rule.to_json(),  # every variant answers with the same rule
     }
     with directory(final) as out:
-        figures = export_variants(model, out, meta, paths, labels, p, gate)  # gate: output ood_score
+        # gate: output ood_score; calibration: int8's sample of training images; the cache: the graft's
+        figures = export_variants(
+            model, out, meta, paths, labels, p, gate, calibration, cfg.project.cache_dir
+        )
         passed = [n for n, f in figures.items() if f["passed"]]
         refused = [
             f"{n}: {'; '.join(f['failures'])}"
@@ -75,4 +84,4 @@ def export(cfg: Params) -> ExportResult:
 
 def _top(fp32: dict) -> dict:
     """The fp32 model's figures at the top level: what register logs and the summary prints."""
-    return {k: fp32[k] for k in ("max_abs_logit_diff", "top1_agreement", "n_images", "providers")}
+    return {k: fp32[k] for k in ("max_abs_logit_diff", "top1_agreement", "n_images", "providers", "build")}

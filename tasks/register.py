@@ -11,12 +11,13 @@ from headstart.config import Params
 from headstart.provenance import git_commit, serving_requirements
 from headstart.runtime import EXPORT_FILES
 from headstart.stages import NAMES
-from tasks import _inputs
+from tasks import _backbone, _inputs
 
 # each stage's report that the run's metrics and tags come from
 REPORTS = {
     "prepare": "report.json",
     "validate": "report.json",
+    "backbone": "decision.json",
     "domain": "report.json",
     "train_head": "metrics.json",
     "finetune": "decision.json",
@@ -35,9 +36,13 @@ class RegisterResult:
     model_uri: str
     tracking_uri: str
     experiment_id: str
+    registered: bool = True  # False: the model equals the latest version's, which model_version names
+    reason: str = ""
 
 
-def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
+def register(cfg: Params, tags: dict[str, str] | None = None, force: bool = False) -> RegisterResult:
+    """Log the pipeline run and register its model; a model equal to the latest version's is not
+    registered again unless `force`."""
     from headstart.tracking import finish_run, log_curves, log_pipeline_run, onnx_classes, pipeline_record
 
     parity = _inputs.read_json(cfg, "export", "parity.json")
@@ -46,7 +51,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
     reports = {s: _inputs.read_json(cfg, s, f) for s, f in REPORTS.items()}
     export = cfg.stage_dir("export")
     classes = onnx_classes(export / EXPORT_FILES["fp32"])  # in the order the served model outputs them
-    metrics, record = pipeline_record({**reports, "export": parity}, cfg.train_head.backbone, classes)
+    metrics, record = pipeline_record({**reports, "export": parity}, _backbone.name(cfg), classes)
     metrics |= run_metrics(reports["calibrate"], reports["evaluate"].get("abstention"))
     ids = log_pipeline_run(
         cfg,
@@ -58,6 +63,7 @@ def register(cfg: Params, tags: dict[str, str] | None = None) -> RegisterResult:
         [export / EXPORT_FILES[v] for v in parity["registered"] if v != "fp32"],
         classes,
         cfg.register.serving.model_dump(),  # the served pyfunc's model_config
+        force=force,
     )
     head = _inputs.read_json(cfg, "train_head", "history.json")
     tuned = _inputs.read_json(cfg, "finetune", "history.json")
@@ -81,7 +87,7 @@ def record_failure(cfg: Params, stage: str, error: str, tags: dict[str, str] | N
     """An MLflow run marked FAILED: the failing stage, the error, and the reports written so far."""
     from headstart.tracking import log_failed_run
 
-    all_tags = {"git_commit": git_commit(), "backbone": cfg.train_head.backbone, **(tags or {})}
+    all_tags = {"git_commit": git_commit(), "backbone": _backbone.name(cfg), **(tags or {})}
     return log_failed_run(cfg, stage, error, _stage_artifacts(cfg), all_tags)
 
 

@@ -11,13 +11,12 @@ import numpy as np
 
 from headstart import HeadstartError
 from headstart.atomic import directory, write_json
-from headstart.backbones import load_backbone
 from headstart.config import Params
 from headstart.features import Extracted, Features
 from headstart.search import SEARCHED, train_best_head
 from headstart.tracking import curve_logger
 from headstart.training import proven_frozen, save_model
-from tasks import _inputs
+from tasks import _backbone, _inputs
 
 
 @dataclass
@@ -33,7 +32,7 @@ class TrainHeadResult:
 def train_head(cfg: Params) -> TrainHeadResult:
     start, p, frame, seed = time.perf_counter(), cfg.train_head, _inputs.manifest(cfg), cfg.project.seed
     classes = sorted(frame["label"].unique())
-    backbone = load_backbone(p.backbone, p.weights, p.weights_sha256)
+    backbone = _backbone.load(cfg)
     features = Features(backbone, p.runtime, cfg.project.cache_dir, p.extract_batch_size)
     train, val = (_inputs.split_paths(cfg, frame, s) for s in ("train", "val"))
     if train[0].empty:

@@ -11,52 +11,14 @@ import pytest
 import yaml
 
 from headstart.config import Params
-from headstart.stages import STAGES, Stage
+from headstart.reuse import closure  # the same closure keys the flow's stage reuse
+from headstart.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("headstart", "tasks")
 ART, DATA = "${project.artifacts_dir}/", "${prepare.data_dir}"
 # paths and operations, not inputs of a result: the data folder is a dep of its own
 NOT_PARAMS = {("project", "artifacts_dir"), ("project", "cache_dir"), ("prepare", "data_dir")}
 NOT_SECTIONS = {"schedule", "server"}
-
-
-def module_file(name: str) -> Path | None:
-    path = ROOT / Path(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imports(path: Path) -> set[Path]:
-    """The project files `path` imports anywhere (lazy imports inside functions too), with the
-    packages' __init__ files that importing them runs."""
-    found: set[Path] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            if name.split(".")[0] not in PACKAGES:
-                continue
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):
-                if (f := module_file(".".join(parts[:i]))) is not None:
-                    found.add(f)
-    return found
-
-
-def closure(stage: Stage) -> set[Path]:
-    todo, seen = [ROOT / "tasks" / f"{stage.name}.py"], set()
-    while todo:
-        path = todo.pop()
-        if path not in seen:
-            seen.add(path)
-            todo += imports(path)
-    return seen
 
 
 def params_read(path: Path) -> set[tuple[str, str | None]]:

@@ -48,6 +48,8 @@ def test_the_head_is_chosen_by_cross_validation_and_refit_on_train_and_val(run):
     assert m["val_accuracy"] == m["cv_accuracy"] == s["estimate"]["accuracy"]
     assert m["epochs_run"] == s["refit_epochs"] == s["estimate"]["epochs"]  # the folds' median best epoch
     assert m["settings"] == s["chosen"]
+    assert s["line"].startswith("searched 5 trials on 3-fold cross-validation over 33 train+val images: ")
+    assert f"refit on train+val for {s['refit_epochs']} epochs" in s["line"]
     head = load_model(cfg.stage_dir("train_head") / "model.pt").classifier.head  # saved and loadable
     widths = [layer.out_features for layer in head if hasattr(layer, "out_features")]
     assert widths == ([3] if s["chosen"]["hidden"] == 0 else [s["chosen"]["hidden"], 3])

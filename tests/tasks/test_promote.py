@@ -112,8 +112,9 @@ def test_champion_challenger_and_rollback(world):
     run_id = client.get_model_version("promo", g).run_id
     assert "promote/comparison.md" in {a.path for a in client.list_artifacts(run_id, "promote")}
 
-    # the bad model registered again is worse than the champion -> challenger; champion stays
-    register(bad)
+    # the bad model registered again (forced: it equals the latest version) is worse than the
+    # champion -> challenger; champion stays
+    register(bad, force=True)
     third = promote(bad)  # the version from bad's new run.json
     assert third.version == "3" and not third.promoted and "could be worse" in third.reason
     assert _aliases(bad) == {"champion": g, "previous": b, "challenger": "3", "best": g}
@@ -127,8 +128,9 @@ def test_champion_challenger_and_rollback(world):
         "challenger": "3",
         "best": g,
     }
-    # the bad model again: no worse than the champion it equals, but worse than the best so far
-    register(bad)
+    # the bad model again (forced: an identical model is otherwise not registered twice): no worse
+    # than the champion it equals, but worse than the best so far
+    register(bad, force=True)
     drift = promote(bad)
     assert (
         not drift.promoted
@@ -195,7 +197,7 @@ def test_a_champion_whose_artifact_is_gone_is_not_compared(world):
     shutil.rmtree(run.info.artifact_uri.removeprefix("file://"), ignore_errors=True)
     for folder in (world["root"] / "mlruns").rglob("models"):
         shutil.rmtree(folder, ignore_errors=True)  # MLflow 3 keeps logged models here
-    register(cfg)
+    register(cfg, force=True)  # the same model again, on purpose
     result = promote(cfg)
     assert not result.promoted and "cannot compare with champion v1" in result.reason, (result, source)
     assert _aliases(cfg, "lost") == {"champion": "1", "challenger": "2", "best": "1"}
@@ -335,7 +337,7 @@ def test_only_images_neither_version_trained_on_count(world):
         if 2 <= both <= 4:
             break
     m.assign(split=split).to_parquet(path, index=False)
-    register(cfg)  # v2: what it trained on is the re-split manifest
+    register(cfg, force=True)  # v2, the same head: what it trained on is the re-split manifest
     refused = promote(cfg)
     assert not refused.promoted and refused.reason.startswith(f"too few clean images: {both} of {len(m)}")
     assert "v2, v1" in refused.reason and "promote.min_clean_images=5" in refused.reason

@@ -10,6 +10,7 @@ import pytest
 
 from headstart import HeadstartError
 from headstart.config import load_params
+from tasks.backbone import backbone
 from tasks.calibrate import calibrate
 from tasks.domain import DomainMismatch, domain
 from tasks.evaluate import evaluate
@@ -30,8 +31,9 @@ def pipeline(tmp_path_factory, tiny_weights):
     root = tmp_path_factory.mktemp("stages")
     data = make_folder(root / "data", per_class=14, classes=("cat", "dog", "owl"))
     (data / "cat" / "broken.png").write_bytes(b"not an image")
-    cfg = load_params(None, tiny_overrides(root, data, tiny_weights))
-    results = {"prepare": prepare(cfg), "validate": validate(cfg), "domain": domain(cfg)}
+    cfg = load_params(None, [*tiny_overrides(root, data, tiny_weights), "export.int8=true"])
+    results = {"prepare": prepare(cfg), "validate": validate(cfg), "backbone": backbone(cfg)}
+    results["domain"] = domain(cfg)
     results["train_head"] = train_head(cfg)
     results["finetune"] = finetune(cfg)  # 29 training images: the gate stays closed
     results["scratch"] = scratch(cfg)  # on_mismatch=warn and 29 images: transfer alone
@@ -225,6 +227,11 @@ def test_the_run_summary_shows_each_accuracy_with_its_interval(pipeline, capsys)
     assert f"on {ev.n_test} images" in test
     select_line = next(x for x in lines if x.startswith("  select "))
     assert "; val accuracy " in select_line and "(95% CI " in select_line and "images" in select_line
+    head = next(x for x in lines if x.startswith("  head "))  # tiny_overrides turn the search off
+    assert head.endswith(
+        "settings as given (search off); train_head.search.trials is 0: the settings in "
+        "params.yaml, early-stopped on the val split"
+    )
 
 
 def test_export_parity_on_real_images_of_every_split(pipeline):
@@ -235,7 +242,13 @@ def test_export_parity_on_real_images_of_every_split(pipeline):
     assert parity["max_abs_logit_diff"] < 1e-3 and parity["n_images"] == r["validate"].n_images == 42
     assert parity["variants"]["fp32"]["n_labelled"] == r["evaluate"].n_test
     assert "CPUExecutionProvider" in parity["providers"]
-    assert set(parity["variants"]) == {"fp32", "fp16"} and parity["registered"] == ["fp32", "fp16"]
+    assert set(parity["variants"]) == {"fp32", "fp16", "int8"}
+    assert parity["registered"] == ["fp32", "fp16", "int8"]
+    # int8 is calibrated on every training image (fewer than export.int8_calibration_images)
+    int8 = parity["variants"]["int8"]
+    n_train = json.loads((cfg.stage_dir("train_head") / "metrics.json").read_text())["n_train"]
+    assert int8["calibration_images"] == n_train and int8["calibration_skipped"] == []
+    assert 1e-4 < int8["max_abs_logit_diff"] <= cfg.export.tolerances.int8.max_abs_diff
     for name, v in parity["variants"].items():
         assert v["passed"] and set(v["batch_sizes"]) == {"1", "7", "32"}, name
         # the test metric through onnxruntime equals torch's, at every batch size
@@ -244,7 +257,9 @@ def test_export_parity_on_real_images_of_every_split(pipeline):
     assert (cfg.stage_dir("export") / "variants" / "model_fp16.onnx").stat().st_size < (
         0.7 * (cfg.stage_dir("export") / "model.onnx").stat().st_size
     )
-    assert "| model.onnx | 7 |" in (cfg.stage_dir("export") / "summary.md").read_text()
+    summary = (cfg.stage_dir("export") / "summary.md").read_text()
+    assert "| model.onnx | 7 |" in summary and "- int8: passed" in summary
+    assert f"model_int8.onnx: calibrated on {int8['calibration_images']} training images" in summary
 
 
 def test_register_logs_one_run_with_everything(pipeline):
@@ -274,6 +289,8 @@ def test_register_logs_one_run_with_everything(pipeline):
     assert run.data.tags["domain.verdict"] == r["domain"].verdict
     assert run.data.metrics["domain.score"] == pytest.approx(r["domain"].score)
     assert "domain/profile.png" in {a.path for a in client.list_artifacts(reg.run_id, "domain")}
+    assert "backbone/decision.json" in {a.path for a in client.list_artifacts(reg.run_id, "backbone")}
+    assert (run.data.tags["backbone"], run.data.tags["backbone.how"]) == ("test_efficientnet", "fixed")
     version = client.get_model_version("tiny", reg.model_version)
     assert version.run_id == reg.run_id
     run_json = json.loads((cfg.stage_dir("register") / "run.json").read_text())
@@ -447,14 +464,16 @@ def test_predict_cli_matches_evaluate_and_reports_bad_files(pipeline, capsys, tm
     assert main(["predict", "--model", uri, *overrides, "--json", files[0]]) == 0
     assert json.loads(capsys.readouterr().out)["label"] == rows["predicted"][0]
     # the fp16 export rides in the same model version; served from the registry, it is that file
-    assert main(["predict", "--model", uri, "--variant", "fp16", *overrides, "--json", files[0]]) == 0
-    assert json.loads(capsys.readouterr().out)["label"] == rows["predicted"][0]
+    for variant in ("fp16", "int8"):
+        assert main(["predict", "--model", uri, "--variant", variant, *overrides, "--json", files[0]]) == 0
+        assert json.loads(capsys.readouterr().out)["label"] == rows["predicted"][0], variant
     import onnx
     from onnx.numpy_helper import to_array
 
+    from headstart.runtime import EXPORT_FILES
     from headstart.tracking import downloaded_model
 
-    for variant, file in (("fp32", "model.onnx"), ("fp16", "variants/model_fp16.onnx")):
+    for variant, file in EXPORT_FILES.items():
         # MLflow re-serialises the registered file (external data), so compare what it holds
         with downloaded_model(uri, cfg, variant) as path:
             got, folder = onnx.load(path), path.parent
