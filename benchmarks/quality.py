@@ -1,7 +1,7 @@
 """Benchmark (not a test): the head's settings as given against train_head's search, on held-out images.
 
     python -m benchmarks.quality [--quick] [--datasets lfw digits-20 ...] [--seeds 3] [--cache DIR]
-                                 [--threads 1] [--markdown table.md] [--combine REPORT ...]
+                                 [--markdown table.md] [--combine REPORT ...]
 
 Test accuracy on the pipeline's own test split, per data set and seed, for three ways to train the
 head, each through the function train_head calls (headstart.search.train_best_head) with params.yaml's
@@ -18,8 +18,7 @@ fractions and the seed); seeds 0, 1, 2 move the splits and the heads' initialisa
 from the frozen efficientnet_lite0 (onnxruntime) through one feature cache (--cache): each image is
 extracted once across seeds and sets, reported apart as `feature_extraction`; a method's `head_s` is
 the search and the final fit alone, its `views_s` the extraction of its augmented views. The heads
-train on one torch thread (--threads): their matrices are small, and on a CPU shared with other work
-two threads ran a head 5-7x slower than one (spinning threads fighting for the cores).
+train on one torch thread, as everywhere (training.fit_head).
 Each point records the test accuracy with its 95% bootstrap CI, macro-F1, the search's CV estimate and
 the settings it chose. Prints one JSON report; --markdown writes the README's table. --datasets runs
 some sets (e.g. one per process) and --combine assembles their reports. --quick (1 seed, 6 trials, lfw
@@ -258,12 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the mode's)")
     ap.add_argument("--cache", type=Path, help="the feature cache (default: a temporary folder)")
     ap.add_argument("--markdown", type=Path, help="write the summary table to this Markdown file")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for the heads (default 1)")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="REPORT", help="assemble reports run apart")
     args = ap.parse_args(argv)
     if args.combine:
         return finish(combine([json.loads(p.read_text()) for p in args.combine]), args)
-    torch.set_num_threads(args.threads)
     s = replace(QUICK if args.quick else FULL, **({"seeds": args.seeds} if args.seeds else {}))
     names = args.datasets or (["lfw", "digits-20"] if args.quick else list(DATASETS))
     report = {
@@ -272,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": asdict(s),
         "machine": {
             "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads_heads": 1,  # training.fit_head
             "python": platform.python_version(),
         },
         "datasets": [],

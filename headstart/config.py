@@ -188,7 +188,7 @@ class DomainParams(Section):
 
 class SearchParams(Section):
     trials: Int = Field(20, ge=0, le=10_000)  # Optuna trials; 0: no search, the settings as given
-    timeout_s: Float = Field(120.0, gt=0.0, le=MAX_SECONDS)  # a cap; hitting it is recorded
+    timeout_s: Float = Field(300.0, gt=0.0, le=MAX_SECONDS)  # a cap; hitting it is recorded
     folds: Int = Field(5, ge=2, le=50)
     cv_max_images: Int = Field(1000, ge=0, le=MAX_IMAGES)  # train+val below this: k-fold CV, refit on both
 
