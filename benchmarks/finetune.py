@@ -37,6 +37,8 @@ def run(task: str, per_class: int | None, root: Path, cache: Path, device: str, 
         f"project.cache_dir={cache}",
         "domain.on_mismatch=continue",
         "scratch.run=never",  # this benchmark measures fine-tuning alone
+        # fine-tuning is judged on a val split the head never trained on: no refit on train+val
+        "train_head.search.cv_max_images=0",
         f"finetune.device={device}",
         *extra,
     ]

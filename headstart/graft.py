@@ -108,6 +108,13 @@ def grafted(
     outputs = [o for o in model.graph.output if o.name != FEATURES]
     del model.graph.output[:]
     model.graph.output.extend(outputs)
+    # merge_models appends each side's opset imports: one per domain, as tools that read the model
+    # (onnxruntime's quantizer) require
+    versions: dict[str, int] = {}
+    for o in model.opset_import:
+        versions[o.domain] = max(versions.get(o.domain, 0), o.version)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in versions.items())
     return model
 
 

@@ -85,7 +85,9 @@ def test_the_validation_split_when_it_is_large_enough_and_the_rule_ships(run, tm
     }
     assert "Abstention (test split)" in (cfg.stage_dir("evaluate") / "summary.md").read_text()
     get("export").function(cfg)
-    files = [cfg.stage_dir("export") / f for f in EXPORT_FILES.values()]
+    registered = json.loads((cfg.stage_dir("export") / "parity.json").read_text())["registered"]
+    assert set(registered) == {"fp32", "fp16"}  # int8 is off by default
+    files = [cfg.stage_dir("export") / EXPORT_FILES[v] for v in registered]
     for f in files:  # fp32 and fp16 carry the same rule
         meta = {p.key: p.value for p in onnx.load(f).metadata_props}
         assert AbstentionRule.from_json(meta[METADATA_KEY]) == AbstentionRule(**d["rule"])
