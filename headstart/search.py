@@ -122,6 +122,24 @@ class Search:
             update={"max_epochs": max(1, self.estimate["epochs"]), "patience": MAX_EPOCHS}
         )
 
+    def held_out(self, best: dict, n_train: int, n_val: int) -> dict:
+        """The head's held-out figures for metrics.json (what select weighs) and how the search chose:
+        after a refit the cross-validated estimate over train+val (the refit saw val), else the
+        final fit's best epoch on the val split (`best`: its history row)."""
+        chosen, e = self.final_params(), self.estimate
+        return {
+            "val_loss": e["loss"] if self.refit else best["val_loss"],
+            "val_accuracy": e["accuracy"] if self.refit else best["val_accuracy"],
+            "val_estimate": "cross-validated" if self.refit else "validation split",
+            "val_accuracy_n": n_train + n_val if self.refit else n_val,  # the images it counts
+            "refit_on_train_val": self.refit,
+            "cv_accuracy": e["accuracy"] if e else None,
+            "cv_accuracy_std": e["accuracy_std"] if e else None,
+            "search_trials": len(self.trials),
+            "search_wall_s": round(self.wall_s, 2),
+            "settings": {k: getattr(chosen, k) for k in SEARCHED},
+        }
+
     def line(self) -> str:
         """The run summary's account of how the head's settings were chosen."""
         p = self.params

@@ -13,7 +13,7 @@ from headstart import HeadstartError
 from headstart.atomic import directory, write_json
 from headstart.config import Params
 from headstart.features import Extracted, Features
-from headstart.search import SEARCHED, train_best_head
+from headstart.search import train_best_head
 from headstart.tracking import curve_logger
 from headstart.training import proven_frozen, save_model
 from tasks import _backbone, _inputs
@@ -53,26 +53,12 @@ def train_head(cfg: Params) -> TrainHeadResult:
         extracted = Extracted(extracted.computed + sum(computed), extracted.rate)
         chosen = search.final_params()
     best = history[best_epoch - 1]
-    # on small data the held-out figures are the search's cross-validated ones: the refit saw val
-    held_out = (
-        {"val_loss": search.estimate["loss"], "val_accuracy": search.estimate["accuracy"]}
-        if search.refit
-        else {k: best[k] for k in ("val_loss", "val_accuracy")}
-    )
     n_features = len(yt) * (1 + p.augment_views) + len(yv)
     metrics = {
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_loss": best["train_loss"],
-        **held_out,
-        "val_estimate": "cross-validated" if search.refit else "validation split",
-        "val_accuracy_n": len(yt) + len(yv) if search.refit else len(yv),  # the images that accuracy counts
-        "refit_on_train_val": search.refit,
-        "cv_accuracy": search.estimate["accuracy"] if search.estimate else None,
-        "cv_accuracy_std": search.estimate["accuracy_std"] if search.estimate else None,
-        "search_trials": len(search.trials),
-        "search_wall_s": round(search.wall_s, 2),
-        "settings": {k: getattr(chosen, k) for k in SEARCHED},
+        **search.held_out(best, len(yt), len(yv)),
         "n_train": len(yt),
         "n_val": len(yv),
         "features_computed": extracted.computed,
