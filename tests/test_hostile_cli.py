@@ -325,6 +325,8 @@ def test_a_damaged_stage_output_is_one_line_naming_it(tmp_path, capsys, damage):
     (tmp_path / "a" / "validate" / "manifest.parquet").write_bytes(damage)
     (tmp_path / "a" / "domain").mkdir()
     (tmp_path / "a" / "domain" / "report.json").write_bytes(damage[:3])
+    (tmp_path / "a" / "backbone").mkdir()
+    (tmp_path / "a" / "backbone" / "decision.json").write_text("{}")  # train_head reads the manifest first
     assert main(["stage", "train_head", *sets]) == 2
     err = capsys.readouterr().err
     assert "manifest.parquet is damaged" in err and "run the validate stage again" in err
