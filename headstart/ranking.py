@@ -9,8 +9,17 @@ cannot be loaded or run is skipped with its reason; none left falls back to the 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
+
+from headstart import HeadstartError
+from headstart.backbones import load_backbone
+from headstart.config import Candidate, TrainHeadParams
+from headstart.features import Features
+from headstart.search import Folds, cross_validate
+from headstart.transferability import logme
 
 TIE = 6  # decimals of CV accuracy compared: closer accuracies tie, and LogME decides
 
@@ -131,3 +140,43 @@ def cv_fields(estimate: dict | None) -> dict:
 
 def labels_of(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
     return rows["label"].map(classes.index).to_numpy(np.int64)
+
+
+def score(
+    c: Candidate,
+    paths,
+    shas,
+    y,
+    folds: Folds | None,
+    num_classes: int,
+    th: TrainHeadParams,
+    cache_dir,
+    seed: int,
+) -> dict:
+    """One candidate's LogME (and CV accuracy) on the sample, its extraction cost; or why it was
+    skipped. A candidate that fails (missing weights, a model the runtime cannot run) never stops the
+    others."""
+    start = time.perf_counter()
+    try:
+        model = load_backbone(c.name, c.weights, c.weights_sha256)
+        features = Features(model, th.runtime, cache_dir, th.extract_batch_size)
+        x, computed = features(paths, shas, desc=f"features ({c.name})")
+    except Exception as exc:  # any failure of one candidate is recorded, not raised
+        return {"name": c.name, "skipped": _why(exc)}
+    extract_s = time.perf_counter() - start
+    estimate = None if folds is None else cross_validate(x, y, folds, num_classes, th, seed)
+    return {
+        "name": c.name,
+        "logme": round(logme(x, y), 6),
+        **cv_fields(estimate),
+        "n_images": len(y),
+        "num_features": model.num_features,
+        "features_computed": computed,
+        "extract_s": round(extract_s, 2),
+        "score_s": round(time.perf_counter() - start - extract_s, 2),
+    }
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return text if isinstance(exc, HeadstartError) else f"{type(exc).__name__}: {text}"

@@ -8,14 +8,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from headstart import HeadstartError
 from headstart.atomic import directory, write_json, write_text
-from headstart.backbones import load_backbone
 from headstart.config import AUTO, Candidate, Params, TrainHeadParams
-from headstart.features import Features
-from headstart.ranking import cv_fields, decide, fixed, labels_of, ranking_sample, summary_line, to_markdown
-from headstart.search import Folds, cross_validate, plan_folds
-from headstart.transferability import logme
+from headstart.ranking import decide, fixed, labels_of, ranking_sample, score, summary_line, to_markdown
+from headstart.search import Folds, plan_folds
 from tasks import _inputs
 
 DEFAULT = TrainHeadParams.model_fields["backbone"].default
@@ -45,7 +41,12 @@ def _rank(cfg: Params) -> dict:
     rows = ranking_sample(pool, cfg.backbone.max_images)
     y = labels_of(rows, classes)
     folds, how_scored = _folds(cfg, rows, y, len(pool))
-    scored = [_score(cfg, c, rows, y, folds, len(classes)) for c in cfg.backbone.candidates]
+    paths, shas = [cfg.prepare.data_dir / p for p in rows["path"]], list(rows["sha256"])
+    th, seed = cfg.train_head, cfg.project.seed
+    scored = [
+        score(c, paths, shas, y, folds, len(classes), th, cfg.project.cache_dir, seed)
+        for c in cfg.backbone.candidates
+    ]
     name, how, reason = decide(scored, small=folds is not None, default=DEFAULT)
     pick = next((c for c in cfg.backbone.candidates if c.name == name), Candidate(name=name))
     return {
@@ -69,34 +70,3 @@ def _folds(cfg: Params, rows, y, n_pool: int) -> tuple[Folds | None, str]:
     if folds.mode != "cv":  # a class with one sampled image: no accuracy worth ranking by
         return None, f"LogME alone: {folds.note}"
     return folds, folds.describe() + (f" ({folds.note})" if folds.note else "")
-
-
-def _score(cfg: Params, c: Candidate, rows, y, folds: Folds | None, num_classes: int) -> dict:
-    """One candidate's LogME (and CV accuracy) on the sample, its extraction cost; or why it was
-    skipped. A candidate that fails (missing weights, a model the runtime cannot run) never stops the
-    others."""
-    th, start = cfg.train_head, time.perf_counter()
-    paths = [cfg.prepare.data_dir / p for p in rows["path"]]
-    try:
-        model = load_backbone(c.name, c.weights, c.weights_sha256)
-        features = Features(model, th.runtime, cfg.project.cache_dir, th.extract_batch_size)
-        x, computed = features(paths, list(rows["sha256"]), desc=f"features ({c.name})")
-    except Exception as exc:  # any failure of one candidate is recorded, not raised
-        return {"name": c.name, "skipped": _why(exc)}
-    extract_s = time.perf_counter() - start
-    estimate = None if folds is None else cross_validate(x, y, folds, num_classes, th, cfg.project.seed)
-    return {
-        "name": c.name,
-        "logme": round(logme(x, y), 6),
-        **cv_fields(estimate),
-        "n_images": len(y),
-        "num_features": model.num_features,
-        "features_computed": computed,
-        "extract_s": round(extract_s, 2),
-        "score_s": round(time.perf_counter() - start - extract_s, 2),
-    }
-
-
-def _why(exc: Exception) -> str:
-    text = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return text if isinstance(exc, HeadstartError) else f"{type(exc).__name__}: {text}"
