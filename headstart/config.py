@@ -343,6 +343,25 @@ class ServerParams(Section):
     mlflow_port: Int = Field(5000, gt=0, lt=65536)
     state_dir: Path = Path(".headstart")
     deployment: str = "nightly"
+    # None: the embedded SQLite stores (Prefect's in state_dir, MLflow's mlflow.tracking_uri)
+    prefect_database_url: str | None = None
+    mlflow_backend_store_uri: str | None = None
+
+    @field_validator("prefect_database_url")
+    @classmethod
+    def _async_driver(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError(
+                "a Prefect server database is postgresql+asyncpg://... (or sqlite+aiosqlite://...)"
+            )
+        return url
+
+    @field_validator("mlflow_backend_store_uri")
+    @classmethod
+    def _a_database(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.startswith(("postgresql", "mysql", "mssql", "sqlite:")):
+            raise ValueError("an MLflow backend store is a database URI: postgresql://... (or sqlite:///...)")
+        return uri
 
 
 class MlflowParams(Section):

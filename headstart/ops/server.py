@@ -1,5 +1,7 @@
 """`headstart server`: a Prefect server and an MLflow tracking server on loopback, their state under
-the project folder (.headstart/), started in the background and stopped cleanly. Prefect's own
+the project folder (.headstart/), started in the background and stopped cleanly. Their stores are
+SQLite files unless params name database servers (server.prefect_database_url,
+server.mlflow_backend_store_uri: PostgreSQL, as teams run them). Prefect's own
 `server start --background` / `server stop` would do for Prefect alone; `mlflow server` has no such
 commands, so one mechanism runs both."""
 
@@ -45,10 +47,11 @@ def start(cfg: Params, wait_s: float = 180) -> dict[str, str]:
     stop(cfg)
     bin_dir = Path(sys.executable).parent
     s = cfg.server
-    tracking = cfg.mlflow.tracking_uri
-    if not tracking.startswith("sqlite:"):
+    tracking = s.mlflow_backend_store_uri or cfg.mlflow.tracking_uri
+    if not (tracking.startswith("sqlite:") or s.mlflow_backend_store_uri):
         raise HeadstartError(
-            f"headstart server serves a local sqlite store; mlflow.tracking_uri is {tracking}"
+            f"headstart server serves a local sqlite store; mlflow.tracking_uri is {tracking}: "
+            "set a sqlite:/// one, or the store in server.mlflow_backend_store_uri"
         )
     commands = {
         "prefect": [
@@ -80,6 +83,8 @@ def start(cfg: Params, wait_s: float = 180) -> dict[str, str]:
         "PREFECT_HOME": str((state / "prefect").resolve()),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
+    if s.prefect_database_url:  # else Prefect's SQLite file under PREFECT_HOME
+        environment["PREFECT_API_DATABASE_CONNECTION_URL"] = s.prefect_database_url
     pids = {}
     for name, cmd in commands.items():
         log = open(state / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
