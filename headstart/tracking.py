@@ -128,14 +128,17 @@ def _classified(what: str, uri: str) -> Iterator[None]:
         raise classify(exc, what, uri) from exc
 
 
-def _call(uri: str, what: str, fn, *args, missing_ok: bool = False, **kwargs):
-    """fn(*args, **kwargs), once; None when missing_ok and MLflow says the thing does not exist."""
+def _call(uri: str, what: str, fn, *args, missing_ok: bool = False, exists_ok: bool = False, **kwargs):
+    """fn(*args, **kwargs), once; None when missing_ok and MLflow says the thing does not exist, or
+    exists_ok and it already exists."""
     from mlflow.exceptions import MlflowException
 
     try:
         return fn(*args, **kwargs)
     except MlflowException as exc:
-        if missing_ok and exc.error_code in MISSING_CODES:
+        if (missing_ok and exc.error_code in MISSING_CODES) or (
+            exists_ok and exc.error_code == "RESOURCE_ALREADY_EXISTS"
+        ):
             return None
         raise classify(exc, what, uri) from exc
     except Exception as exc:
@@ -292,7 +295,10 @@ def _experiment(client, params: Params, uri: str) -> str:
     if exp:
         return exp.experiment_id
     location = params.mlflow.artifact_location.resolve().as_uri()
-    return _call(uri, "create experiment", client.create_experiment, params.mlflow.experiment, location)
+    name = params.mlflow.experiment
+    made = _call(uri, "create experiment", client.create_experiment, name, location, exists_ok=True)
+    # None: another project's run, sharing the tracking server, created it since the lookup
+    return made or _call(uri, "get experiment", client.get_experiment_by_name, name).experiment_id
 
 
 def finish_run(params: Params, run_id: str, status: str = "FINISHED") -> None:
@@ -562,7 +568,8 @@ def _register(client, params: Params, run_id: str, files: tuple, requirements, u
     with _using(uri):
         info = _log_serving_model(run_id, model.model_id, *files, requirements)
         if _call(uri, "get model", client.get_registered_model, name, missing_ok=True) is None:
-            client.create_registered_model(name)
+            # exists_ok: a run of another project naming the same model may have created it since
+            _call(uri, "create model", client.create_registered_model, name, exists_ok=True)
         # inside _using: the client resolves a models:/ source through the fluent tracking URI
         made = client.create_model_version(
             name, info.model_uri, run_id=run_id, model_id=info.model_id, tags={MODEL_DIGEST: digest}

@@ -375,3 +375,37 @@ def _using_store(cfg):
     from headstart.tracking import _using
 
     return _using(cfg.mlflow.tracking_uri)
+
+
+def test_an_experiment_and_model_another_run_created_meanwhile_are_used(cfg, tmp_path, monkeypatch):
+    """Two projects' runs on one tracking server: between this run's lookup and its create, the other
+    run creates the experiment and the registered model; this run then uses them, not fails."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    other, first = _client(cfg), {"experiment", "model"}
+    real_experiment, real_model = (
+        mlflow.MlflowClient.get_experiment_by_name,
+        mlflow.MlflowClient.get_registered_model,
+    )
+
+    def experiment_late(self, name):
+        if "experiment" in first:  # looked up as missing, then the other run creates it
+            first.discard("experiment")
+            other.create_experiment(name)
+            return None
+        return real_experiment(self, name)
+
+    def model_late(self, name):
+        if "model" in first:
+            first.discard("model")
+            other.create_registered_model(name)
+            raise MlflowException(f"{name} not found", RESOURCE_DOES_NOT_EXIST)
+        return real_model(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", experiment_late)
+    monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", model_late)
+    ids = _register(cfg, tmp_path)
+    assert not first and ids["model_version"] == "1"
+    assert ids["experiment_id"] == real_experiment(other, cfg.mlflow.experiment).experiment_id
