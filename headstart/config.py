@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -347,21 +348,20 @@ class ServerParams(Section):
     prefect_database_url: str | None = None
     mlflow_backend_store_uri: str | None = None
 
-    @field_validator("prefect_database_url")
+    @field_validator("prefect_database_url", "mlflow_backend_store_uri")
     @classmethod
-    def _async_driver(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
-            raise ValueError(
-                "a Prefect server database is postgresql+asyncpg://... (or sqlite+aiosqlite://...)"
-            )
+    def _a_database(cls, url: str | None, info) -> str | None:
+        schemes = {
+            "prefect_database_url": ("postgresql+asyncpg://", "sqlite+aiosqlite://"),
+            "mlflow_backend_store_uri": ("postgresql", "mysql", "mssql", "sqlite:"),
+        }[info.field_name]
+        if url is None:
+            return url
+        if not url.startswith(schemes):
+            raise ValueError(f"expected a database URL starting {' or '.join(schemes)}")
+        if urlsplit(url).password is not None:  # params are logged to MLflow with every run
+            raise ValueError("no password in the URL: use PGPASSWORD or ~/.pgpass")
         return url
-
-    @field_validator("mlflow_backend_store_uri")
-    @classmethod
-    def _a_database(cls, uri: str | None) -> str | None:
-        if uri is not None and not uri.startswith(("postgresql", "mysql", "mssql", "sqlite:")):
-            raise ValueError("an MLflow backend store is a database URI: postgresql://... (or sqlite:///...)")
-        return uri
 
 
 class MlflowParams(Section):
