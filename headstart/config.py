@@ -353,7 +353,8 @@ class ServerParams(Section):
     def _a_database(cls, url: str | None, info) -> str | None:
         schemes = {
             "prefect_database_url": ("postgresql+asyncpg://", "sqlite+aiosqlite://"),
-            "mlflow_backend_store_uri": ("postgresql", "mysql", "mssql", "sqlite:"),
+            # SQLAlchemy 2.1's bare postgresql:// means psycopg 3, not installed; psycopg2 is
+            "mlflow_backend_store_uri": ("postgresql+psycopg2://", "mysql", "mssql", "sqlite:"),
         }[info.field_name]
         if url is None:
             return url

@@ -76,8 +76,12 @@ def test_unknown_key_in_file_raises_with_key_name(tmp_path):
         ("train_head.dropout=1.5", "train_head.dropout"),
         ("export.opset=12", "export.opset"),
         ("server.prefect_database_url=postgresql://db/prefect", "server.prefect_database_url"),
-        ("server.mlflow_backend_store_uri=postgresql://u:pw@db/mlflow", "server.mlflow_backend_store_uri"),
+        (
+            "server.mlflow_backend_store_uri=postgresql+psycopg2://u:pw@db/mlflow",
+            "server.mlflow_backend_store_uri",
+        ),
         ("server.mlflow_backend_store_uri=http://host:5000", "server.mlflow_backend_store_uri"),
+        ("server.mlflow_backend_store_uri=postgresql://db/mlflow", "server.mlflow_backend_store_uri"),
     ],
 )
 def test_bad_value_raises_with_key_name(override, key):
