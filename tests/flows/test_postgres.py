@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,20 +48,22 @@ def postgres(tmp_path):
     if AS_ROOT:
         shutil.chown(root, "postgres", "postgres")
     port, data, log = _port(), root / "data", root / "server.log"
-    run = {"check": True, "capture_output": True, "timeout": 120}
-    subprocess.run(
-        _as_owner([pg / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync"]), **run
-    )
+    initdb = [pg / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync"]
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
-    subprocess.run(
-        _as_owner([pg / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start"]), **run
-    )
+    start = [pg / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start"]
     try:
+        for cmd in (initdb, start):
+            done = subprocess.run(_as_owner(cmd), capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, (cmd[0].name, done.stderr, log.exists() and log.read_text())
         yield {"bin": pg, "port": port}
-    finally:
-        subprocess.run(_as_owner([pg / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]), **run)
-        if AS_ROOT:
+    finally:  # whatever failed: no server left running, no folder left behind
+        subprocess.run(
+            _as_owner([pg / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]), capture_output=True
+        )
+        running = (data / "postmaster.pid").exists()
+        if AS_ROOT and not running:
             shutil.rmtree(root)
+        assert not running, f"PostgreSQL in {data} did not stop"
 
 
 def _project(root: Path, data: Path, tiny_weights, model: str, servers: list[str]) -> Path:
@@ -117,44 +120,50 @@ def test_two_projects_at_once_on_prefect_and_mlflow_servers_backed_by_postgres(
         for name, n in (("tiny-a", 12), ("tiny-b", 13))
     }
     cfg = load_params(projects["tiny-a"])  # the team's servers, as either project's params name them
-    where = server.start(cfg)
-    env = {**os.environ, **server.env(cfg)}
-    release, runs = tmp_path / "release", {}
     try:
-        for name, params in projects.items():
-            _park_hook(tmp_path / f"hook-{name}", tmp_path / f"parked-{name}", release)
-            runs[name] = _run_parked(params, tmp_path / f"hook-{name}", env)
-        # both hold their own project's lock, both flow runs RUNNING on the one server: released together
-        deadline = time.monotonic() + 300
-        while not all((tmp_path / f"parked-{n}").exists() for n in runs) and time.monotonic() < deadline:
-            assert all(p.poll() is None for p in runs.values()), {n: p.poll() for n, p in runs.items()}
-            time.sleep(0.2)
-        assert all((tmp_path / f"parked-{n}").exists() for n in runs)
-    finally:
-        release.touch()  # never leave a run parked, whatever failed
-        for p in runs.values():
-            p.wait(timeout=900)
-    try:
-        logs = {n: (projects[n].parent / "run.log").read_text() for n in runs}
-        assert all(p.returncode == 0 for p in runs.values()), {n: logs[n][-3000:] for n in runs}
-
-        mlflow = MlflowClient(tracking_uri=where["mlflow"])
-        seen = {}
+        where = server.start(cfg)
+        flow_run_ids = _two_runs_at_once(tmp_path, projects, {**os.environ, **server.env(cfg)})
+        mlflow, seen = MlflowClient(tracking_uri=where["mlflow"]), {}
         for name, params in projects.items():
             (found,) = mlflow.search_model_versions(f"name='{name}'")  # one version: its own run's
             version = mlflow.get_model_version(name, found.version)  # search leaves aliases out
             assert version.version == "1" and sorted(version.aliases) == ["best", "champion"]  # the first
             run = mlflow.get_run(version.run_id)
             assert run.info.status == "FINISHED"
+            assert run.data.tags["prefect.flow_run_id"] == flow_run_ids[name]
             assert run.data.params["register.model_name"] == name
             assert run.data.params["prepare.data_dir"] == str(params.parent / "data")
-            seen[name] = (run.info.run_id, run.data.tags["prefect.flow_run_id"], run.data.tags["data_hash"])
+            seen[name] = (run.info.run_id, flow_run_ids[name], run.data.tags["data_hash"])
         assert all(len({s[i] for s in seen.values()}) == 2 for i in range(3))  # runs, flow runs, data: apart
 
         # both stores are PostgreSQL's: the registry and the flow runs live in its databases
         models = _rows(port, "mlflow", "select name from registered_models order by name")
         assert [r[0] for r in models] == ["tiny-a", "tiny-b"]
         flow_runs = dict(_rows(port, "prefect", "select id::text, state_type::text from flow_run"))
-        assert {seen[n][1]: "COMPLETED" for n in seen}.items() <= flow_runs.items()
+        assert {i: "COMPLETED" for i in flow_run_ids.values()}.items() <= flow_runs.items()
     finally:
-        assert set(server.stop(cfg)) == {"prefect", "mlflow"}
+        stopped = server.stop(cfg)
+    assert set(stopped) == {"prefect", "mlflow"}
+
+
+def _two_runs_at_once(tmp_path: Path, projects: dict[str, Path], env: dict) -> dict[str, str]:
+    """`headstart run` of each project, both parked holding their own project lock (so both flow runs
+    are RUNNING on the one server), then released together; each project's flow run id, once both
+    exited 0 (read from its log's "View at" line). No run is left parked or running, whatever fails."""
+    release, runs = tmp_path / "release", {}
+    try:
+        for name, params in projects.items():
+            _park_hook(tmp_path / f"hook-{name}", tmp_path / f"parked-{name}", release)
+            runs[name] = _run_parked(params, tmp_path / f"hook-{name}", env)
+        deadline = time.monotonic() + 300
+        while not all((tmp_path / f"parked-{n}").exists() for n in runs) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in runs.values()), {n: p.poll() for n, p in runs.items()}
+            time.sleep(0.2)
+        assert all((tmp_path / f"parked-{n}").exists() for n in runs)
+    finally:
+        release.touch()
+        for p in runs.values():
+            p.wait(timeout=900)
+    logs = {n: (projects[n].parent / "run.log").read_text() for n in runs}
+    assert all(p.returncode == 0 for p in runs.values()), {n: logs[n][-3000:] for n in runs}
+    return {n: re.search(r"/runs/flow-run/([0-9a-f-]{36})", logs[n]).group(1) for n in runs}  # "View at"

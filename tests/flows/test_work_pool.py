@@ -84,12 +84,11 @@ def test_a_process_worker_runs_the_deployment_and_registers_the_model(tmp_path, 
     cfg = load_params(project / "params.yaml")
     # only the run this test triggers: no cron-scheduled run of prefect.yaml's nightly schedule
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false")
-    where = server.start(cfg)
-    api, tracking = where["prefect"], where["mlflow"]
-    client_env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    log = tmp_path / "worker.log"
-    worker = None
+    log, worker = tmp_path / "worker.log", None
     try:
+        where = server.start(cfg)
+        api, tracking = where["prefect"], where["mlflow"]
+        client_env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect-home")}
         prefect("work-pool", "create", "headstart-process", "--type", "process", env=client_env, cwd=project)
         # the tracking URI goes into the deployment's job variables (prefect.yaml); the worker has none
         prefect("deploy", "--all", env={**client_env, "MLFLOW_TRACKING_URI": tracking}, cwd=project)
@@ -118,8 +117,9 @@ def test_a_process_worker_runs_the_deployment_and_registers_the_model(tmp_path, 
         assert version.version == "1"
         assert mlflow.get_run(version.run_id).data.tags["prefect.flow_run_id"] == run_id
         assert (tmp_path / "artifacts" / "export" / "model.onnx").is_file()  # the project's params
-    finally:
+    finally:  # whatever failed: nothing this test started is left running
         if worker is not None:
             stop_group(worker)
-        assert set(server.stop(cfg)) == {"prefect", "mlflow"}
-    assert worker.poll() is not None and not any(server.status(cfg).values())
+        stopped = server.stop(cfg)
+    assert set(stopped) == {"prefect", "mlflow"} and worker.poll() is not None
+    assert not any(server.status(cfg).values())
