@@ -14,6 +14,7 @@ import pytest
 
 from headstart.config import load_params
 from headstart.report import LIMITS, SECTIONS
+from headstart.validation import DUPLICATE_FLAGS
 from tasks.report import recorded_failure, report
 from tests.conftest import COLOURS, make_image
 
@@ -139,7 +140,12 @@ def fake_run(
                     "success": False,
                     "count": 1,
                     "examples": [HOSTILE],
-                }
+                },
+                *[
+                    {"name": n, "level": "warn", "success": n != "no_near_duplicates_across_classes"}
+                    | {"count": int(n == "no_near_duplicates_across_classes"), "examples": []}
+                    for n in DUPLICATE_FLAGS
+                ],
             ],
         },
     )
@@ -254,6 +260,24 @@ def test_every_section_is_present_self_contained_and_offline(tmp_path):
     assert "different classes" in dup and dup.count("<img") == 2  # the pair, side by side
 
 
+def _no_duplicates(root: Path) -> Path:
+    """Validation's report says it found no duplicates."""
+    rep = json.loads((root / "artifacts" / "validate" / "report.json").read_text())
+    for e in rep["expectations"]:
+        e["count"] = 0
+    _write(root / "artifacts" / "validate" / "report.json", rep)
+    return root
+
+
+def test_no_duplicate_pass_when_validation_found_none(tmp_path, monkeypatch):
+    import headstart.validation
+
+    root = _no_duplicates(fake_run(tmp_path))
+    monkeypatch.setattr(headstart.validation, "flag_files", None)  # called: a TypeError
+    text, page = _page(root)
+    assert "Validation found no exact or near-duplicate" in page.section("duplicates", text)
+
+
 def test_names_with_html_characters_and_non_ascii_are_escaped_and_shown(tmp_path):
     text, page = _page(fake_run(tmp_path))
     assert HOSTILE not in text and "<b>&" not in text  # never raw in the markup
@@ -322,7 +346,9 @@ def test_a_damaged_output_is_named_in_its_section(tmp_path):
 
 
 def test_ten_thousand_images_make_a_bounded_page(tmp_path):
-    root = fake_run(tmp_path, classes=("a", "b", "c", "d"), n_per_class=2500, real_images=30)
+    # validation's duplicate pass is as slow as validation's (seconds); a report with pairs draws
+    # at most LIMITS["pairs"] of them
+    root = _no_duplicates(fake_run(tmp_path, classes=("a", "b", "c", "d"), n_per_class=2500, real_images=30))
     r = report(_cfg(root), log=False)
     text = Path(r.path).read_text(encoding="utf-8")
     page = Page(text)
