@@ -16,7 +16,7 @@ from headstart.config import load_params
 from headstart.report import LIMITS, SECTIONS
 from headstart.validation import DUPLICATE_FLAGS
 from tasks.report import recorded_failure, report
-from tests.conftest import COLOURS, make_image
+from tests.conftest import COLOURS, make_image, write_params
 
 HOSTILE = "<b>&\"x'.png"
 NON_ASCII = "é夜.png"
@@ -231,15 +231,16 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
+def _dirs(root: Path) -> dict[str, Path]:
+    return {
+        "project.artifacts_dir": root / "artifacts",
+        "prepare.data_dir": root / "data",
+        "project.cache_dir": root / "cache",
+    }
+
+
 def _cfg(root: Path):
-    return load_params(
-        None,
-        [
-            f"project.artifacts_dir={root / 'artifacts'}",
-            f"prepare.data_dir={root / 'data'}",
-            f"project.cache_dir={root / 'cache'}",
-        ],
-    )
+    return load_params(None, [f"{k}={v}" for k, v in _dirs(root).items()])
 
 
 def _page(root: Path, **kw) -> tuple[str, Page]:
@@ -373,3 +374,15 @@ def test_the_report_folder_holds_the_page_and_the_prefect_summary(tmp_path, name
     root = fake_run(tmp_path, n_per_class=3, real_images=3)
     report(_cfg(root), log=False)
     assert (root / "artifacts" / "report" / name).stat().st_size > 0
+
+
+def test_headstart_report_rebuilds_the_page_and_keeps_a_recorded_failure(tmp_path, capsys):
+    from headstart.cli import main
+
+    root = fake_run(tmp_path, n_per_class=3, real_images=3)
+    report(_cfg(root), failed="export", error="parity failed", log=False)
+    params = write_params(root / "params.yaml", [f"{k}={v}" for k, v in _dirs(root).items()])
+    assert main(["report", "--params", str(params)]) == 0
+    page = root / "artifacts" / "report" / "index.html"
+    assert f"headstart report: {page}" in capsys.readouterr().out
+    assert "Failed at stage export" in page.read_text(encoding="utf-8")
