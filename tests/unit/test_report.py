@@ -87,6 +87,7 @@ def fake_run(
                     phash=phash,
                 )
             )
+    (data / classes[0]).mkdir(parents=True, exist_ok=True)
     (data / classes[0] / "broken.png").write_bytes(b"not an image")
     rows.append(
         dict(
