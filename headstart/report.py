@@ -85,6 +85,11 @@ class Run:
             )
         return found
 
+    @property
+    def thumbnails(self) -> int:
+        """How many distinct images the page embeds."""
+        return sum(uri is not None for uri, _ in self._thumbs.values())
+
     def json(self, stage: str, name: str) -> dict:
         return _damaged(self.path(stage, name), lambda p: json.loads(p.read_text(encoding="utf-8")))
 

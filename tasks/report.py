@@ -44,8 +44,9 @@ def report(
         if failed:
             write_json(out / FAILURE, {"stage": failed, "error": error})
     run_id = _log(cfg, final) if log else None
-    thumbs = sum(uri is not None for uri, _ in run._thumbs.values())
-    return ReportResult(str(index), len(page.encode()), thumbs, round(time.time() - started, 2), run_id)
+    return ReportResult(
+        str(index), len(page.encode()), run.thumbnails, round(time.time() - started, 2), run_id
+    )
 
 
 def recorded_failure(cfg: Params) -> tuple[str | None, str | None]:
