@@ -143,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     trt.add_argument("--tensorrt", action="store_true", help="TensorRT accelerator at FP16 precision")
     trt.set_defaults(func=_export_triton)
 
+    rep = with_params(
+        sub.add_parser("report", help="rebuild the run report (artifacts/report/index.html) from artifacts/")
+    )
+    rep.set_defaults(func=_report)
+
     show = with_params(sub.add_parser("params", help="print the resolved params as YAML"))
     show.set_defaults(func=_params)
 
@@ -191,6 +196,7 @@ def _run(args) -> int:
         )
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
+        _failure_report_line(cfg)
         raise HeadstartError(str(exc) if isinstance(exc, BaseException) else state.message)
     result = state.result()
     if result.get("skipped"):
@@ -263,6 +269,19 @@ def _writing(cfg):
     with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
         sweep(cfg.project.artifacts_dir)
         yield
+
+
+def _report(args) -> int:
+    """The run report from what the stages wrote, a failed run's headed by its recorded error; not
+    logged to MLflow (the run's own report was, when the flow or `dvc repro` wrote it)."""
+    from headstart.config import load_params
+    from tasks.report import recorded_failure, report
+
+    cfg = load_params(args.params, _overrides(args))
+    with _writing(cfg):
+        r = report(cfg, *recorded_failure(cfg), log=False)
+    print(f"headstart report: {r.path} ({r.bytes / 1e6:.2f} MB, {r.thumbnails} thumbnails, {r.seconds} s)")
+    return 0
 
 
 def _domain_check(args) -> int:
@@ -341,7 +360,20 @@ headstart: done.
   onnx        {ex["onnx_path"]}
   mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})
   model       {reg["model_uri"]}{_registered_line(reg)}{_promotion_line(r)}{_reused_line(r)}
-  browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}""")
+  browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}{_report_line(r)}""")
+
+
+def _report_line(r: dict) -> str:
+    """Last: the run report, the page to open first (absent from results of a flow before it)."""
+    return f"\n  report      {r['report']['path']}" if r.get("report") else ""
+
+
+def _failure_report_line(cfg) -> None:
+    from tasks.report import FAILURE
+
+    folder = cfg.stage_dir("report")
+    if (folder / FAILURE).exists():  # written by this failed run: a success removes it
+        print(f"headstart: run report up to the failed stage: {folder / 'index.html'}", file=sys.stderr)
 
 
 def _backbone_line(r: dict) -> str:

@@ -208,6 +208,39 @@ STAGES: tuple[Stage, ...] = (
         artifact="promotion",
         optional="promote.enabled",
     ),
+    Stage(
+        "report",  # last: the run report shows every stage's outputs, with thumbnails of the images
+        deps=(
+            "prepare/manifest.parquet",
+            "prepare/report.json",
+            MANIFEST,
+            "validate/quarantine.csv",
+            "validate/report.json",
+            BACKBONE,
+            "domain/report.json",
+            "domain/profile.png",
+            "train_head/metrics.json",
+            "train_head/history.json",
+            "train_head/search.json",
+            "finetune/decision.json",
+            "finetune/history.json",
+            "scratch/decision.json",
+            "scratch/history.json",
+            "select/decision.json",
+            "calibrate/abstention.json",
+            "evaluate/metrics.json",
+            "evaluate/confusion.png",
+            "evaluate/predictions.csv",
+            "export/parity.json",
+            "register/run.json",
+            "promote/decision.json",
+        ),
+        outs=("report",),
+        params=("validate",),  # the near-duplicate pairs are drawn with validation's distance
+        reads_data=True,
+        artifact="run-report",
+        reports_to=("mlflow", "register.model_name"),  # logged to the pipeline run
+    ),
 )
 
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
