@@ -146,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
     rep = with_params(
         sub.add_parser("report", help="rebuild the run report (artifacts/report/index.html) from artifacts/")
     )
+    rep.add_argument(
+        "--screenshot",
+        type=Path,
+        metavar="PNG",
+        help="also render the page offline in headless Chromium and save a full-page screenshot",
+    )
+    rep.add_argument("--width", type=int, default=1280, help="the screenshot's width in px (default 1280)")
     rep.set_defaults(func=_report)
 
     show = with_params(sub.add_parser("params", help="print the resolved params as YAML"))
@@ -281,7 +288,23 @@ def _report(args) -> int:
     with _writing(cfg):
         r = report(cfg, *recorded_failure(cfg), log=False)
     print(f"headstart report: {r.path} ({r.bytes / 1e6:.2f} MB, {r.thumbnails} thumbnails, {r.seconds} s)")
-    return 0
+    return _screenshot(Path(r.path), args.screenshot, args.width) if args.screenshot else 0
+
+
+def _screenshot(page: Path, png: Path, width: int) -> int:
+    """The page as a person sees it offline: a request that would leave the machine or an image that
+    does not load fails the command (the shot is still written, to look at)."""
+    from headstart.browser import render
+
+    shot = render(page, png, width=width)
+    problems = [f"external request {u}" for u in shot.external] + [
+        f"image not loaded {u[:80]}" for u in shot.broken_images
+    ]
+    counts = f"{len(shot.images)} images, {len(shot.requests)} requests, {len(problems)} problems"
+    print(f"screenshot: {png} ({counts})")
+    for p in problems:
+        print(f"headstart report: {p}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _domain_check(args) -> int:

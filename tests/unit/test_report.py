@@ -387,3 +387,44 @@ def test_headstart_report_rebuilds_the_page_and_keeps_a_recorded_failure(tmp_pat
     page = root / "artifacts" / "report" / "index.html"
     assert f"headstart report: {page}" in capsys.readouterr().out
     assert "Failed at stage export" in page.read_text(encoding="utf-8")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_report_opened_offline_in_chromium_shows_every_section_and_image(tmp_path, capsys):
+    """As a person would look at it: `headstart report --screenshot` renders the page in headless
+    Chromium; nothing leaves the machine, every section is visible, every thumbnail loads."""
+    from PIL import Image
+
+    from headstart.browser import render
+    from headstart.cli import main
+
+    root = fake_run(tmp_path, n_per_class=3, real_images=3)
+    params = write_params(root / "params.yaml", [f"{k}={v}" for k, v in _dirs(root).items()])
+    shot = tmp_path / "shot.png"
+    assert main(["report", "--params", str(params), "--screenshot", str(shot), "--width", "900"]) == 0
+    assert "0 problems" in capsys.readouterr().out
+    page = root / "artifacts" / "report" / "index.html"
+    r = render(page, query="section[id] > h2")
+    assert r.external == [] and r.failed == [] and r.page_errors == []
+    assert len(r.matches) == len(SECTIONS)  # every section's heading is visible
+    assert r.images and r.broken_images == []
+    with Image.open(shot) as im:
+        assert im.width == 900 and im.height > 800  # the whole page, not the viewport
+        assert np.asarray(im.convert("L")).std() > 10  # not a blank page
+
+
+def test_a_screenshot_that_loads_something_external_fails_the_command(tmp_path, monkeypatch, capsys):
+    from headstart import browser, cli
+
+    class Shot:
+        images, requests, external, broken_images = (
+            ["a"],
+            ["file:///x", "https://cdn/x.js"],
+            ["https://cdn/x.js"],
+            [],
+        )
+
+    monkeypatch.setattr(browser, "render", lambda page, png, width: Shot())
+    assert cli._screenshot(tmp_path / "index.html", tmp_path / "s.png", 640) == 1
+    assert "external request https://cdn/x.js" in capsys.readouterr().err
