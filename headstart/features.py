@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import get_args
 
@@ -277,19 +278,13 @@ class Features:
         keys = [f"{s}.view{v}-{tag}" for s in shas for v in range(k)]
         items = [(p, view_seed(seed, s, v)) for p, s in zip(paths, shas, strict=True) for v in range(k)]
         found, todo = _lookup(self.cache, items, keys)
+        load = partial(view_pixels, spec=self.backbone.spec)
         if todo and self.runner.runner != "local":
-            self._sharded(todo, found, views=True)
+            self._sharded(todo, found, load)
         elif todo:
             spec = self.backbone.spec
             _compute(
-                self.engine,
-                spec,
-                todo,
-                found,
-                self.cache,
-                self.batch_size,
-                "augmented views",
-                load=lambda item: load_view(item[0], spec, item[1]),
+                self.engine, spec, todo, found, self.cache, self.batch_size, "augmented views", load=load
             )
         x = np.stack([found[key] for key in keys]).astype(np.float32)
         return x.reshape(len(shas), k, -1), len(todo)
@@ -324,7 +319,7 @@ class Features:
             _compute(self.engine, self.backbone.spec, todo, found, self.cache, self.batch_size, desc)
         return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
 
-    def _sharded(self, todo: list[tuple], found: dict, views: bool = False) -> None:
+    def _sharded(self, todo: list[tuple], found: dict, load=None) -> None:
         """Compute `todo` on engine.runner's workers (headstart.shards), which write the cache; read
         their features back from it into `found`. The probe pass stays in this process: its sample is
         bounded (domain.max_images) and `analyse` needs every image's statistics here."""
@@ -344,7 +339,7 @@ class Features:
             self.backbone.spec,
             self.batch_size,
             shards.threads_per_worker(self.runner),
-            views,
+            load,
         )
         shards.run(job, shards.split(todo, self.runner.shard_size), self.runner)
         for key, _ in todo:
@@ -356,6 +351,11 @@ class Features:
                     "worker sees project.cache_dir at the same path"
                 )
             found[key] = vec
+
+
+def view_pixels(item: tuple[Path, int], spec: InputSpec) -> np.ndarray:
+    """One augmented view's pixels from its (path, view seed): picklable, for sharded workers."""
+    return load_view(item[0], spec, item[1])
 
 
 def view_seed(seed: int, sha: str, view: int) -> int:

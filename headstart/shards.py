@@ -13,7 +13,7 @@ no flow: the shards run against the configured Prefect API, else a temporary ser
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ class Job:
     spec: InputSpec
     batch_size: int
     threads: int  # onnxruntime's intra-op threads and the decoding threads of one worker
-    views: bool = False  # items are (key, (path, view seed)): augmented views, else (sha, path)
+    load: Callable | None = None  # one item's source -> pixels (picklable); None: the file, eval transform
 
 
 def split(todo: list[tuple], size: int) -> list[list[tuple]]:
@@ -51,14 +51,12 @@ def extract_shard(job: Job, items: list[tuple]) -> dict:
     """Compute one shard's features into the cache; entries already there (a retried shard's earlier
     attempt, another worker's) are kept, not computed again. Returns keys and counts only."""
     from headstart.features import FeatureCache, _compute
-    from headstart.preprocess import load_view
 
     cache = FeatureCache(job.cache_root, job.cache_key, job.length)
     todo = [(k, s) for k, s in items if cache.get(k) is None]
     if todo:
-        load = (lambda item: load_view(item[0], job.spec, item[1])) if job.views else None
         engine = _engine(job.onnx, job.threads)
-        _compute(engine, job.spec, todo, {}, cache, job.batch_size, "shard", job.threads, load=load)
+        _compute(engine, job.spec, todo, {}, cache, job.batch_size, "shard", job.threads, load=job.load)
     return {"keys": [k for k, _ in items], "computed": len(todo), "pid": os.getpid()}
 
 
