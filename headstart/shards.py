@@ -171,18 +171,22 @@ def _make_runner(p: EngineParams):
 @contextmanager
 def _prefect_api() -> Iterator[None]:
     """Inside a flow run (or with PREFECT_API_URL set) its API; under `headstart stage` the temporary
-    server that `headstart run` starts (cli._prefect_api: one mechanism), for this extraction."""
+    server that `headstart run` starts (ops.ephemeral.prefect_api: one mechanism), for this extraction."""
     from prefect.context import FlowRunContext, TaskRunContext
     from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
-    from headstart.cli import _prefect_api as api
+    from headstart.ops.ephemeral import prefect_api
 
     if FlowRunContext.get() or TaskRunContext.get():
         with _exported():
             yield
         return
     # the shard task runs are the whole record outside a flow: no flow run to attach logs to
-    with api(), temporary_settings(updates={PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}), _exported():
+    with (
+        prefect_api(),
+        temporary_settings(updates={PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}),
+        _exported(),
+    ):
         yield
 
 
