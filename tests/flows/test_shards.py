@@ -73,7 +73,10 @@ def dies_once(path, spec, flag: Path, victim: str):
     return load_image(path, spec)
 
 
-def test_a_worker_killed_mid_shard_is_retried_and_keeps_what_it_wrote(tmp_path, tiny, prefect_harness):
+@pytest.mark.parametrize("runner", ["process", "dask"])
+def test_a_worker_killed_mid_shard_is_retried_and_keeps_what_it_wrote(
+    tmp_path, tiny, prefect_harness, runner
+):
     paths, shas = _images(tmp_path, per_class=6)
     local, _ = _local(tiny, tmp_path, paths, shas)
     features = Features(tiny, "onnxruntime", tmp_path / "cache", batch_size=2)
@@ -93,7 +96,7 @@ def test_a_worker_killed_mid_shard_is_retried_and_keeps_what_it_wrote(tmp_path, 
         1,
         partial(dies_once, spec=tiny.spec, flag=flag, victim=victim),
     )
-    results = run(job, shards, EngineParams(runner="process", workers=2, retries=2))
+    results = run(job, shards, EngineParams(runner=runner, workers=2, retries=2))
     assert flag.exists(), "the worker was never killed: the test proves nothing"
     assert [r["keys"] for r in results] == [[k for k, _ in s] for s in shards]
     assert 0 < results[0]["computed"] <= len(shards[0]) - 4  # what it wrote before dying was kept
