@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from headstart.ops.server import wait_healthy
+from headstart.ops.health import wait_healthy
 
 PR_SET_PDEATHSIG = 1
 
