@@ -213,35 +213,10 @@ def _run(args) -> int:
     return 0
 
 
-@contextmanager
 def _prefect_api():
-    """The configured Prefect API, else a temporary server that dies with this process (Prefect's
-    own ephemeral server outlives a killed run)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from headstart.ops.ephemeral import prefect_api
 
-    if PREFECT_API_URL.value():
-        yield
-        return
-    from headstart.ops.ephemeral import server
-
-    with server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
-        try:
-            yield
-        finally:
-            _drain_prefect()
-
-
-def _drain_prefect() -> None:
-    """Send the logs and events Prefect still queues before its server stops (as Prefect's own test
-    harness does), or each one left prints 'Error logging to API' after the summary."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for worker in (APILogWorker, EventsWorker):
-        try:
-            worker.drain_all(timeout=10)
-        except Exception:  # a worker never started, or the server already gone: nothing to send
-            pass
+    return prefect_api()
 
 
 def _validate(args) -> int:

@@ -22,8 +22,9 @@ class Stage:
     files: tuple[str, ...] = ()  # package data it reads besides its code (derived from imports)
     artifact: str | None = None  # key of the Prefect markdown artifact made from its summary.md
     optional: str | None = None  # a boolean param that switches the stage off in the flow
-    # params of where it reports as it runs (live curves to MLflow): read, but no output depends on
-    # them, so DVC does not rerun the stage when they change
+    # params of where it reports as it runs (live curves to MLflow) or where it computes (engine: every
+    # runner gives the same features): read, but no output depends on them, so DVC does not rerun the
+    # stage when they change
     reports_to: tuple[str, ...] = ()
 
     @property
@@ -85,7 +86,7 @@ STAGES: tuple[Stage, ...] = (
         # the domain pass put its features in the cache: which images it saw is an input here
         params=("project.seed", "train_head", "domain.max_images"),
         reads_data=True,
-        reports_to=("mlflow", "register.model_name"),
+        reports_to=("mlflow", "register.model_name", "engine"),
     ),
     Stage(
         "finetune",
