@@ -48,6 +48,7 @@ repro: venv data  ## the same pipeline through DVC
 bench: venv  ## benchmarks (not tests): print JSON reports
 	$(BIN)/python -m benchmarks.manifest
 	$(BIN)/python -m benchmarks.features
+	$(BIN)/python -m benchmarks.scale --markdown
 	$(BIN)/python -m benchmarks.pipeline
 	$(BIN)/python -m benchmarks.runtime
 	$(BIN)/python -m benchmarks.serving

@@ -18,6 +18,7 @@ from headstart.ops.lock import exclusive
 from headstart.provenance import fingerprint_changes, run_fingerprint
 from headstart.stages import STAGES
 from tasks.register import open_run, record_failure
+from tasks.report import report
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -96,6 +97,8 @@ def training(
                     _publish(cfg, stage.name, stage.artifact, failed=isinstance(exc, GateFailed))
                 if stage.name != "promote":  # the run a failed stage leaves is marked FAILED
                     _record(cfg, stage.name, exc, tags)
+                if stage.name != "report":
+                    _failure_report(cfg, stage.name, exc)
                 raise
             if stage.artifact:
                 _publish(cfg, stage.name, stage.artifact)
@@ -226,7 +229,7 @@ def _link(reg) -> None:
 def _record(cfg, stage: str, exc: Exception, tags: dict[str, str]) -> None:
     """Mark the failure in MLflow; a tracking store that is down must not hide the original error."""
     log = get_run_logger()
-    error = str(exc) if isinstance(exc, HeadstartError) else f"{type(exc).__name__}: {exc}"
+    error = _why(exc)
     try:
         run_id = _stage(record_failure)(cfg, stage, error, tags)
         log.error("stage %s failed; MLflow run %s marked FAILED", stage, run_id)
@@ -237,6 +240,22 @@ def _record(cfg, stage: str, exc: Exception, tags: dict[str, str]) -> None:
     create_markdown_artifact(
         markdown=f"# Failed at stage `{stage}`\n\n{error}\n\n{where}\n", key="failure", description="why"
     )
+
+
+def _why(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, HeadstartError) else f"{type(exc).__name__}: {exc}"
+
+
+def _failure_report(cfg, stage: str, exc: Exception) -> None:
+    """The run report up to the failed stage, headed by why (after _record, so it joins the FAILED
+    MLflow run); a report that cannot be written must not hide the original error."""
+    log = get_run_logger()
+    try:
+        result = _stage(report)(cfg, failed=stage, error=_why(exc))
+        log.error("stage %s failed; the run report up to it: %s", stage, result.path)
+        _publish(cfg, "report", "run-report")
+    except Exception as report_error:
+        log.warning("stage %s failed and its run report could not be written: %s", stage, report_error)
 
 
 def _publish(cfg, stage: str, key: str, failed: bool = False) -> None:

@@ -143,6 +143,18 @@ def _parser() -> argparse.ArgumentParser:
     trt.add_argument("--tensorrt", action="store_true", help="TensorRT accelerator at FP16 precision")
     trt.set_defaults(func=_export_triton)
 
+    rep = with_params(
+        sub.add_parser("report", help="rebuild the run report (artifacts/report/index.html) from artifacts/")
+    )
+    rep.add_argument(
+        "--screenshot",
+        type=Path,
+        metavar="PNG",
+        help="also render the page offline in headless Chromium and save a full-page screenshot",
+    )
+    rep.add_argument("--width", type=int, default=1280, help="the screenshot's width in px (default 1280)")
+    rep.set_defaults(func=_report)
+
     show = with_params(sub.add_parser("params", help="print the resolved params as YAML"))
     show.set_defaults(func=_params)
 
@@ -191,6 +203,7 @@ def _run(args) -> int:
         )
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
+        _failure_report_line(cfg)
         raise HeadstartError(str(exc) if isinstance(exc, BaseException) else state.message)
     result = state.result()
     if result.get("skipped"):
@@ -200,35 +213,10 @@ def _run(args) -> int:
     return 0
 
 
-@contextmanager
 def _prefect_api():
-    """The configured Prefect API, else a temporary server that dies with this process (Prefect's
-    own ephemeral server outlives a killed run)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from headstart.ops.ephemeral import prefect_api
 
-    if PREFECT_API_URL.value():
-        yield
-        return
-    from headstart.ops.ephemeral import server
-
-    with server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
-        try:
-            yield
-        finally:
-            _drain_prefect()
-
-
-def _drain_prefect() -> None:
-    """Send the logs and events Prefect still queues before its server stops (as Prefect's own test
-    harness does), or each one left prints 'Error logging to API' after the summary."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for worker in (APILogWorker, EventsWorker):
-        try:
-            worker.drain_all(timeout=10)
-        except Exception:  # a worker never started, or the server already gone: nothing to send
-            pass
+    return prefect_api()
 
 
 def _validate(args) -> int:
@@ -263,6 +251,35 @@ def _writing(cfg):
     with exclusive(cfg.project.cache_dir / "run.lock", cfg.schedule.lock_wait_s):
         sweep(cfg.project.artifacts_dir)
         yield
+
+
+def _report(args) -> int:
+    """The run report from what the stages wrote, a failed run's headed by its recorded error; not
+    logged to MLflow (the run's own report was, when the flow or `dvc repro` wrote it)."""
+    from headstart.config import load_params
+    from tasks.report import recorded_failure, report
+
+    cfg = load_params(args.params, _overrides(args))
+    with _writing(cfg):
+        r = report(cfg, *recorded_failure(cfg), log=False)
+    print(f"headstart report: {r.path} ({r.bytes / 1e6:.2f} MB, {r.thumbnails} thumbnails, {r.seconds} s)")
+    return _screenshot(Path(r.path), args.screenshot, args.width) if args.screenshot else 0
+
+
+def _screenshot(page: Path, png: Path, width: int) -> int:
+    """The page as a person sees it offline: a request that would leave the machine or an image that
+    does not load fails the command (the shot is still written, to look at)."""
+    from headstart.browser import render
+
+    shot = render(page, png, width=width)
+    problems = [f"external request {u}" for u in shot.external] + [
+        f"image not loaded {u[:80]}" for u in shot.broken_images
+    ]
+    counts = f"{len(shot.images)} images, {len(shot.requests)} requests, {len(problems)} problems"
+    print(f"screenshot: {png} ({counts})")
+    for p in problems:
+        print(f"headstart report: {p}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _domain_check(args) -> int:
@@ -341,7 +358,20 @@ headstart: done.
   onnx        {ex["onnx_path"]}
   mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})
   model       {reg["model_uri"]}{_registered_line(reg)}{_promotion_line(r)}{_reused_line(r)}
-  browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}""")
+  browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}{_report_line(r)}""")
+
+
+def _report_line(r: dict) -> str:
+    """Last: the run report, the page to open first (absent from results of a flow before it)."""
+    return f"\n  report      {r['report']['path']}" if r.get("report") else ""
+
+
+def _failure_report_line(cfg) -> None:
+    from tasks.report import FAILURE
+
+    folder = cfg.stage_dir("report")
+    if (folder / FAILURE).exists():  # written by this failed run: a success removes it
+        print(f"headstart: run report up to the failed stage: {folder / 'index.html'}", file=sys.stderr)
 
 
 def _backbone_line(r: dict) -> str:

@@ -365,6 +365,22 @@ class ServerParams(Section):
         return url
 
 
+class EngineParams(Section):
+    """How feature extraction runs: in this process, or sharded over worker processes or a Dask
+    cluster (headstart.shards). Every runner computes the same features, so none of these keys is a
+    stage's DVC param: changing them never reruns a stage."""
+
+    runner: Literal["local", "process", "dask"] = "local"
+    workers: Int = Field(2, ge=1, le=4096)  # process pool size, or the LocalCluster's worker processes
+    threads: Int = Field(
+        0, ge=0, le=1024
+    )  # onnxruntime threads per worker; 0: this machine's cores / workers
+    shard_size: Int = Field(256, ge=1, le=MAX_IMAGES)  # images per shard (one task run)
+    dask_address: str = ""  # an existing Dask scheduler (tcp://host:8786); empty: a LocalCluster here
+    connect_timeout_s: Float = Field(10.0, gt=0.0, le=3600.0)  # a scheduler that does not answer: fail
+    retries: Int = Field(2, ge=0, le=100)  # per shard (Prefect task retries; a dead pool: a fresh one)
+
+
 class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: Path = Path("mlruns")
@@ -393,6 +409,7 @@ class Params(Section):
     schedule: ScheduleParams = ScheduleParams()
     server: ServerParams = ServerParams()
     mlflow: MlflowParams = MlflowParams()
+    engine: EngineParams = EngineParams()
 
     def stage_dir(self, stage: str) -> Path:
         return self.project.artifacts_dir / stage

@@ -103,7 +103,7 @@ def analyse(batches: Iterable[tuple[np.ndarray, list[np.ndarray]]], layers: list
     s1 = s2 = np.zeros(3)
     n_pix = n_img = 0
     sums = [np.zeros((2, len(ref["weight"]))) for ref in layers]
-    max_softmax, energy = [], []
+    max_softmax, energy, per_image = [], [], []
     for x, (_features, logits, *stats) in batches:
         x = x.astype(np.float64)
         s1, s2 = s1 + x.sum((0, 2, 3)), s2 + (x * x).sum((0, 2, 3))
@@ -113,8 +113,11 @@ def analyse(batches: Iterable[tuple[np.ndarray, list[np.ndarray]]], layers: list
         log_sum = top[:, 0] + np.log(np.exp(z - top).sum(1))
         max_softmax += np.exp(top[:, 0] - log_sum).tolist()
         energy += (-log_sum).tolist()
-        for acc, mean, meansq in zip(sums, stats[0::2], stats[1::2], strict=True):
+        own = np.zeros(x.shape[0])
+        for acc, mean, meansq, ref in zip(sums, stats[0::2], stats[1::2], layers, strict=True):
             acc += [mean.astype(np.float64).sum(0), meansq.astype(np.float64).sum(0)]
+            own += _log_kl(mean.astype(np.float64), meansq.astype(np.float64), ref).mean(-1)
+        per_image += (own / max(len(layers), 1)).tolist()
     profile = (
         [
             {"layer": ref["layer"], "divergence": _divergence(acc / n_img, ref)}
@@ -138,6 +141,9 @@ def analyse(batches: Iterable[tuple[np.ndarray, list[np.ndarray]]], layers: list
         "max_softmax": float(np.mean(max_softmax)) if max_softmax else None,
         "energy": float(np.mean(energy)) if energy else None,
         "profile": profile,
+        # each image's own divergence (its spatial statistics, mean over layers): which images are
+        # furthest from the pretraining data, in the order given; the run report shows the top ones
+        "per_image": [v if math.isfinite(v) else 0.0 for v in per_image] if layers else [],
     }
 
 
@@ -145,15 +151,20 @@ def _divergence(moments: np.ndarray, ref: dict) -> float:
     """Mean over channels of log(1 + symmetric KL) between N(these images) and N(running statistics),
     for a layer's input, mapped back through the layer's affine map from the moments of its output
     less its bias (Probe): d = weight * (x - running_mean) / sqrt(running_var + eps)."""
-    mean_d, var_d = moments[0], np.clip(moments[1] - moments[0] ** 2, 0, None)
+    value = float(_log_kl(moments[0], moments[1], ref).mean())
+    return value if math.isfinite(value) else 0.0
+
+
+def _log_kl(mean_d: np.ndarray, meansq_d: np.ndarray, ref: dict) -> np.ndarray:
+    """log(1 + symmetric KL) per channel (last axis) from the moments of a layer's output less its bias."""
+    var_d = np.clip(meansq_d - mean_d**2, 0, None)
     w = np.where(np.abs(ref["weight"]) < 1e-8, 1e-8, ref["weight"])  # a dead channel: no information
     scale = np.sqrt(ref["running_var"] + ref["eps"]) / w
     mean_x = mean_d * scale + ref["running_mean"]
     var_x = var_d * scale**2
     v1, v2 = np.clip(var_x, EPS, None) + EPS, np.clip(ref["running_var"], EPS, None) + EPS
     kl = 0.5 * (v1 / v2 + v2 / v1) + 0.5 * (mean_x - ref["running_mean"]) ** 2 * (1 / v1 + 1 / v2) - 1
-    value = float(np.log1p(np.clip(kl, 0, None)).mean())
-    return value if math.isfinite(value) else 0.0
+    return np.log1p(np.clip(kl, 0, None))
 
 
 def reference(backbone: str) -> dict:
@@ -192,6 +203,12 @@ def verdict(signals: dict, ref: dict) -> tuple[str, float | None]:
     return (
         "in_domain" if score < t["shifted_at"] else "shifted" if score < t["mismatch_at"] else "mismatch"
     ), score
+
+
+def furthest(scores: list[float], paths: list[str], n: int = 16) -> list[dict]:
+    """The n images with the highest own divergence (analyse's per_image), highest first."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], paths[i]))[:n]
+    return [{"path": paths[i], "divergence": round(scores[i], 4)} for i in order]
 
 
 def auroc(inside: list[float], outside: list[float]) -> float:
@@ -355,7 +372,7 @@ def build_report(
         "thresholds": ref["thresholds"],
         "reference": {k: ref[k] for k in ("auroc", "table") if k in ref}
         | {"borrowed_from": ref.get("borrowed_from")},
-        "signals": {k: v for k, v in signals.items() if k != "profile"},
+        "signals": {k: v for k, v in signals.items() if k not in ("profile", "per_image")},
         "profile": signals["profile"],
     }
     if signals["bn_layers"] == 0:

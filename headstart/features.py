@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import get_args
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from headstart import HeadstartError, provenance
 from headstart.atomic import write_bytes
 from headstart.backbones import Backbone, sha256_file
-from headstart.config import Runtime
+from headstart.config import EngineParams, Runtime
 from headstart.preprocess import InputSpec, load_image, load_view
 
 RUNTIMES = get_args(Runtime)
@@ -236,9 +237,11 @@ class Features:
         cache_dir: str | Path,
         batch_size: int = 32,
         opset: int = OPSET,
+        runner: EngineParams | None = None,
     ):
         self.backbone, self.runtime, self.opset = backbone, resolve_runtime(runtime), opset
         self.cache_dir, self.batch_size, self._engine = Path(cache_dir), batch_size, None
+        self.runner = runner or EngineParams()  # local: this process; else sharded (headstart.shards)
         self.shared = 0  # features the domain probe put in the cache
         # runtimes differ in the last bits: each keeps its own features, so re-runs are exact
         key = feature_key(backbone, self.runtime, opset)
@@ -275,17 +278,13 @@ class Features:
         keys = [f"{s}.view{v}-{tag}" for s in shas for v in range(k)]
         items = [(p, view_seed(seed, s, v)) for p, s in zip(paths, shas, strict=True) for v in range(k)]
         found, todo = _lookup(self.cache, items, keys)
-        if todo:
+        load = partial(view_pixels, spec=self.backbone.spec)
+        if todo and self.runner.runner != "local":
+            self._sharded(todo, found, load)
+        elif todo:
             spec = self.backbone.spec
             _compute(
-                self.engine,
-                spec,
-                todo,
-                found,
-                self.cache,
-                self.batch_size,
-                "augmented views",
-                load=lambda item: load_view(item[0], spec, item[1]),
+                self.engine, spec, todo, found, self.cache, self.batch_size, "augmented views", load=load
             )
         x = np.stack([found[key] for key in keys]).astype(np.float32)
         return x.reshape(len(shas), k, -1), len(todo)
@@ -314,9 +313,49 @@ class Features:
         if not shas:
             return np.zeros((0, self.backbone.num_features), np.float32), 0
         found, todo = _lookup(self.cache, paths, shas)
-        if todo:
+        if todo and self.runner.runner != "local":
+            self._sharded(todo, found)
+        elif todo:
             _compute(self.engine, self.backbone.spec, todo, found, self.cache, self.batch_size, desc)
         return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
+
+    def _sharded(self, todo: list[tuple], found: dict, load=None) -> None:
+        """Compute `todo` on engine.runner's workers (headstart.shards), which write the cache; read
+        their features back from it into `found`. The probe pass stays in this process: its sample is
+        bounded (domain.max_images) and `analyse` needs every image's statistics here."""
+        from headstart import shards
+
+        if self.runtime != "onnxruntime":
+            raise HeadstartError(
+                f"engine.runner {self.runner.runner} runs onnxruntime in its workers, but the features "
+                f"runtime is {self.runtime}: set train_head.runtime=onnxruntime or engine.runner=local"
+            )
+        onnx = backbone_onnx(self.backbone, self.cache_dir, self.opset)  # once, into the shared cache
+        job = shards.Job(
+            str(onnx.resolve()),
+            str(self.cache_dir.resolve()),
+            self.cache.dir.name,
+            self.backbone.num_features,
+            self.backbone.spec,
+            self.batch_size,
+            shards.threads_per_worker(self.runner),
+            load,
+        )
+        shards.run(job, shards.split(todo, self.runner.shard_size), self.runner)
+        for key, _ in todo:
+            vec = self.cache.get(key)
+            if vec is None:
+                raise HeadstartError(
+                    f"engine.runner {self.runner.runner}: a worker returned {key} but "
+                    f"{self.cache.dir} has no intact entry for it; check that every "
+                    "worker sees project.cache_dir at the same path"
+                )
+            found[key] = vec
+
+
+def view_pixels(item: tuple[Path, int], spec: InputSpec) -> np.ndarray:
+    """One augmented view's pixels from its (path, view seed): picklable, for sharded workers."""
+    return load_view(item[0], spec, item[1])
 
 
 def view_seed(seed: int, sha: str, view: int) -> int:
@@ -368,6 +407,23 @@ def _compute(
             found[sha] = vec
 
 
+def _named(load):
+    """`load` whose decoding errors name the file: validate quarantined what it could not decode, so
+    one failing here changed since; a HeadstartError (one line, never retried as transient)."""
+
+    def named(source):
+        try:
+            return load(source)
+        except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for broken files
+            path = source[0] if isinstance(source, tuple) else source
+            raise HeadstartError(
+                f"{path} cannot be decoded ({type(exc).__name__}: {str(exc)[:200]}); it changed after "
+                "validate checked it: run prepare and validate again (validate quarantines it)"
+            ) from None
+
+    return named
+
+
 def decoded(
     spec: InputSpec,
     items,
@@ -379,7 +435,7 @@ def decoded(
 ) -> Iterator[tuple[list, np.ndarray]]:
     """(batch of (key, source), preprocessed pixels), decoding `prefetch` batches ahead in threads;
     `load(source)` makes one image's pixels (default: the file at path `source`, eval preprocessing)."""
-    load = load or (lambda path: load_image(path, spec))
+    load = _named(load or (lambda path: load_image(path, spec)))
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     workers = workers or max(1, (os.cpu_count() or 1))
     with (

@@ -24,8 +24,9 @@ from headstart.stages import Stage
 RECORD = "reuse.json"
 PROJECT = ("headstart", "tasks")  # the packages a stage's code closure follows
 # prepare finds the data (its hash is every later key's), register logs this flow run's MLflow run,
-# promote reads the registry: none of their results is a function of files alone
-ALWAYS_RUN = frozenset({"prepare", "register", "promote"})
+# promote reads the registry, report logs to this run and replaces a failed run's report: none of
+# their results is a function of files alone
+ALWAYS_RUN = frozenset({"prepare", "register", "promote", "report"})
 
 
 def module_file(name: str) -> Path | None:

@@ -22,8 +22,9 @@ class Stage:
     files: tuple[str, ...] = ()  # package data it reads besides its code (derived from imports)
     artifact: str | None = None  # key of the Prefect markdown artifact made from its summary.md
     optional: str | None = None  # a boolean param that switches the stage off in the flow
-    # params of where it reports as it runs (live curves to MLflow): read, but no output depends on
-    # them, so DVC does not rerun the stage when they change
+    # params of where it reports as it runs (live curves to MLflow) or where it computes (engine: every
+    # runner gives the same features): read, but no output depends on them, so DVC does not rerun the
+    # stage when they change
     reports_to: tuple[str, ...] = ()
 
     @property
@@ -85,7 +86,7 @@ STAGES: tuple[Stage, ...] = (
         # the domain pass put its features in the cache: which images it saw is an input here
         params=("project.seed", "train_head", "domain.max_images"),
         reads_data=True,
-        reports_to=("mlflow", "register.model_name"),
+        reports_to=("mlflow", "register.model_name", "engine"),
     ),
     Stage(
         "finetune",
@@ -207,6 +208,39 @@ STAGES: tuple[Stage, ...] = (
         params=("project.seed", "promote", "register.model_name", "mlflow"),
         artifact="promotion",
         optional="promote.enabled",
+    ),
+    Stage(
+        "report",  # last: the run report shows every stage's outputs, with thumbnails of the images
+        deps=(
+            "prepare/manifest.parquet",
+            "prepare/report.json",
+            MANIFEST,
+            "validate/quarantine.csv",
+            "validate/report.json",
+            BACKBONE,
+            "domain/report.json",
+            "domain/profile.png",
+            "train_head/metrics.json",
+            "train_head/history.json",
+            "train_head/search.json",
+            "finetune/decision.json",
+            "finetune/history.json",
+            "scratch/decision.json",
+            "scratch/history.json",
+            "select/decision.json",
+            "calibrate/abstention.json",
+            "evaluate/metrics.json",
+            "evaluate/confusion.png",
+            "evaluate/predictions.csv",
+            "export/parity.json",
+            "register/run.json",
+            "promote/decision.json",
+        ),
+        outs=("report",),
+        params=("validate",),  # the near-duplicate pairs are drawn with validation's distance
+        reads_data=True,
+        artifact="run-report",
+        reports_to=("mlflow", "register.model_name"),  # logged to the pipeline run
     ),
 )
 

@@ -656,6 +656,19 @@ def log_failed_run(
     return run_id
 
 
+def log_report(params: Params, folder: Path) -> str | None:
+    """The run report's folder as the `report` artifact of the pipeline run (finished or failed: an
+    artifact can join a run after it ended); None when no pipeline run is recorded in this store."""
+    uri = tracking_uri(params)
+    record = _read_record(run_file(params))
+    if record.get("tracking_uri") != uri:
+        return None
+    client = _client(uri)
+    with _classified("log the run report", uri):
+        client.log_artifacts(record["run_id"], str(folder), artifact_path="report")
+    return record["run_id"]
+
+
 # --- the registry, read back ------------------------------------------------------------------
 
 

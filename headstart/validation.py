@@ -19,6 +19,7 @@ from headstart import GateFailed
 from headstart.config import ValidateParams
 from headstart.data.inspection import hamming
 from headstart.data.manifest import OUTSIDE, class_labels
+from headstart.datadocs import make_offline
 
 SPLITS = ("train", "val", "test")
 DUPLICATE_FLAGS = {
@@ -256,6 +257,7 @@ def run_suites(
         results += [_summarise(r, table, frame, max_examples) for r in outcome.results]
     if docs_dir is not None:
         ctx.build_data_docs(site_names=["headstart"])
+        make_offline(docs_dir)  # GX's pages load their CSS/JS from CDNs: a closed network shows none
     order = [name for name, _, _ in checks]
     return sorted(results, key=lambda r: order.index(r["name"]))
 

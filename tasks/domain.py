@@ -7,7 +7,16 @@ from dataclasses import dataclass
 from headstart import GateFailed
 from headstart.atomic import FAILED, directory, write_bytes, write_json, write_text
 from headstart.config import Params
-from headstart.domain import Probe, analyse, build_report, input_summary, profile_png, reference, to_markdown
+from headstart.domain import (
+    Probe,
+    analyse,
+    build_report,
+    furthest,
+    input_summary,
+    profile_png,
+    reference,
+    to_markdown,
+)
 from headstart.features import Features
 from tasks import _backbone, _inputs
 
@@ -36,6 +45,7 @@ def domain(cfg: Params) -> DomainResult:
     signals.update(input_summary(rows, backbone.spec.size, backbone.spec.resize_to))
     ref = reference(backbone.name)
     report = build_report(signals, ref, backbone.name, features.runtime, features.shared, p.on_mismatch)
+    report["furthest"] = furthest(signals["per_image"], list(rows["path"]))  # shown in the run report
     found = report["verdict"]
     final = cfg.stage_dir("domain")
     with directory(final) as out:

@@ -12,7 +12,15 @@ import pandas as pd
 
 from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
-from headstart.calibration import kept_interval, read_gate, read_rule, selective, selective_line, softmax
+from headstart.calibration import (
+    apply,
+    kept_interval,
+    read_gate,
+    read_rule,
+    selective,
+    selective_line,
+    softmax,
+)
 from headstart.config import Params
 from headstart.metrics import classification_metrics, confusion_png, interval_fields, metrics_markdown
 from headstart.models import far_out_abstention, load_model
@@ -55,6 +63,7 @@ def evaluate(cfg: Params) -> EvaluateResult:
             "actual": rows["label"],
             "predicted": [model.classes[i] for i in y_pred],
             "confidence": probs.max(1).round(6),
+            "abstained": [r or "" for r in apply(rule, logits, score).reasons],  # the shipped rule's reason
         }
     )
     metrics = {k: v for k, v in m.items() if k != "confusion_matrix"}

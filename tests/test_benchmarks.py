@@ -192,3 +192,17 @@ def test_quality_summary_counts_seeds_helped_and_combines_reports(tmp_path):
     )
     with pytest.raises(SystemExit, match="appears twice"):
         main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "a.json")])
+
+
+@pytest.mark.slow
+@pytest.mark.pretrained
+def test_scale_benchmark_compares_the_runners(tmp_path):
+    """Lite0 on 6 tiny images: each runner's rate, the shard overhead, the features bit-identical."""
+    from benchmarks.scale import report, table
+    from tests.conftest import make_folder
+
+    result = report(make_folder(tmp_path / "data", per_class=3), 0, workers=1, shard_size=4)
+    assert result["images"] == 6 and result["bit_identical"]
+    assert set(result["runners"]) == {"local", "process", "dask"}
+    assert all(row["images_per_s"] > 0 for row in result["runners"].values())
+    assert result["runners"]["dask"]["fixed_s"] > 0 and "| process |" in table(result)

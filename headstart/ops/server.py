@@ -13,11 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from headstart import HeadstartError
 from headstart.config import Params
+from headstart.ops.health import wait_healthy
 
 
 def _state(cfg: Params) -> Path:
@@ -148,19 +148,3 @@ def _alive(pid: int) -> bool:
 
 def _wait(name: str, url: str, pid: int, wait_s: float, log: Path) -> None:
     wait_healthy(url, lambda: _alive(pid), wait_s, f"the {name} server", f"; see {log}")
-
-
-def wait_healthy(url: str, alive, wait_s: float, what: str, hint: str = "") -> None:
-    """Poll `url` until it answers 200; fail at once when `alive()` says the process exited."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if not alive():
-            raise HeadstartError(f"{what} exited at start{hint}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise HeadstartError(f"{what} did not answer {url} within {wait_s:.0f} s{hint}")

@@ -56,6 +56,9 @@ def test_flow_runs_every_stage_and_tags_the_mlflow_run(flow_run):
     assert sorted(steps) == list(range(1, len(head) + decision["epochs_run"] + 1))  # one axis, both phases
     prepared = (root / "artifacts" / "prepare" / "report.json").stat().st_mtime * 1000
     assert run.info.start_time < prepared < run.info.end_time  # the run's duration is the pipeline's
+    assert result["report"]["path"] == str(root / "artifacts" / "report" / "index.html")  # the run report,
+    logged = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").list_artifacts(run.info.run_id, "report")
+    assert "report/index.html" in {a.path for a in logged}  # logged to the run after it finished
 
 
 def test_flow_again_reuses_cached_features_and_registers_a_new_version(flow_run):
@@ -116,6 +119,10 @@ def test_failed_validation_marks_an_mlflow_run_failed_with_the_report(flow_run):
     assert any(a.key == "data-validation" and "FAILED" in (a.data or "") for a in artifacts)
     failure = [a for a in artifacts if a.key == "failure" and "`validate`" in (a.data or "")]
     assert failure and runs[0].info.run_id in failure[0].data  # the Prefect artifact names the MLflow run
+    page = (art / "report" / "index.html").read_text(encoding="utf-8")  # the run report, headed by why
+    assert '<section id="failure"><h2>Failed at stage validate' in page and "min_per_class_per_split" in page
+    assert "report/index.html" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")}
+    assert any(a.key == "run-report" and str(art / "report") in (a.data or "") for a in artifacts)
     # a completed run tells its story in Prefect artifacts
     assert {"domain-check", "test-metrics", "export-parity", "mlflow-run", "promotion"} <= {
         a.key for a in artifacts

@@ -510,3 +510,30 @@ def test_golden_image_runtime_equals_torch(pipeline):
     for file in ("model.onnx", "variants/model_fp16.onnx"):
         got = Predictor(cfg.stage_dir("export") / file).predict([golden])
         np.testing.assert_allclose(got, expected, atol=1e-4 if file == "model.onnx" else 2e-2)
+
+
+def test_report_shows_every_stage_of_the_tiny_pipeline_and_joins_its_mlflow_run(pipeline):
+    """The run report of the stages above: each section filled from their outputs, the images
+    embedded, the page logged to the pipeline's MLflow run."""
+    import mlflow
+
+    from headstart.report import SECTIONS
+    from tasks.report import report
+
+    cfg, r = pipeline
+    domain_report = json.loads((cfg.stage_dir("domain") / "report.json").read_text())
+    far = [f["divergence"] for f in domain_report["furthest"]]
+    assert len(far) == 16 and far == sorted(far, reverse=True)  # each image's own divergence, highest first
+    rows = pd.read_csv(cfg.stage_dir("evaluate") / "predictions.csv", keep_default_na=False)
+    assert set(rows["abstained"]) <= {"", "ambiguous", "out_of_distribution"}
+    out = report(cfg)
+    text = (cfg.stage_dir("report") / "index.html").read_text(encoding="utf-8")
+    for sid, _, _ in SECTIONS:
+        section = text.split(f'<section id="{sid}">', 1)[1].split("</section>", 1)[0]
+        assert sid == "promotion" or 'class="skip"' not in section, (sid, section[:300])
+        assert "could not be shown" not in section, section[:300]
+    assert text.count("data:image/jpeg;base64,") >= out.thumbnails >= 12  # distinct images, some shown twice
+    assert "cat/broken.png" in text and "not run" in text.split('id="promotion"')[1]  # promote: not here
+    assert out.mlflow_run_id == r["register"].run_id
+    logged = mlflow.MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(out.mlflow_run_id, "report")
+    assert "report/index.html" in {a.path for a in logged}

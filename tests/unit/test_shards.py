@@ -1,0 +1,93 @@
+"""headstart.shards without a cluster: deterministic shards, the cache as the meeting point of
+concurrent writers, the errors a sharded run gives before any worker starts, and decoding errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from headstart import HeadstartError
+from headstart.atomic import write_bytes
+from headstart.backbones import load_backbone
+from headstart.config import EngineParams
+from headstart.data.manifest import scan
+from headstart.features import FeatureCache, Features
+from headstart.shards import split
+from tests.conftest import TINY_BACKBONE, make_folder
+
+KEYS = [f"{i:02x}" + "ab" * 31 for i in range(0, 256, 37)]
+
+
+def test_shards_follow_the_content_hash_not_the_order():
+    todo = [(k, f"img{i}.png") for i, k in enumerate(KEYS)]
+    shards = split(todo, 3)
+    assert [len(s) for s in shards] == [3, 3, 1]
+    assert [k for s in shards for k, _ in s] == sorted(KEYS)
+    assert split(list(reversed(todo)), 3) == shards  # the same images: the same shards
+
+
+def _writer(root: str, key: str, parked, go) -> None:
+    """Write every key's entry; for KEYS[0] stop after the temporary file is written, before its
+    rename (`parked`), until the other writer has replaced the same entry (`go`)."""
+    import headstart.atomic as atomic
+
+    real_replace = os.replace
+
+    def parked_replace(src, dst):
+        if parked is not None and str(dst).endswith(f"{KEYS[0]}.npy"):
+            parked.set()
+            assert go.wait(60), "the other writer never finished"
+        real_replace(src, dst)
+
+    atomic.os.replace = parked_replace
+    cache = FeatureCache(root, key, 16)
+    for i, sha in enumerate(KEYS):
+        cache.put(sha, np.arange(16, dtype=np.float32) + i)
+
+
+def test_two_processes_writing_the_same_keys_leave_intact_identical_entries(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    parked, go = ctx.Event(), ctx.Event()
+    first = ctx.Process(target=_writer, args=(str(tmp_path), "k", parked, go))
+    first.start()
+    assert parked.wait(60), "the first writer never reached its rename"
+    second = ctx.Process(target=_writer, args=(str(tmp_path), "k", None, None))
+    second.start()  # writes every entry, KEYS[0] included, while the first holds its own copy unrenamed
+    second.join(60)
+    go.set()
+    first.join(60)
+    assert first.exitcode == 0 and second.exitcode == 0
+    cache = FeatureCache(tmp_path, "k", 16)
+    for i, sha in enumerate(KEYS):
+        np.testing.assert_array_equal(cache.get(sha), np.arange(16, dtype=np.float32) + i)
+    files = sorted(p.name for p in (tmp_path / "features" / "k").rglob("*") if p.is_file())
+    assert files == sorted(f"{k}.npy" for k in KEYS)  # no temporary file left by either writer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_weights):
+    return load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
+
+
+def _images(tmp_path, per_class=3):
+    root = make_folder(tmp_path / "data", per_class=per_class)
+    m = scan(root, [".png"], tmp_path / "scan_cache")
+    return [root / p for p in m["path"]], list(m["sha256"])
+
+
+def test_a_sharded_runner_needs_onnxruntime(tmp_path, tiny):
+    paths, shas = _images(tmp_path)
+    features = Features(tiny, "torch", tmp_path / "cache", runner=EngineParams(runner="process"))
+    with pytest.raises(HeadstartError, match=r"engine.runner process runs onnxruntime.*runtime=onnxruntime"):
+        features(paths, shas)
+    assert not (tmp_path / "cache" / "features").exists()
+
+
+def test_an_undecodable_image_is_one_line_naming_it(tmp_path, tiny):
+    paths, shas = _images(tmp_path)
+    write_bytes(paths[1], b"not an image any more")  # replaced after validate checked it
+    with pytest.raises(HeadstartError, match=rf"{paths[1].name} cannot be decoded.*run prepare and validate"):
+        Features(tiny, "onnxruntime", tmp_path / "cache", batch_size=2)(paths, shas)
