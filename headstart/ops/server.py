@@ -93,8 +93,12 @@ def start(cfg: Params, wait_s: float = 180) -> dict[str, str]:
         )
         pids[name] = proc.pid
     (state / "servers.json").write_text(json.dumps(pids))
-    for name, url in (("prefect", f"{prefect_api(cfg)}/health"), ("mlflow", f"{mlflow_url(cfg)}/health")):
-        _wait(name, url, pids[name], wait_s, state / f"{name}.log")
+    try:
+        for name, url in (("prefect", f"{prefect_api(cfg)}/health"), ("mlflow", f"{mlflow_url(cfg)}/health")):
+            _wait(name, url, pids[name], wait_s, state / f"{name}.log")
+    except HeadstartError:
+        stop(cfg)  # one failed: the other is not left running (and holding its port)
+        raise
     return {"prefect": prefect_api(cfg), "mlflow": mlflow_url(cfg), "state": str(state)}
 
 

@@ -123,3 +123,33 @@ def test_a_process_worker_runs_the_deployment_and_registers_the_model(tmp_path, 
         stopped = server.stop(cfg)
     assert set(stopped) == {"prefect", "mlflow"} and worker.poll() is not None
     assert not any(server.status(cfg).values())
+
+
+def test_a_server_that_fails_to_start_leaves_neither_running(tmp_path):
+    """The MLflow server cannot bind its port: `start` says so, naming its log, and stops the Prefect
+    server it had started too."""
+    import socket
+
+    from headstart import HeadstartError
+    from headstart.config import load_params
+    from headstart.ops import server
+
+    state = tmp_path / ".headstart"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = load_params(
+            None,
+            [
+                f"server.prefect_port={_port()}",
+                f"server.mlflow_port={taken.getsockname()[1]}",
+                f"server.state_dir={state}",
+                f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                f"mlflow.artifact_location={tmp_path / 'mlruns'}",
+            ],
+        )
+        with pytest.raises(HeadstartError, match="the mlflow server exited at start; see .*mlflow.log"):
+            server.start(cfg)
+    assert server.status(cfg) == {} and not (state / "servers.json").exists()
+    with pytest.raises(OSError):  # the Prefect server, healthy before the MLflow one failed, is gone
+        socket.create_connection(("127.0.0.1", cfg.server.prefect_port), timeout=2).close()
