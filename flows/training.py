@@ -15,6 +15,7 @@ from headstart import GateFailed, HeadstartError, TransientError, reuse
 from headstart.atomic import FAILED, sweep, write_json
 from headstart.config import load_params
 from headstart.ops.lock import exclusive
+from headstart.ops.memory import release_memory
 from headstart.provenance import fingerprint_changes, run_fingerprint
 from headstart.stages import STAGES
 from tasks.register import open_run, record_failure
@@ -90,6 +91,7 @@ def training(
                 continue
             try:
                 results[stage.name], source = _run_or_reuse(cfg, stage, results, _tags(tags, reused), force)
+                release_memory()
                 reused |= {stage.name: source} if source else {}
                 log.info("%s: %s", stage.name, results[stage.name])
             except Exception as exc:

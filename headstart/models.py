@@ -36,6 +36,9 @@ def far_out_abstention(model: TrainedModel | ScratchModel, rule, gate=None) -> d
     return out
 
 
+PIXEL_CHUNK = 4  # images per eager torch pass: Lite0's activations at 16 held 0.27 GB more, same bits
+
+
 def pixel_logits(model: TrainedModel | ScratchModel, pixels: np.ndarray, with_features: bool = False):
     """Logits of uint8 HWC images already at the model's input size (made, not read: no cache); with
     `with_features`, (logits, pooled features)."""
@@ -47,6 +50,6 @@ def pixel_logits(model: TrainedModel | ScratchModel, pixels: np.ndarray, with_fe
     x = torch.from_numpy(np.stack([normalise(p, model.spec) for p in pixels]))
     features, head = feature_parts(model.module)
     with torch.no_grad():
-        f = features(x)
+        f = torch.cat([features(x[i : i + PIXEL_CHUNK]) for i in range(0, len(x), PIXEL_CHUNK)])
         logits = head(f).numpy()
     return (logits, f.numpy()) if with_features else logits
