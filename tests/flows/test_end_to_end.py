@@ -61,6 +61,20 @@ def test_flow_runs_every_stage_and_tags_the_mlflow_run(flow_run):
     assert "report/index.html" in {a.path for a in logged}  # logged to the run after it finished
 
 
+@pytest.mark.browser
+def test_the_flow_report_opened_offline_in_chromium_shows_every_section(flow_run, tmp_path):
+    """A real run's report as a person sees it: every section's heading, every thumbnail loaded, and
+    no request leaving the machine (Data Docs linked, not loaded)."""
+    from headstart.browser import render
+    from headstart.report import SECTIONS
+
+    root, _, _ = flow_run
+    r = render(root / "artifacts" / "report" / "index.html", tmp_path / "shot.png", query="section[id] > h2")
+    assert r.external == [] and r.failed == [] and r.page_errors == []
+    assert len(r.matches) == len(SECTIONS) and "not run" not in "".join(r.matches)
+    assert len(r.images) >= 4 and r.broken_images == []  # examples per class, curves, confusion matrix
+
+
 def test_flow_again_reuses_cached_features_and_registers_a_new_version(flow_run):
     from flows.training import training
 
