@@ -226,7 +226,8 @@ def _after_features(model: nn.Module, f: torch.Tensor) -> torch.Tensor | tuple[t
 
 
 def _workers() -> int:
-    return max(1, min(PARITY_WORKERS, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(PARITY_WORKERS, cores or 1))
 
 
 def parity(
@@ -419,6 +420,12 @@ def to_markdown(figures: dict[str, dict]) -> str:
         if "calibration_images" in f
     ]
     verdicts += [f"- {f['file']}: {f['build']}" for f in figures.values() if "build" in f]
+    verdicts += [
+        f"- {f['file']}, batch {bs}: {v['checked']}"
+        for f in figures.values()
+        for bs, v in f["batch_sizes"].items()
+        if v.get("checked", "every image") != "every image"
+    ]
     return (
         "\n".join(
             [
