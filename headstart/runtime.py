@@ -102,6 +102,7 @@ class Predictor:
         model_path: str | Path,
         providers: tuple[str, ...] | str | None = DEFAULT_PROVIDERS,
         warmup: bool = True,
+        threads: int = 0,
     ):
         import onnxruntime as ort
 
@@ -113,6 +114,7 @@ class Predictor:
         wanted = wanted or ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # a missing CUDA library on a CPU machine is not worth a warning
+        opts.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
         except Exception as exc:

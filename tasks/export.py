@@ -57,8 +57,9 @@ def export(cfg: Params) -> ExportResult:
     }
     with directory(final) as out:
         # gate: output ood_score; calibration: int8's sample of training images; the cache: the graft's
+        # backbone graph and torch's features of the parity images
         figures = export_variants(
-            model, out, meta, paths, labels, p, gate, calibration, cfg.project.cache_dir
+            model, out, meta, paths, labels, p, gate, calibration, cfg.project.cache_dir, list(rows["sha256"])
         )
         passed = [n for n, f in figures.items() if f["passed"]]
         refused = [

@@ -1,0 +1,163 @@
+"""The parity gate's shortcuts: other batch sizes probed against the smallest (bitwise), and torch's
+reference read from the feature cache; neither may pass what running everything would fail."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from headstart import export as export_mod
+from headstart.backbones import load_backbone
+from headstart.calibration import FeatureGate
+from headstart.config import ExportParams, Tolerances
+from headstart.export import agreement, export_onnx, export_variants, judge, parity, scored, torch_reference
+from headstart.features import FeatureCache, feature_key
+from headstart.runtime import Predictor
+from headstart.training import Classifier, TrainedModel, make_head
+from tests.conftest import COLOURS, TINY_BACKBONE, make_image
+
+CLASSES = ["red", "green", "blue"]
+SIZES = (1, 5, 8)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_weights) -> TrainedModel:
+    backbone = load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
+    torch.manual_seed(0)
+    head = make_head(backbone.num_features, len(CLASSES), 16, 0.2)
+    with torch.no_grad():  # the random backbone's features are tiny: logits that differ visibly
+        head[0].weight.mul_(100.0)
+    return TrainedModel(Classifier(backbone.feature_extractor(), head.eval()).eval(), backbone, CLASSES)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    return [make_image(root / f"{i}.png", COLOURS[i % 3], seed=i, size=(30 + 7 * i, 40)) for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return export_onnx(model.module, path, model.spec, {"headstart.classes": json.dumps(CLASSES)}, 18)
+
+
+@pytest.fixture
+def small_probe(monkeypatch):
+    """A probe smaller than the 12 images, so that it is a subset: batch 5 probes rows 0-4 and 10-11."""
+    monkeypatch.setattr(export_mod, "PROBE_IMAGES", 2)
+
+
+def _every_image(path, reference, sizes) -> dict:
+    """What the gate measured before the probe: every image at every batch size."""
+    p = Predictor(path, providers=("CPUExecutionProvider",), warmup=False)
+    y = np.array([i % 3 for i in range(len(reference.logits))])
+    return {
+        str(bs): agreement(
+            reference.logits,
+            np.concatenate([p.logits(reference.floats[i : i + bs]) for i in range(0, len(y), bs)]),
+            y,
+            0.0,
+        )
+        for bs in sizes
+    }
+
+
+def test_probed_batch_sizes_give_the_figures_of_running_every_image(model, images, onnx_path, small_probe):
+    reference = torch_reference(model.module, images, model.spec)
+    labels = [i % 3 for i in range(len(images))]
+    figures = parity(model.module, onnx_path, images, SIZES, labels, reference)
+    checked = {bs: v.pop("checked") for bs, v in figures["batch_sizes"].items()}
+    assert checked == {
+        "1": "every image",
+        "5": "bitwise equal to batch 1 on 7 probe images",
+        "8": "bitwise equal to batch 1 on 12 probe images",
+    }
+    assert figures["batch_sizes"] == _every_image(onnx_path, reference, SIZES)
+
+
+def _mixing_rows(path, out):
+    """The exported graph with half the batch's mean logit added to each row: right only for batch 1
+    (up to a factor), wrong in a way that depends on which images share a batch."""
+    proto = onnx.load(path)
+    producer = next(n for n in proto.graph.node if "logits" in n.output)
+    producer.output[list(producer.output).index("logits")] = "raw"
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "mix_axis")])
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array(0.5, np.float32), "mix_half")])
+    proto.graph.node.extend(
+        [
+            helper.make_node("ReduceMean", ["raw", "mix_axis"], ["mix_mean"], keepdims=1),
+            helper.make_node("Mul", ["mix_mean", "mix_half"], ["mix_shift"]),
+            helper.make_node("Add", ["raw", "mix_shift"], ["logits"]),
+        ]
+    )
+    onnx.checker.check_model(proto)
+    onnx.save(proto, out)
+    return out
+
+
+def test_a_graph_that_mixes_rows_runs_every_image_at_every_batch_size(
+    model, images, onnx_path, tmp_path, small_probe
+):
+    broken = _mixing_rows(onnx_path, tmp_path / "mixing.onnx")
+    reference = torch_reference(model.module, images, model.spec)
+    figures = parity(model.module, broken, images, SIZES, [i % 3 for i in range(len(images))], reference)
+    checked = {bs: v.pop("checked") for bs, v in figures["batch_sizes"].items()}
+    assert checked == {
+        "1": "every image",
+        "5": "every image (batch 1 differs)",
+        "8": "every image (batch 1 differs)",
+    }
+    assert figures["batch_sizes"] == _every_image(broken, reference, SIZES)
+    assert judge(figures, Tolerances().fp32)  # and the gate refuses it, as before
+
+
+def test_reference_from_cached_torch_features(model, images, onnx_path, tmp_path, monkeypatch):
+    """torch's pass over the frozen backbone is read from the feature cache (runtime torch): the same
+    reference as the whole model in torch, and a second export runs no backbone in torch at all."""
+    shas = [f"sha{i}" for i in range(len(images))]
+    features = model.features(images, shas, "torch", tmp_path, 32)
+    whole, cached = (torch_reference(model.module, images, model.spec, f) for f in (None, features))
+    assert np.abs(whole.logits - cached.logits).max() < 1e-5 and np.ptp(whole.logits) > 0.1
+    assert np.array_equal(whole.floats, cached.floats)
+
+    p = ExportParams(fp16=False, parity_batch_sizes=[1, 4])
+    meta = {"headstart.classes": json.dumps(CLASSES)}
+    args = (model, tmp_path / "out", meta, images, [i % 3 for i in range(len(images))], p)
+    first = export_variants(*args, cache_dir=tmp_path / "cache", shas=shas)
+    stored = FeatureCache(tmp_path / "cache", feature_key(model.backbone, "torch"))
+    assert all(s in stored for s in shas)
+
+    def no_torch(*_):
+        raise AssertionError("the backbone ran in torch again")
+
+    monkeypatch.setattr("headstart.features.TorchEngine.__call__", no_torch)
+    monkeypatch.setattr(Classifier, "forward", no_torch)
+    again = export_variants(*args, cache_dir=tmp_path / "cache", shas=shas)
+    assert (
+        again["fp32"]["passed"] and again["fp32"]["max_abs_logit_diff"] == first["fp32"]["max_abs_logit_diff"]
+    )
+    assert first["fp32"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_reference_from_features_keeps_the_gate_score(model, images):
+    """A Scored model's reference from features has the gate's score, as its full pass does."""
+    rng = np.random.default_rng(0)
+    d, k = model.backbone.num_features, 4
+    means = rng.normal(size=(len(CLASSES), d))
+    basis = np.linalg.qr(rng.normal(size=(d, k)))[0]
+    gate = FeatureGate(
+        means / np.linalg.norm(means, axis=1, keepdims=True), basis, np.linspace(0.5, 0.1, k), 0.01
+    )
+    module = scored(model.module, gate)
+    whole = torch_reference(module, images, model.spec)
+    with torch.inference_mode():
+        features = model.module.features(torch.from_numpy(whole.floats)).numpy()
+    cached = torch_reference(module, images, model.spec, features)
+    assert cached.ood is not None and np.ptp(cached.ood) > 0
+    assert np.allclose(whole.ood, cached.ood, rtol=1e-5) and np.abs(whole.logits - cached.logits).max() < 1e-5
