@@ -146,3 +146,19 @@ def write_params(path: Path, overrides: list[str]) -> Path:
 
     path.write_text(yaml.safe_dump(load_params(None, overrides).model_dump(mode="json"), sort_keys=False))
     return path
+
+
+def visible_head_model(tiny_weights, classes: list[str]):
+    """A tiny backbone with a random head scaled up: its features are tiny, so the logits differ
+    visibly between images (what parity and graft tests compare)."""
+    import torch
+
+    from headstart.backbones import load_backbone
+    from headstart.training import Classifier, TrainedModel, make_head
+
+    backbone = load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
+    torch.manual_seed(0)
+    head = make_head(backbone.num_features, len(classes), 16, 0.2)
+    with torch.no_grad():
+        head[0].weight.mul_(100.0)
+    return TrainedModel(Classifier(backbone.feature_extractor(), head.eval()).eval(), backbone, classes)

@@ -12,14 +12,13 @@ import torch
 from onnx import helper, numpy_helper
 
 from headstart import export as export_mod
-from headstart.backbones import load_backbone
 from headstart.calibration import FeatureGate
 from headstart.config import ExportParams, Tolerances
 from headstart.export import agreement, export_onnx, export_variants, judge, parity, scored, torch_reference
 from headstart.features import FeatureCache, feature_key
 from headstart.runtime import Predictor
-from headstart.training import Classifier, TrainedModel, make_head
-from tests.conftest import COLOURS, TINY_BACKBONE, make_image
+from headstart.training import Classifier, TrainedModel
+from tests.conftest import COLOURS, make_image, visible_head_model
 
 CLASSES = ["red", "green", "blue"]
 SIZES = (1, 5, 8)
@@ -27,12 +26,7 @@ SIZES = (1, 5, 8)
 
 @pytest.fixture(scope="module")
 def model(tiny_weights) -> TrainedModel:
-    backbone = load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
-    torch.manual_seed(0)
-    head = make_head(backbone.num_features, len(CLASSES), 16, 0.2)
-    with torch.no_grad():  # the random backbone's features are tiny: logits that differ visibly
-        head[0].weight.mul_(100.0)
-    return TrainedModel(Classifier(backbone.feature_extractor(), head.eval()).eval(), backbone, CLASSES)
+    return visible_head_model(tiny_weights, CLASSES)
 
 
 @pytest.fixture(scope="module")
