@@ -47,6 +47,7 @@ STAGES: tuple[Stage, ...] = (
         deps=("prepare/manifest.parquet",),
         outs=(MANIFEST, "validate/quarantine.csv", "validate/report.json"),
         params=("validate",),  # the splits are prepare's, read from its manifest
+        files=("headstart/static/datadocs",),  # the Data Docs' vendored CSS/JS/font (offline pages)
         artifact="data-validation",
     ),
     Stage(
