@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.shards import run
 from headstart.backbones import load_backbone
 from headstart.config import EngineParams
 from headstart.data.manifest import scan
 from headstart.features import Features, backbone_onnx
-from headstart.shards import Job, run
+from headstart.shards import Job
 
 BACKBONE = "efficientnet_lite0"
 RUNNERS = ("local", "process", "dask")
@@ -52,7 +53,7 @@ def extract(backbone, runner: str, paths, shas, work: Path, p: dict) -> tuple[np
     cache = work / runner
     shutil.copytree(work / "engines", cache / "engines")
     params = EngineParams(runner=runner, **p) if runner != "local" else None
-    features = Features(backbone, "onnxruntime", cache, 32, runner=params)
+    features = Features(backbone, "onnxruntime", cache, 32, runner=params, run_shards=run)
     start = time.perf_counter()
     x, computed = features(paths, shas)
     assert computed == len(set(shas))

@@ -214,7 +214,7 @@ def _run(args) -> int:
 
 
 def _prefect_api():
-    from headstart.ops.ephemeral import prefect_api
+    from flows.api import prefect_api
 
     return prefect_api()
 

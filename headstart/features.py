@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -243,10 +243,12 @@ class Features:
         batch_size: int = 32,
         opset: int = OPSET,
         runner: EngineParams | None = None,
+        run_shards: Callable | None = None,
     ):
         self.backbone, self.runtime, self.opset = backbone, resolve_runtime(runtime), opset
         self.cache_dir, self.batch_size, self._engine = Path(cache_dir), batch_size, None
         self.runner = runner or EngineParams()  # local: this process; else sharded (headstart.shards)
+        self.run_shards = run_shards  # maps the shards over workers: flows.shards.run (Prefect's runners)
         self.shared = 0  # features the domain probe put in the cache
         # runtimes differ in the last bits: each keeps its own features, so re-runs are exact
         key = feature_key(backbone, self.runtime, opset)
@@ -325,7 +327,7 @@ class Features:
         return np.stack([found[s] for s in shas]).astype(np.float32), len(todo)
 
     def _sharded(self, todo: list[tuple], found: dict, load=None) -> None:
-        """Compute `todo` on engine.runner's workers (headstart.shards), which write the cache; read
+        """Compute `todo` on engine.runner's workers (run_shards), which write the cache; read
         their features back from it into `found`. The probe pass stays in this process: its sample is
         bounded (domain.max_images) and `analyse` needs every image's statistics here."""
         from headstart import shards
@@ -346,7 +348,12 @@ class Features:
             shards.threads_per_worker(self.runner),
             load,
         )
-        shards.run(job, shards.split(todo, self.runner.shard_size), self.runner)
+        if self.run_shards is None:
+            raise HeadstartError(
+                f"engine.runner {self.runner.runner}: no shard runner given (Features(run_shards=...): "
+                "flows.shards.run); set engine.runner=local to extract in this process"
+            )
+        self.run_shards(job, shards.split(todo, self.runner.shard_size), self.runner)
         for key, _ in todo:
             vec = self.cache.get(key)
             if vec is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flows.shards import run
 from headstart import HeadstartError
 from headstart.atomic import write_bytes
 from headstart.backbones import load_backbone
@@ -20,7 +21,7 @@ from headstart.config import EngineParams
 from headstart.data.manifest import scan
 from headstart.features import Features, backbone_onnx
 from headstart.preprocess import load_image
-from headstart.shards import Job, run, split
+from headstart.shards import Job, split
 from tests.conftest import TINY_BACKBONE, make_folder
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,9 @@ def test_process_and_dask_runners_give_the_local_features_bit_for_bit(tmp_path, 
 
     def sharded(runner: str):
         p = EngineParams(runner=runner, workers=2, threads=1, shard_size=5)
-        features = Features(tiny, "onnxruntime", tmp_path / f"{runner}_cache", batch_size=4, runner=p)
+        features = Features(
+            tiny, "onnxruntime", tmp_path / f"{runner}_cache", batch_size=4, runner=p, run_shards=run
+        )
         x, computed = features(paths, shas)
         return x, computed, features.views(paths, shas, 1, seed=0)[0]
 
@@ -113,7 +116,7 @@ def test_a_dask_address_that_does_not_answer_is_one_line_in_bounded_time(tmp_pat
         port = s.getsockname()[1]
     paths, shas = _images(tmp_path, per_class=2)
     p = EngineParams(runner="dask", dask_address=f"tcp://127.0.0.1:{port}", connect_timeout_s=2)
-    features = Features(tiny, "onnxruntime", tmp_path / "cache", runner=p)
+    features = Features(tiny, "onnxruntime", tmp_path / "cache", runner=p, run_shards=run)
     start = time.monotonic()
     with pytest.raises(HeadstartError, match=rf"engine.dask_address tcp://127.0.0.1:{port}: no Dask"):
         features(paths, shas)
@@ -125,7 +128,7 @@ def test_an_undecodable_image_in_a_shard_is_one_line_and_not_retried(tmp_path, t
     paths, shas = _images(tmp_path, per_class=3)
     write_bytes(paths[2], b"\x89PNG truncated")
     p = EngineParams(runner="process", workers=1, threads=1, shard_size=3, retries=2)
-    features = Features(tiny, "onnxruntime", tmp_path / "cache", batch_size=2, runner=p)
+    features = Features(tiny, "onnxruntime", tmp_path / "cache", batch_size=2, runner=p, run_shards=run)
     start = time.monotonic()
     with pytest.raises(HeadstartError, match=rf"{paths[2].name} cannot be decoded"):
         features(paths, shas)
