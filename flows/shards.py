@@ -4,7 +4,8 @@ Prefect task `extract-shard` (headstart.shards.extract_shard) mapped over the sh
 imported only when a run is sharded; `local` never touches it. The task runner is used directly, not
 through a flow of its own: the same code runs inside `headstart run` (the shards are task runs of that
 flow run) and under `dvc repro` (`headstart stage`, no flow: against the configured Prefect API, else a
-temporary server for this process). headstart.features.Features takes `run` as its `run_shards`.
+temporary server for this process). Importing this module makes `run` every Features' shard map
+(headstart.features.use_shard_map): the library itself never imports Prefect.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 
 from headstart import HeadstartError
 from headstart.config import EngineParams
+from headstart.features import use_shard_map
 from headstart.shards import Job, extract_shard
 
 
@@ -152,3 +154,6 @@ def _exported() -> Iterator[None]:
         os.environ.clear()
         os.environ.update(saved)
         refresh_global_settings_context()
+
+
+use_shard_map(run)

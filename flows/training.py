@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+import flows.shards  # noqa: F401  (engine.runner process|dask: the shard map on Prefect's task runners)
 from headstart import GateFailed, HeadstartError, TransientError, reuse
 from headstart.atomic import FAILED, sweep, write_json
 from headstart.config import load_params

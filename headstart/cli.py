@@ -445,6 +445,8 @@ def _stage(args) -> int:
 
     cfg = load_params(args.params, _overrides(args))
     stage = get(args.name)
+    if cfg.engine.runner != "local":
+        import flows.shards  # noqa: F401  (the shard map on Prefect's task runners)
     with _writing(cfg):
         require(cfg, stage)
         if args.name == "prepare":  # under dvc repro the first stage opens the pipeline's MLflow run

@@ -225,6 +225,17 @@ class FeatureCache:
         write_bytes(self._path(sha), buf.getvalue())
 
 
+# How sharded extraction maps its shards over workers: Prefect's task runners, which the library never
+# imports (DESIGN), so flows.shards sets it when imported (the flow and `headstart stage` import it).
+_SHARD_MAP: Callable | None = None
+
+
+def use_shard_map(run: Callable) -> None:
+    """Set the default `run_shards` of every Features: run(job, shards, engine_params) -> results."""
+    global _SHARD_MAP
+    _SHARD_MAP = run
+
+
 @dataclass
 class Extracted:
     computed: int  # features that went through the backbone (the rest came from the cache)
@@ -248,7 +259,7 @@ class Features:
         self.backbone, self.runtime, self.opset = backbone, resolve_runtime(runtime), opset
         self.cache_dir, self.batch_size, self._engine = Path(cache_dir), batch_size, None
         self.runner = runner or EngineParams()  # local: this process; else sharded (headstart.shards)
-        self.run_shards = run_shards  # maps the shards over workers: flows.shards.run (Prefect's runners)
+        self.run_shards = run_shards  # maps the shards over workers; default: the one flows.shards set
         self.shared = 0  # features the domain probe put in the cache
         # runtimes differ in the last bits: each keeps its own features, so re-runs are exact
         key = feature_key(backbone, self.runtime, opset)
@@ -337,6 +348,12 @@ class Features:
                 f"engine.runner {self.runner.runner} runs onnxruntime in its workers, but the features "
                 f"runtime is {self.runtime}: set train_head.runtime=onnxruntime or engine.runner=local"
             )
+        run = self.run_shards or _SHARD_MAP
+        if run is None:
+            raise HeadstartError(
+                f"engine.runner {self.runner.runner}: no shard map (import flows.shards, as `headstart run` "
+                "and `headstart stage` do); set engine.runner=local to extract in this process"
+            )
         onnx = backbone_onnx(self.backbone, self.cache_dir, self.opset)  # once, into the shared cache
         job = shards.Job(
             str(onnx.resolve()),
@@ -348,12 +365,7 @@ class Features:
             shards.threads_per_worker(self.runner),
             load,
         )
-        if self.run_shards is None:
-            raise HeadstartError(
-                f"engine.runner {self.runner.runner}: no shard runner given (Features(run_shards=...): "
-                "flows.shards.run); set engine.runner=local to extract in this process"
-            )
-        self.run_shards(job, shards.split(todo, self.runner.shard_size), self.runner)
+        run(job, shards.split(todo, self.runner.shard_size), self.runner)
         for key, _ in todo:
             vec = self.cache.get(key)
             if vec is None:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flows.shards import run as run_shards  # engine.runner process|dask: Prefect's task runners
 from headstart import HeadstartError
 from headstart.atomic import directory, write_json
 from headstart.config import Params
@@ -34,14 +33,7 @@ def train_head(cfg: Params) -> TrainHeadResult:
     start, p, frame, seed = time.perf_counter(), cfg.train_head, _inputs.manifest(cfg), cfg.project.seed
     classes = sorted(frame["label"].unique())
     backbone = _backbone.load(cfg)
-    features = Features(
-        backbone,
-        p.runtime,
-        cfg.project.cache_dir,
-        p.extract_batch_size,
-        runner=cfg.engine,
-        run_shards=run_shards,
-    )
+    features = Features(backbone, p.runtime, cfg.project.cache_dir, p.extract_batch_size, runner=cfg.engine)
     train, val = (_inputs.split_paths(cfg, frame, s) for s in ("train", "val"))
     if train[0].empty:
         raise HeadstartError("the training split is empty; add images or lower the fractions")

@@ -86,6 +86,25 @@ def test_a_sharded_runner_needs_onnxruntime(tmp_path, tiny):
     assert not (tmp_path / "cache" / "features").exists()
 
 
+def test_the_shard_map_is_flows_and_without_it_a_sharded_run_says_so(tmp_path, tiny, monkeypatch):
+    """The library never imports Prefect: flows.shards sets the map (the flow and `headstart stage`
+    import it); a sharded run without one is one line, before any work."""
+    from headstart import features
+
+    monkeypatch.setattr(features, "_SHARD_MAP", None)
+    paths, shas = _images(tmp_path)
+    sharded = Features(tiny, "onnxruntime", tmp_path / "cache", runner=EngineParams(runner="dask"))
+    with pytest.raises(HeadstartError, match=r"engine.runner dask: no shard map \(import flows.shards"):
+        sharded(paths, shas)
+    assert not (tmp_path / "cache").exists()  # refused before exporting the engine or writing a feature
+    import importlib
+
+    import flows.shards
+
+    importlib.reload(flows.shards)  # importing it (again) sets the map
+    assert features._SHARD_MAP is flows.shards.run
+
+
 def test_an_undecodable_image_is_one_line_naming_it(tmp_path, tiny):
     paths, shas = _images(tmp_path)
     write_bytes(paths[1], b"not an image any more")  # replaced after validate checked it
