@@ -162,3 +162,19 @@ def visible_head_model(tiny_weights, classes: list[str]):
     with torch.no_grad():
         head[0].weight.mul_(100.0)
     return TrainedModel(Classifier(backbone.feature_extractor(), head.eval()).eval(), backbone, classes)
+
+
+def tiny_backbone(tiny_weights):
+    """The tiny test backbone with the session's tiny weights."""
+    from headstart.backbones import load_backbone
+
+    return load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
+
+
+def scanned_images(tmp_path: Path, per_class: int) -> tuple[list[Path], list[str]]:
+    """A made class folder's images and their content hashes, as prepare's scan finds them."""
+    from headstart.data.manifest import scan
+
+    root = make_folder(tmp_path / "data", per_class=per_class)
+    m = scan(root, [".png"], tmp_path / "scan_cache")
+    return [root / p for p in m["path"]], list(m["sha256"])

@@ -16,26 +16,22 @@ import pytest
 from flows.shards import run
 from headstart import HeadstartError
 from headstart.atomic import write_bytes
-from headstart.backbones import load_backbone
 from headstart.config import EngineParams
-from headstart.data.manifest import scan
 from headstart.features import Features, backbone_onnx
 from headstart.preprocess import load_image
 from headstart.shards import Job, split
-from tests.conftest import TINY_BACKBONE, make_folder
+from tests.conftest import scanned_images, tiny_backbone
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_weights):
-    return load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
+    return tiny_backbone(tiny_weights)
 
 
 def _images(tmp_path, per_class=8):
-    root = make_folder(tmp_path / "data", per_class=per_class)
-    m = scan(root, [".png"], tmp_path / "scan_cache")
-    return [root / p for p in m["path"]], list(m["sha256"])
+    return scanned_images(tmp_path, per_class)
 
 
 def _local(tiny, tmp_path, paths, shas):

@@ -11,12 +11,10 @@ import pytest
 
 from headstart import HeadstartError
 from headstart.atomic import write_bytes
-from headstart.backbones import load_backbone
 from headstart.config import EngineParams
-from headstart.data.manifest import scan
 from headstart.features import FeatureCache, Features
 from headstart.shards import split
-from tests.conftest import TINY_BACKBONE, make_folder
+from tests.conftest import scanned_images, tiny_backbone
 
 KEYS = [f"{i:02x}" + "ab" * 31 for i in range(0, 256, 37)]
 
@@ -69,13 +67,11 @@ def test_two_processes_writing_the_same_keys_leave_intact_identical_entries(tmp_
 
 @pytest.fixture(scope="module")
 def tiny(tiny_weights):
-    return load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
+    return tiny_backbone(tiny_weights)
 
 
 def _images(tmp_path, per_class=3):
-    root = make_folder(tmp_path / "data", per_class=per_class)
-    m = scan(root, [".png"], tmp_path / "scan_cache")
-    return [root / p for p in m["path"]], list(m["sha256"])
+    return scanned_images(tmp_path, per_class)
 
 
 def test_a_sharded_runner_needs_onnxruntime(tmp_path, tiny):
