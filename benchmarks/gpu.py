@@ -136,10 +136,16 @@ def extract(backbone, paths: list[Path], batch: int) -> dict:
         "fp16_autocast": lambda x: _autocast(fp32, x),
         "fp16_weights": lambda x: half(x.half()),
     }
-    out: dict = {"images": n, "batch": batch, "decode_s": round(decode_s, 2), "decode_img_s": round(n / decode_s)}
+    out: dict = {
+        "images": n,
+        "batch": batch,
+        "decode_s": round(decode_s, 2),
+        "decode_img_s": round(n / decode_s),
+    }
     feats = {}
     with torch.inference_mode():
         for name, run in modes.items():
+
             def every():
                 return [run(gpu[i : i + batch]) for i in range(0, n, batch)]
 
@@ -147,7 +153,9 @@ def extract(backbone, paths: list[Path], batch: int) -> dict:
             feats[name] = torch.cat(every()).float()
             t0 = time.perf_counter()  # end to end: decode threads, copy to the GPU, model
             for _, x in decoded(spec, [(str(p), p) for p in paths], batch, "end to end"):
-                run(torch.from_numpy(x).to(DEVICE, non_blocking=True).contiguous(memory_format=fmt)).float().cpu()
+                run(
+                    torch.from_numpy(x).to(DEVICE, non_blocking=True).contiguous(memory_format=fmt)
+                ).float().cpu()
             sync()
             e2e = time.perf_counter() - t0
             out[name] = {"model_img_s": round(n / s), "end_to_end_img_s": round(n / e2e)}
@@ -180,7 +188,9 @@ def finetune_epochs(backbone, paths: list[Path], y: np.ndarray, classes: list[st
         sync()
         t0 = time.perf_counter()
         batches = [pixels[i : i + 256] for i in range(0, len(pixels), 256)]
-        prefixed = run_prefix(split.prefix, batches, DEVICE) if len(split.prefix) else torch.from_numpy(pixels)
+        prefixed = (
+            run_prefix(split.prefix, batches, DEVICE) if len(split.prefix) else torch.from_numpy(pixels)
+        )
         sync()
         prefix_s = time.perf_counter() - t0
         head = make_head(backbone.num_features, len(classes), 0, 0.2)

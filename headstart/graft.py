@@ -42,7 +42,7 @@ def graft_source(model, cache_dir: str | Path | None, opset: int, gate: FeatureG
 
     path = backbone_onnx(model.backbone, cache_dir, opset)  # rebuilt there when its sha256 is off
     try:
-        check_graft(onnx.load(path), model.backbone, model.module.head, gate, opset)
+        check_graft(onnx.load(path), model.backbone, model.head, gate, opset)
     except GraftRefused as exc:
         log.warning("%s; running the full export instead", exc)
         return None, f"full export: {exc}"

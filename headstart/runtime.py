@@ -103,6 +103,7 @@ class Predictor:
         providers: tuple[str, ...] | str | None = DEFAULT_PROVIDERS,
         warmup: bool = True,
         threads: int = 0,
+        arena: bool = True,
     ):
         import onnxruntime as ort
 
@@ -115,6 +116,7 @@ class Predictor:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # a missing CUDA library on a CPU machine is not worth a warning
         opts.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
+        opts.enable_cpu_mem_arena = arena  # off: memory goes back after each run (a one-off check)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
         except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Callable, Iterator
@@ -218,7 +219,7 @@ def model_bytes(
 
 @dataclass
 class TrainedModel:
-    classifier: Classifier
+    head: nn.Module
     backbone: Backbone  # fine-tuned blocks applied; its weights_sha256 then covers them too
     classes: list[str]
     finetuned: bool = False
@@ -226,6 +227,12 @@ class TrainedModel:
     @property
     def kind(self) -> str:
         return "finetuned" if self.finetuned else "head"
+
+    @functools.cached_property
+    def classifier(self) -> Classifier:
+        """Backbone and head as one module, built on first use: what reads cached features (logits,
+        a grafted export's reference) needs only the head, and never builds the backbone."""
+        return Classifier(self.backbone.feature_extractor(), self.head).eval()
 
     @property
     def module(self) -> nn.Module:
@@ -250,7 +257,7 @@ class TrainedModel:
     @torch.no_grad()
     def head_logits(self, features: np.ndarray) -> np.ndarray:
         """Logits from this backbone's (cached) features: the full model's output."""
-        return self.classifier.head(torch.from_numpy(features)).numpy()
+        return self.head(torch.from_numpy(features)).numpy()
 
     def head_probabilities(self, features: np.ndarray) -> np.ndarray:
         return softmax(self.head_logits(features))
@@ -309,8 +316,7 @@ def transfer_model(state: dict, path: Path) -> TrainedModel:
         apply_backbone_state(backbone, tuned, str(path))
     head = make_head(backbone.num_features, len(state["classes"]), state["hidden"], state["dropout"])
     head.load_state_dict(state["head"])
-    classifier = Classifier(backbone.feature_extractor(), head.eval()).eval()
-    return TrainedModel(classifier, backbone, list(state["classes"]), bool(tuned))
+    return TrainedModel(head.eval(), backbone, list(state["classes"]), bool(tuned))
 
 
 def apply_backbone_state(backbone: Backbone, tuned: dict[str, torch.Tensor], source: str) -> None:

@@ -154,14 +154,14 @@ def visible_head_model(tiny_weights, classes: list[str]):
     import torch
 
     from headstart.backbones import load_backbone
-    from headstart.training import Classifier, TrainedModel, make_head
+    from headstart.training import TrainedModel, make_head
 
     backbone = load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
     torch.manual_seed(0)
     head = make_head(backbone.num_features, len(classes), 16, 0.2)
     with torch.no_grad():
         head[0].weight.mul_(100.0)
-    return TrainedModel(Classifier(backbone.feature_extractor(), head.eval()).eval(), backbone, classes)
+    return TrainedModel(head.eval(), backbone, classes)
 
 
 def tiny_backbone(tiny_weights):

@@ -24,7 +24,7 @@ from headstart.export import (
 from headstart.features import backbone_onnx, digest_path
 from headstart.graft import GraftRefused, check_graft, graft_source
 from headstart.runtime import Predictor
-from headstart.training import Classifier, TrainedModel, make_head
+from headstart.training import TrainedModel, make_head
 from tests.conftest import COLOURS, make_image, visible_head_model
 
 CLASSES = ["red", "green", "blue"]
@@ -134,7 +134,7 @@ def test_graph_of_other_weights_is_refused_and_the_full_export_runs(model, image
 
 
 def test_fine_tuned_model_gets_the_full_export(model, cache):
-    tuned = TrainedModel(model.classifier, model.backbone, CLASSES, finetuned=True)
+    tuned = TrainedModel(model.head, model.backbone, CLASSES, finetuned=True)
     assert graft_source(tuned, cache, 18, None) == (
         None,
         "full export: a finetuned model, not a head on a frozen backbone",
@@ -164,7 +164,7 @@ def test_other_head_layers_and_opset_17(model, gate, images, tmp_path):
     head = torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.GELU(), torch.nn.Linear(8, 3)).eval()
     with torch.no_grad():
         head[0].weight.mul_(100.0)
-    other = TrainedModel(Classifier(model.backbone.feature_extractor(), head).eval(), model.backbone, CLASSES)
+    other = TrainedModel(head.eval(), model.backbone, CLASSES)
     source, build = graft_source(other, tmp_path, 17, gate)
     assert source is not None and build.startswith("grafted"), build
     meta = {"headstart.classes": json.dumps(CLASSES)}
@@ -176,3 +176,48 @@ def test_other_head_layers_and_opset_17(model, gate, images, tmp_path):
     assert judge(figures, Tolerances().fp32) == []
     ood = _outputs(path, reference)[1]
     assert np.allclose(ood, reference.ood, rtol=1e-4, atol=0) and np.ptp(ood) > 0
+
+
+def test_a_warm_grafted_export_never_builds_the_backbone(model, gate, images, tmp_path):
+    """Once torch's features of the parity images and the backbone graph are cached, the export
+    (file by graft, reference from the cached features through the head) builds no torch backbone,
+    and its figures are those of the run that did."""
+    import dataclasses
+    import hashlib
+
+    builds = []
+
+    def lazy() -> TrainedModel:
+        def build():
+            builds.append(1)
+            return model.backbone.model
+
+        return TrainedModel(model.head, dataclasses.replace(model.backbone, _model=build), CLASSES)
+
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in images]
+    p = ExportParams(fp16=True, parity_batch_sizes=[1, 7])
+    meta = {"headstart.classes": json.dumps(CLASSES)}
+    labels = [i % 3 for i in range(len(images))]
+    cold = export_variants(lazy(), tmp_path / "a", meta, images, labels, p, gate, (), tmp_path, shas)
+    assert builds, "the first export computes torch's features: it builds the backbone"
+    builds.clear()
+    warm_model = lazy()
+    warm = export_variants(warm_model, tmp_path / "b", meta, images, labels, p, gate, (), tmp_path, shas)
+    assert builds == [] and not warm_model.backbone.built
+    for name in ("fp32", "fp16"):
+        assert warm[name]["build"].startswith("grafted onto the cached backbone graph")
+        assert warm[name]["passed"], warm[name]["failures"]
+        for k in ("max_abs_logit_diff", "top1_agreement", "ood_decision_flips", "batch_sizes"):
+            np.testing.assert_equal(warm[name][k], cold[name][k])
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+
+
+def test_builtin_specs_are_timms():
+    """What a built-in backbone is known by before it is built must be what building it gives."""
+    import timm
+
+    from headstart.backbones import BUILTIN, BUILTIN_SPECS, _timm_spec
+
+    for name, (arch, _, _) in BUILTIN.items():
+        net = timm.create_model(arch, pretrained=False)
+        assert BUILTIN_SPECS[name] == (_timm_spec(net), net.num_features), name

@@ -8,7 +8,7 @@ import torch
 from headstart.backbones import load_backbone
 from headstart.models import PIXEL_CHUNK, pixel_logits
 from headstart.preprocess import normalise
-from headstart.training import Classifier, TrainedModel, make_head
+from headstart.training import TrainedModel, make_head
 from tests.conftest import TINY_BACKBONE
 
 
@@ -17,11 +17,7 @@ def test_made_images_pass_the_backbone_a_few_at_a_time(tiny_weights):
     Lite0's activations held 0.27 GB more on the demo; the logits are the whole batch's."""
     backbone = load_backbone(TINY_BACKBONE, weights=tiny_weights[0], weights_sha256=tiny_weights[1])
     torch.manual_seed(0)
-    model = TrainedModel(
-        Classifier(backbone.feature_extractor(), make_head(backbone.num_features, 2, 8, 0.0).eval()).eval(),
-        backbone,
-        ["a", "b"],
-    )
+    model = TrainedModel(make_head(backbone.num_features, 2, 8, 0.0).eval(), backbone, ["a", "b"])
     s = backbone.spec.size
     pixels = np.random.default_rng(0).integers(0, 256, (16, s, s, 3), dtype=np.uint8)
     sizes = []

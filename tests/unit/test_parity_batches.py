@@ -11,7 +11,6 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from headstart import export as export_mod
 from headstart.calibration import FeatureGate
 from headstart.config import ExportParams, Tolerances
 from headstart.export import agreement, export_onnx, export_variants, judge, parity, scored, torch_reference
@@ -41,12 +40,6 @@ def onnx_path(model, tmp_path_factory):
     return export_onnx(model.module, path, model.spec, {"headstart.classes": json.dumps(CLASSES)}, 18)
 
 
-@pytest.fixture
-def small_probe(monkeypatch):
-    """A probe smaller than the 12 images, so that it is a subset: batch 5 probes rows 0-4 and 10-11."""
-    monkeypatch.setattr(export_mod, "PROBE_IMAGES", 2)
-
-
 def _every_image(path, reference, sizes) -> dict:
     """What the gate measured before the probe: every image at every batch size."""
     p = Predictor(path, providers=("CPUExecutionProvider",), warmup=False)
@@ -62,7 +55,7 @@ def _every_image(path, reference, sizes) -> dict:
     }
 
 
-def test_probed_batch_sizes_give_the_figures_of_running_every_image(model, images, onnx_path, small_probe):
+def test_probed_batch_sizes_give_the_figures_of_running_every_image(model, images, onnx_path):
     reference = torch_reference(model.module, images, model.spec)
     labels = [i % 3 for i in range(len(images))]
     figures = parity(model.module, onnx_path, images, SIZES, labels, reference)
@@ -96,7 +89,7 @@ def _mixing_rows(path, out):
 
 
 def test_a_graph_that_mixes_rows_runs_every_image_at_every_batch_size(
-    model, images, onnx_path, tmp_path, small_probe
+    model, images, onnx_path, tmp_path
 ):
     broken = _mixing_rows(onnx_path, tmp_path / "mixing.onnx")
     reference = torch_reference(model.module, images, model.spec)
