@@ -157,15 +157,57 @@ def naive_fit(engine, backbone, paths, y, p: TrainHeadParams, epochs: int):
 
 def measured(cmd: list[str], cwd: Path | None = None) -> dict:
     """Wall seconds and peak RSS of a command in its own process (GNU time: Linux carries a parent's
-    ru_maxrss into an exec'd child, so measuring from this big process would read our own peak)."""
+    ru_maxrss into an exec'd child, so measuring from this big process would read our own peak), and
+    `peak_tree_rss_mb`: the largest sum of RSS over the command and every process under it at one
+    moment (sampled every 20 ms; the flow's Prefect server, and any stage run in a child process, are
+    there at the same time as the flow, which GNU time's per-process maximum does not add up)."""
+    import threading
+
     timer = ["/usr/bin/time", "-f", "peak_kb=%M"] if Path("/usr/bin/time").exists() else []
     start = time.perf_counter()
-    res = subprocess.run([*timer, *cmd], cwd=cwd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr[-2000:]}")
-    peaks = [line for line in res.stderr.splitlines() if line.startswith("peak_kb=")]
+    proc = subprocess.Popen(
+        [*timer, *cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    tree = {"peak": 0}
+    sampler = threading.Thread(target=_sample_tree, args=(proc, tree, bool(timer)), daemon=True)
+    sampler.start()
+    _, stderr = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {stderr[-2000:]}")
+    peaks = [line for line in stderr.splitlines() if line.startswith("peak_kb=")]
     peak = round(int(peaks[-1][8:]) / 1024) if peaks else None  # None: GNU time not installed
-    return {"s": round(time.perf_counter() - start, 2), "peak_rss_mb": peak}
+    return {
+        "s": round(time.perf_counter() - start, 2),
+        "peak_rss_mb": peak,
+        "peak_tree_rss_mb": tree["peak"] or None,
+    }
+
+
+def _sample_tree(proc: subprocess.Popen, tree: dict, timed: bool) -> None:
+    """The largest RSS sum over `proc` and its descendants, every 20 ms (`timed`: proc is GNU time,
+    left out)."""
+    try:
+        import psutil
+    except ImportError:  # a dev dependency: without it, no tree figure
+        return
+    try:
+        root = psutil.Process(proc.pid)
+    except psutil.Error:
+        return
+    while proc.poll() is None:
+        total = 0
+        try:
+            kids = root.children(recursive=True)
+        except psutil.Error:
+            break
+        for q in kids if timed else [root, *kids]:
+            try:
+                total += q.memory_info().rss
+            except psutil.Error:
+                pass
+        tree["peak"] = max(tree["peak"], round(total / 2**20))
+        time.sleep(0.02)
 
 
 def peak_memory(n: int, tmp: Path) -> dict:

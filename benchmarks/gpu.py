@@ -146,7 +146,7 @@ def extract(backbone, paths: list[Path], batch: int) -> dict:
     with torch.inference_mode():
         for name, run in modes.items():
 
-            def every():
+            def every(run=run):
                 return [run(gpu[i : i + batch]) for i in range(0, n, batch)]
 
             s = cuda_seconds(every, 5)
@@ -208,7 +208,7 @@ def finetune_epochs(backbone, paths: list[Path], y: np.ndarray, classes: list[st
                 None,
                 Path(tmp) / "ckpt",
                 "bench",
-                on_epoch=lambda row: (sync(), stamps.append(time.perf_counter())),
+                on_epoch=lambda row, stamps=stamps: (sync(), stamps.append(time.perf_counter())),
             )
         epochs = np.diff(stamps)  # each includes its validation pass and checkpoint write
         out[f"unfreeze_{unfreeze}"] = {
