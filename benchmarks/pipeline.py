@@ -74,16 +74,23 @@ BEFORE_AND_GOAL = {
     "export_stage_warm_s": ("33.6-36.9", 8.0),
     "flow_unchanged_s": ("59.3 (every stage ran)", 20.0),
     "flow_peak_rss_mb": ("2,392", 1300),
+    # the same flow's processes summed at one moment (its Prefect server, a stage in a child process):
+    # not measured before the issue; held to the same goal
+    "flow_peak_tree_rss_mb": ("-", 1300),
 }
 
 
 def goals(report: dict) -> dict:
     """Issue 18's table: each figure before, today (this run) and its goal, and whether it is met.
-    The flow's peak is the warm flow's (every stage runs), the larger of the two flows."""
+    The flow's peak is the warm flow's (every stage runs), the larger of the two flows: the largest
+    process's (GNU time, as before the issue) and the process tree's sum."""
     today = {
         "export_stage_warm_s": report["stages_warm"]["export"]["s"],
         "flow_unchanged_s": report["flow_unchanged"]["s"],
         "flow_peak_rss_mb": max(report[k]["peak_rss_mb"] or 0 for k in ("flow_warm", "flow_unchanged")),
+        "flow_peak_tree_rss_mb": max(
+            report[k]["peak_tree_rss_mb"] or 0 for k in ("flow_warm", "flow_unchanged")
+        ),
     }
     return {
         k: {"before": before, "today": today[k], "goal": goal, "met": today[k] <= goal}
