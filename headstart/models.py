@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from headstart import provenance
+from headstart.features import FeatureCache, feature_key
 from headstart.scratch import MODEL_FORMAT as SCRATCH_FORMAT
 from headstart.scratch import ScratchModel, load_scratch
 from headstart.training import TrainedModel, read_model_file, transfer_model
@@ -46,11 +49,6 @@ def made_features(model: TrainedModel, pixels: np.ndarray, cache_dir: str | Path
     computes them, in the feature cache of the torch runtime under the sha256 of each image's bytes
     and this module's code: the same images every run, so a warm run never builds the backbone. One
     missing entry recomputes them all in one pass, so the values are always those of a whole batch."""
-    import hashlib
-
-    from headstart import provenance
-    from headstart.features import FeatureCache, feature_key
-
     cache = FeatureCache(cache_dir, feature_key(model.backbone, "torch"), model.backbone.num_features)
     tag = provenance.derive_key("made", PIXEL_CHUNK, provenance.code_hash("headstart.models"))[:12]
     keys = [f"{hashlib.sha256(p.tobytes()).hexdigest()}.made-{tag}" for p in pixels]
