@@ -52,7 +52,7 @@ def evaluate(cfg: Params) -> EvaluateResult:
     score = None if gate is None else gate.score(_probabilities(cfg, model, rows, paths, "features"))
     b = cfg.promote.n_bootstrap, cfg.promote.confidence, cfg.project.seed  # every CI: promotion's bootstrap
     kept = kept_interval(selective(rule, logits, y_true, score), *b)  # the shipped rule on the test split
-    kept["far_out"] = far_out_abstention(model, rule, gate)  # noise and flat colours made here
+    kept["far_out"] = far_out_abstention(model, rule, cfg.project.cache_dir, gate)  # noise, flat colours
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
     m |= interval_fields("accuracy", y_pred == y_true, *b)
