@@ -9,6 +9,7 @@ the content does. The input normalisation and the original classifier's confiden
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Iterator
 
@@ -28,7 +29,52 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     ]
 
 
-class Probe(nn.Module):
+class Probe:
+    """The domain check's instrumented backbone (ProbeModule), built on first use of `.module`:
+    building it builds the backbone (timm, the weights) and runs a tracing pass. `.layers`, all that
+    `analyse` needs of it, is the module's, or is given without it: a warm onnxruntime run reads them
+    from the cached probe graph (headstart.features.make_engine), so it never builds the backbone."""
+
+    def __init__(self, backbone):
+        self.backbone, self._module, self._layers = backbone, None, None
+
+    @property
+    def module(self) -> ProbeModule:
+        if self._module is None:
+            self._module = ProbeModule(self.backbone)
+        return self._module
+
+    @property
+    def built(self) -> bool:
+        return self._module is not None
+
+    @property
+    def layers(self) -> list[dict]:
+        return self.module.layers if self._layers is None else self._layers
+
+    @layers.setter
+    def layers(self, layers: list[dict]) -> None:
+        self._layers = layers
+
+
+def encode_layers(layers: list[dict]) -> str:
+    """The probe's layers as JSON, for the cached probe graph's metadata; Python writes each float64
+    in its shortest exact form, so decode_layers gives them back bit for bit."""
+    return json.dumps(
+        [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()} for r in layers]
+    )
+
+
+def decode_layers(text: str) -> list[dict]:
+    """encode_layers' layers back (ValueError or KeyError when the text holds none)."""
+    names = ("running_mean", "running_var", "weight")
+    return [
+        {"layer": str(r["layer"]), **{k: np.asarray(r[k], np.float64) for k in names}, "eps": float(r["eps"])}
+        for r in json.loads(text)
+    ]
+
+
+class ProbeModule(nn.Module):
     """The frozen backbone instrumented for the domain check. One forward pass returns
     (features, logits, mean_0, meansq_0, mean_1, meansq_1, ...): the pooled features, exactly what the
     feature extractor computes (so the pass also fills the feature cache), the original classifier's
@@ -92,7 +138,7 @@ def run_probe(probe: Probe, batches: Iterable[np.ndarray]) -> Iterator[tuple[np.
     """The probe in torch over preprocessed batches: (batch, outputs) for `analyse`."""
     from headstart.features import TorchEngine
 
-    engine = TorchEngine(probe)
+    engine = TorchEngine(probe.module)
     for x in batches:
         yield x, engine(x)
 
@@ -170,7 +216,6 @@ def _log_kl(mean_d: np.ndarray, meansq_d: np.ndarray, ref: dict) -> np.ndarray:
 def reference(backbone: str) -> dict:
     """The calibrated thresholds shipped for a backbone (`headstart domain-calibrate` writes them);
     an uncalibrated backbone borrows efficientnet_lite0's and says so."""
-    import json
     from importlib import resources
 
     folder = resources.files("headstart") / "domain_reference"

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 import torch
@@ -35,10 +35,14 @@ from headstart.backbones import Backbone, sha256_file
 from headstart.config import EngineParams, Runtime
 from headstart.preprocess import InputSpec, load_image, load_view
 
+if TYPE_CHECKING:
+    from headstart.domain import Probe
+
 RUNTIMES = get_args(Runtime)
 OPSET = 18  # the engine's own export (a cache detail), not export.opset of the shipped model
 ORT_CHUNK, PROBE_CHUNK = 8, 2  # images per onnxruntime run of the extractor and of the domain probe
 ENGINE_KEY, WEIGHTS_KEY = "headstart.engine_key", "headstart.backbone_weights_sha256"  # engine metadata
+LAYERS_KEY = "headstart.probe_layers"  # the probe graph's metadata: its BN layers (headstart.domain)
 log = logging.getLogger(__name__)
 
 
@@ -100,11 +104,12 @@ def make_engine(
     backbone: Backbone,
     runtime: str,
     cache_dir: str | Path,
-    probe: nn.Module | None = None,
+    probe: Probe | None = None,
     opset: int = OPSET,
 ) -> TorchEngine | OrtEngine:
     """The feature extractor on a runtime; or, given `probe` (headstart.domain.Probe, whose first
-    output is the same features), the domain check's instrumented backbone on it."""
+    output is the same features), the domain check's instrumented backbone on it. On onnxruntime the
+    probe's layers come from its cached graph, so a warm run builds no torch module."""
     runtime = resolve_runtime(runtime)
     if runtime == "onnxruntime":
         # the probe keeps ~100 extra reductions of full activation maps: ORT's memory planning
@@ -117,13 +122,26 @@ def make_engine(
         )
         path = backbone_onnx(backbone, cache_dir, opset, probe)
         try:
-            return OrtEngine(path, **options)
-        except Exception as exc:  # checker-valid yet refused by onnxruntime: export it again, once
-            log.warning("cached engine %s does not load in onnxruntime (%s); exporting it again", path, exc)
+            return _ort_engine(path, probe, options)
+        except Exception as exc:  # checker-valid yet refused by onnxruntime, or a probe graph without
+            # its layers (an older export under the same key): export it again, once
+            log.warning("cached engine %s does not load (%s); exporting it again", path, exc)
             path.unlink(missing_ok=True)
-            return OrtEngine(backbone_onnx(backbone, cache_dir, opset, probe), **options)
-    module = backbone.feature_extractor() if probe is None else probe
+            return _ort_engine(backbone_onnx(backbone, cache_dir, opset, probe), probe, options)
+    module = backbone.feature_extractor() if probe is None else probe.module
     return TorchEngine(module, "cuda" if runtime == "torch-cuda" else "cpu")
+
+
+def _ort_engine(path: Path, probe: Probe | None, options: dict) -> OrtEngine:
+    """The session on a cached graph; a probe's layers read from the graph's metadata, which its
+    sha256 covers with the rest of it."""
+    engine = OrtEngine(path, **options)
+    if probe is not None:
+        from headstart.domain import decode_layers
+
+        meta = engine.session.get_modelmeta().custom_metadata_map
+        probe.layers = decode_layers(meta[LAYERS_KEY])
+    return engine
 
 
 def engine_key(backbone: Backbone, opset: int = OPSET, probe: bool = False) -> str:
@@ -135,12 +153,13 @@ def engine_key(backbone: Backbone, opset: int = OPSET, probe: bool = False) -> s
 
 
 def backbone_onnx(
-    backbone: Backbone, cache_dir: str | Path, opset: int = OPSET, probe: nn.Module | None = None
+    backbone: Backbone, cache_dir: str | Path, opset: int = OPSET, probe: Probe | None = None
 ) -> Path:
     """The feature extractor (or the domain probe) as ONNX, exported once per engine_key, with that key
-    and the weights digest in its metadata (export grafts onto it, having checked them) and its sha256
-    beside it; a cached file that does not match its sha256 (truncated, overwritten, a flipped weight
-    byte that the ONNX checker would pass) is exported again."""
+    and the weights digest in its metadata (export grafts onto it, having checked them; the probe's
+    also holds its BN layers) and its sha256 beside it; a cached file that does not match its sha256
+    (truncated, overwritten, a flipped weight byte that the ONNX checker would pass) is exported again.
+    Only an export builds the torch module."""
     key = engine_key(backbone, opset, probe is not None)
     path = Path(cache_dir) / "engines" / f"{key}.onnx"
     if path.exists() and not intact(path):
@@ -151,13 +170,17 @@ def backbone_onnx(
 
         from headstart.export import to_onnx
 
+        props = {ENGINE_KEY: key, WEIGHTS_KEY: backbone.weights_sha256}
         if probe is None:
             module, names = backbone.feature_extractor(), ["features"]
         else:
-            stats = [f"{r['layer']}.{m}" for r in probe.layers for m in ("mean", "meansq")]
-            module, names = probe, ["features", "logits", *stats]
+            from headstart.domain import encode_layers
+
+            module, layers = probe.module, probe.module.layers  # the exported module's own
+            names = ["features", "logits", *(f"{r['layer']}.{m}" for r in layers for m in ("mean", "meansq"))]
+            props[LAYERS_KEY] = encode_layers(layers)
         proto = to_onnx(module, backbone.spec.size, opset, output=names)
-        onnx.helper.set_model_props(proto, {ENGINE_KEY: key, WEIGHTS_KEY: backbone.weights_sha256})
+        onnx.helper.set_model_props(proto, props)
         data = proto.SerializeToString()
         write_bytes(path, data)
         write_bytes(digest_path(path), hashlib.sha256(data).hexdigest().encode())
@@ -308,15 +331,19 @@ class Features:
         return x.reshape(len(shas), k, -1), len(todo)
 
     def probe(
-        self, probe: nn.Module, paths: list[Path], shas: list[str]
+        self, probe: Probe, paths: list[Path], shas: list[str]
     ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
         """One pass of the domain probe (headstart.domain.Probe) over the images, yielding each
         (preprocessed batch, probe outputs). The features it computes on the way fill the cache for
         images not cached yet, so feature extraction later does not pass them through the backbone
         again. On onnxruntime the probe graph is fused differently from the extraction graph, so
         its features may differ from it in the sixth significant digit; cached entries are never
-        overwritten, so a re-run reads the same values."""
+        overwritten, so a re-run reads the same values. The engine is made now, not at the first
+        batch: on onnxruntime it gives `probe.layers` from the cached graph before `analyse` asks."""
         engine = make_engine(self.backbone, self.runtime, self.cache_dir, probe=probe, opset=self.opset)
+        return self._probe_pass(engine, paths, shas)
+
+    def _probe_pass(self, engine, paths: list[Path], shas: list[str]) -> Iterator:
         items = list(zip(shas, paths, strict=True))
         for batch, x in decoded(self.backbone.spec, items, self.batch_size, "domain probe"):
             out = engine(x)

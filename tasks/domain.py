@@ -40,8 +40,9 @@ def domain(cfg: Params) -> DomainResult:
     backbone = _backbone.load(cfg)  # the chosen one: the domain check runs for it
     # the features runtime and cache of train_head: this pass's features are its features
     features = Features(backbone, th.runtime, cfg.project.cache_dir, p.batch_size)
-    probe = Probe(backbone)
-    signals = analyse(features.probe(probe, paths, list(rows["sha256"])), probe.layers)
+    probe = Probe(backbone)  # built where needed: a warm onnxruntime pass reads its layers from the cache
+    batches = features.probe(probe, paths, list(rows["sha256"]))  # gives probe.layers, before analyse asks
+    signals = analyse(batches, probe.layers)
     signals.update(input_summary(rows, backbone.spec.size, backbone.spec.resize_to))
     ref = reference(backbone.name)
     report = build_report(signals, ref, backbone.name, features.runtime, features.shared, p.on_mismatch)

@@ -13,6 +13,13 @@ from headstart.preprocess import preprocess
 
 
 @pytest.fixture(scope="module")
+def tiny(tiny_weights):
+    from tests.conftest import tiny_backbone
+
+    return tiny_backbone(tiny_weights)
+
+
+@pytest.fixture(scope="module")
 def lite0():
     from headstart.backbones import load_backbone
 
@@ -117,7 +124,7 @@ def test_the_probe_shares_its_pass_with_feature_extraction(tiny_weights, tmp_pat
     size = backbone.spec.size
     x = np.random.default_rng(1).normal(size=(5, 3, size, size)).astype(np.float32)
     features = TorchEngine(backbone.feature_extractor())(x)
-    out = TorchEngine(probe)(x)
+    out = TorchEngine(probe.module)(x)
     assert np.array_equal(out[0], features) and len(out) == 2 + 2 * len(probe.layers)
 
     torch_signals = analyse(run_probe(probe, [x]), probe.layers)
@@ -155,3 +162,77 @@ def test_onnxruntime_probe_scores_like_torch_on_real_images(lite0, tmp_path):
     ort_signals = analyse([(x, engine(x))], probe.layers)
     assert abs(ort_signals["bn_divergence"] - torch_signals["bn_divergence"]) < 3e-4
     assert ort_signals["max_softmax"] == pytest.approx(torch_signals["max_softmax"], abs=1e-4)
+
+
+def _recording(backbone, builds: list):
+    """The backbone, to be built on first use by a builder that records each call."""
+    import dataclasses
+
+    def build():
+        builds.append(backbone.name)
+        return backbone.model
+
+    return dataclasses.replace(backbone, _model=build)
+
+
+def _assert_same_layers(got: list[dict], expected: list[dict]) -> None:
+    assert [r["layer"] for r in got] == [r["layer"] for r in expected] and expected
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys() and a["eps"] == b["eps"]
+        for k in ("running_mean", "running_var", "weight"):
+            assert a[k].dtype == b[k].dtype == np.float64 and np.array_equal(a[k], b[k])  # bit for bit
+
+
+def test_a_warm_onnxruntime_probe_reads_its_layers_from_the_cached_graph(tiny, tmp_path):
+    """The probe graph carries its BN layers: a second make_engine builds neither the backbone nor the
+    instrumented module, and the layers it reads are exactly the module's."""
+    from headstart.features import make_engine
+
+    cold = Probe(tiny)
+    make_engine(tiny, "onnxruntime", tmp_path, probe=cold)
+    builds: list[str] = []
+    lazy = _recording(tiny, builds)
+    warm = Probe(lazy)
+    engine = make_engine(lazy, "onnxruntime", tmp_path, probe=warm)
+    assert builds == [] and not warm.built and not lazy.built
+    _assert_same_layers(warm.layers, cold.module.layers)
+    x = np.random.default_rng(0).normal(size=(2, 3, 160, 160)).astype(np.float32)
+    assert len(engine(x)) == 2 + 2 * len(warm.layers)
+    assert not warm.built  # running it needs no module either
+
+
+@pytest.mark.parametrize("damage", ["truncated", "without_layers", "digest_gone"])
+def test_a_damaged_or_layerless_probe_graph_is_exported_again(tiny, tmp_path, damage, caplog):
+    """The layers are covered by the graph's sha256; a graph that lacks them (an older export under the
+    same key) or fails its digest is exported again with them, never a crash."""
+    import hashlib
+    import logging
+
+    import onnx
+
+    from headstart.features import LAYERS_KEY, backbone_onnx, digest_path, make_engine
+
+    path = backbone_onnx(tiny, tmp_path, probe=Probe(tiny))
+    good = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "digest_gone":
+        digest_path(path).unlink()
+    else:
+        proto = onnx.load_from_string(good)
+        kept = [p for p in proto.metadata_props if p.key != LAYERS_KEY]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        data = proto.SerializeToString()
+        path.write_bytes(data)
+        digest_path(path).write_text(hashlib.sha256(data).hexdigest())
+    probe = Probe(tiny)
+    with caplog.at_level(logging.WARNING, "headstart.features"):
+        make_engine(tiny, "onnxruntime", tmp_path, probe=probe)
+    assert path.name in caplog.text or damage == "digest_gone"
+    _assert_same_layers(probe.layers, Probe(tiny).module.layers)
+    builds: list[str] = []
+    again = Probe(_recording(tiny, builds))
+    make_engine(again.backbone, "onnxruntime", tmp_path, probe=again)  # repaired: warm again
+    assert builds == [] and not again.built
+    _assert_same_layers(again.layers, probe.layers)
