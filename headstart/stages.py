@@ -38,7 +38,8 @@ class Stage:
 
     @property
     def function(self) -> Callable:
-        return getattr(importlib.import_module(f"tasks.{self.name}"), self.name)
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 MANIFEST = "validate/manifest.parquet"  # the usable images with their splits: every later stage's input

@@ -5,6 +5,7 @@ child killed mid-stage fails the flow with one line."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
@@ -18,6 +19,15 @@ pytestmark = pytest.mark.slow
 def _params(root, tiny_weights, *extra):
     data = make_folder(root / "data", per_class=12)
     return write_params(root / "params.yaml", [*tiny_overrides(root, data, tiny_weights), *extra])
+
+
+class _TaskLog(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def _without_gx(monkeypatch) -> None:
@@ -47,7 +57,13 @@ def test_a_failed_gate_in_the_child_fails_the_flow_as_a_gate_failure(
 
     _without_gx(monkeypatch)
     params = _params(tmp_path, tiny_weights, "validate.min_classes=3")
-    state = training(params_file=str(params), return_state=True)
+    (tmp_path / "data" / "cat" / "broken.png").write_bytes(b"")
+    logged = _TaskLog()
+    logging.getLogger("prefect.task_runs").addHandler(logged)
+    try:
+        state = training(params_file=str(params), return_state=True)
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(logged)
     exc = state.result(raise_on_failure=False)
     assert state.is_failed() and isinstance(exc, ValidationFailed), exc
     assert "enough_classes" in str(exc)
@@ -55,6 +71,7 @@ def test_a_failed_gate_in_the_child_fails_the_flow_as_a_gate_failure(
     assert not json.loads((failed / "report.json").read_text())["success"]  # the gate's report
     assert "validate" in (tmp_path / "artifacts" / "report" / "index.html").read_text()  # failure report
     assert "great_expectations" not in sys.modules
+    assert any(m.endswith("broken.png: empty file") for m in logged.lines)  # the child's print, logged
 
 
 def test_a_child_killed_mid_stage_fails_the_flow_with_one_line(
