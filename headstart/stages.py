@@ -59,7 +59,7 @@ STAGES: tuple[Stage, ...] = (
         params=("validate",),  # the splits are prepare's, read from its manifest
         files=("headstart/static/datadocs",),  # the Data Docs' vendored CSS/JS/font (offline pages)
         artifact="data-validation",
-        isolated=True,  # Great Expectations: 140-250 MB that no later stage needs
+        isolated=True,  # Great Expectations: ~120 MB (demo) that no later stage needs
     ),
     Stage(
         "backbone",
