@@ -15,6 +15,7 @@ import flows.shards  # noqa: F401  (engine.runner process|dask: the shard map on
 from headstart import GateFailed, HeadstartError, TransientError, reuse
 from headstart.atomic import FAILED, sweep, write_json
 from headstart.config import load_params
+from headstart.ops.isolate import isolated
 from headstart.ops.lock import exclusive
 from headstart.ops.memory import release_memory
 from headstart.provenance import fingerprint_changes, run_fingerprint
@@ -148,17 +149,23 @@ def _run_or_reuse(cfg, stage, results: dict, tags: dict[str, str], force: bool):
     log = get_run_logger()
     if stage.name in reuse.ALWAYS_RUN:
         kwargs = {"tags": tags, "force": force} if stage.name == "register" else {}
-        return _stage(stage.function, cfg)(cfg, **kwargs), None
+        return _stage(_function(stage), cfg)(cfg, **kwargs), None
     parts = reuse.inputs(cfg, stage, results["prepare"].data_hash)
     record, why = (None, ["--force"]) if force else reuse.previous(cfg, stage, parts)
     if record is not None:
         log.info("%s: skipped: %s", stage.name, reuse.since(record))
         return reuse.result(record), record["flow_run_id"]
     log.info("%s runs: %s", stage.name, "; ".join(why))
-    result = _stage(stage.function, cfg)(cfg)
+    result = _stage(_function(stage), cfg)(cfg)
     if not reuse.remember(cfg, stage, parts, result, str(flow_run.id)):
         log.warning("%s: its result is not plain data, so a later run cannot reuse it", stage.name)
     return result, None
+
+
+def _function(stage):
+    """What the stage's Prefect task calls: its function, or for an isolated stage the same function in
+    a fresh process (the same task name, timeout and retries; its exceptions keep their class)."""
+    return isolated(stage.target, f"stage {stage.name}") if stage.isolated else stage.function
 
 
 def _tags(tags: dict[str, str], reused: dict[str, str]) -> dict[str, str]:

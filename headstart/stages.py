@@ -26,10 +26,20 @@ class Stage:
     # runner gives the same features): read, but no output depends on them, so DVC does not rerun the
     # stage when they change
     reports_to: tuple[str, ...] = ()
+    # the flow runs it in a fresh process (headstart.ops.isolate): a heavy library only this stage
+    # imports leaves with that process instead of staying in the flow's for the rest of the run. The
+    # child gets cfg and nothing else of the flow's memory (no injected shard map, no patches)
+    isolated: bool = False
+
+    @property
+    def target(self) -> str:
+        """Its function as "module:function", importable by name in another process."""
+        return f"tasks.{self.name}:{self.name}"
 
     @property
     def function(self) -> Callable:
-        return getattr(importlib.import_module(f"tasks.{self.name}"), self.name)
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 MANIFEST = "validate/manifest.parquet"  # the usable images with their splits: every later stage's input
@@ -49,6 +59,7 @@ STAGES: tuple[Stage, ...] = (
         params=("validate",),  # the splits are prepare's, read from its manifest
         files=("headstart/static/datadocs",),  # the Data Docs' vendored CSS/JS/font (offline pages)
         artifact="data-validation",
+        isolated=True,  # Great Expectations: ~120 MB (demo) that no later stage needs
     ),
     Stage(
         "backbone",

@@ -132,7 +132,8 @@ def test_failed_validation_marks_an_mlflow_run_failed_with_the_report(flow_run):
         artifacts = prefect.read_artifacts()
     assert any(a.key == "data-validation" and "FAILED" in (a.data or "") for a in artifacts)
     failure = [a for a in artifacts if a.key == "failure" and "`validate`" in (a.data or "")]
-    assert failure and runs[0].info.run_id in failure[0].data  # the Prefect artifact names the MLflow run
+    # the Prefect artifact names the MLflow run (other tests in the session fail at validate too)
+    assert any(runs[0].info.run_id in a.data for a in failure)
     page = (art / "report" / "index.html").read_text(encoding="utf-8")  # the run report, headed by why
     assert '<section id="failure"><h2>Failed at stage validate' in page and "min_per_class_per_split" in page
     assert "report/index.html" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")}
