@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -65,9 +65,13 @@ class Backbone:
     num_features: int
     weights_sha256: str  # of the pretrained weights, or of them plus any fine-tuned tensors
     base_sha256: str = ""  # of the pretrained weights file: what load_backbone checks
+    # kept after building: fresh() builds again from the same checked weights (a frozen-proof's reference)
+    _builder: Callable[[], nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.base_sha256 = self.base_sha256 or self.weights_sha256
+        if not isinstance(self._model, nn.Module):
+            self._builder = self._model
 
     @property
     def model(self) -> nn.Module:
@@ -79,6 +83,13 @@ class Backbone:
     def built(self) -> bool:
         """Whether the network exists yet (a built-in one is built on first use of .model)."""
         return isinstance(self._model, nn.Module)
+
+    def fresh(self) -> nn.Module | None:
+        """A new network from the checked pretrained weights, or None where there is no builder (a
+        backbone built eagerly) or tensors were applied since loading (fine-tuned: another sha256)."""
+        if self._builder is None or self.weights_sha256 != self.base_sha256:
+            return None
+        return self._builder()
 
     @property
     def cache_key(self) -> str:

@@ -56,12 +56,44 @@ def proven_frozen(model: nn.Module, trainable: list[str], what: str) -> Iterator
     proof: dict = {}
     yield proof
     after = tensor_hashes(frozen_tensors(model, trainable))
-    if moved := changed(before, after):
+    _refuse_moved(changed(before, after), what)
+    proof.update(tensors=len(after), sha256=digest(after), unchanged=True)
+
+
+@contextmanager
+def proven_frozen_backbone(backbone: Backbone, what: str) -> Iterator[dict]:
+    """proven_frozen over a whole backbone that may not be built yet (a built-in one is built on first
+    use), without building it only to hash it. Built before the block: hashed before and after. Built
+    during it: its tensors after must equal a fresh build's from the same checked weights. Never
+    built: no tensor existed that could change, and the proof says so."""
+    common = {"loaded": True, "weights_sha256": backbone.base_sha256}
+    if backbone.built:
+        with proven_frozen(backbone.model, [], what) as proof:
+            yield proof
+        proof.update(common, compared_with="its own tensors hashed before the block")
+        return
+    proof = {}
+    yield proof
+    if not backbone.built:
+        never = "nothing: never built, so no tensor existed to change (its weights' sha256 checked at load)"
+        proof.update(common, loaded=False, tensors=0, sha256=None, unchanged=True, compared_with=never)
+        return
+    if (reference := backbone.fresh()) is None:
+        raise HeadstartError(
+            f"{what}: backbone {backbone.name} was built here but cannot be rebuilt to compare"
+        )
+    after = tensor_hashes(frozen_tensors(backbone.model, []))
+    _refuse_moved(changed(tensor_hashes(frozen_tensors(reference, [])), after), what)
+    fresh = "a fresh build from the same checked weights (built during the block)"
+    proof.update(common, tensors=len(after), sha256=digest(after), unchanged=True, compared_with=fresh)
+
+
+def _refuse_moved(moved: list[str], what: str) -> None:
+    if moved:
         raise HeadstartError(
             f"{what}: {len(moved)} tensors that must stay frozen changed (e.g. {moved[:3]}); "
             "the model is not saved"
         )
-    proof.update(tensors=len(after), sha256=digest(after), unchanged=True)
 
 
 def make_head(num_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Sequential:

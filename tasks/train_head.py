@@ -15,7 +15,7 @@ from headstart.config import Params
 from headstart.features import Extracted, Features
 from headstart.search import train_best_head
 from headstart.tracking import curve_logger
-from headstart.training import proven_frozen, save_model
+from headstart.training import proven_frozen_backbone, save_model
 from tasks import _backbone, _inputs
 
 
@@ -37,7 +37,8 @@ def train_head(cfg: Params) -> TrainHeadResult:
     train, val = (_inputs.split_paths(cfg, frame, s) for s in ("train", "val"))
     if train[0].empty:
         raise HeadstartError("the training split is empty; add images or lower the fractions")
-    with proven_frozen(backbone.model, [], "train_head") as frozen:  # the whole backbone is frozen here
+    # the whole backbone is frozen here; a warm run (features, ONNX graph cached) never builds it
+    with proven_frozen_backbone(backbone, "train_head") as frozen:
         (xt, views, xv), extracted = features.for_training(train, val, p.augment_views, seed)
         yt, yv = (rows["label"].map(classes.index).to_numpy(np.int64) for rows, _ in (train, val))
         computed = []

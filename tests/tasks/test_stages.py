@@ -187,6 +187,36 @@ def test_train_head_again_uses_the_feature_cache(own_copy):
     assert train_head(own_copy).features_computed == 0
 
 
+def test_train_head_proves_a_lazy_backbone_frozen_warm_and_cold(pipeline, own_copy, monkeypatch, tmp_path):
+    """A backbone built on first use (as a built-in one is): a warm train_head (every feature cached)
+    builds none and its proof says so; a cold one builds it for the features, then compares it with a
+    fresh build, whose digest is the eager proof's."""
+    import dataclasses
+
+    from tasks import _backbone
+
+    load, builds = _backbone.load, []
+
+    def build(cfg):
+        builds.append(1)
+        return load(cfg).model
+
+    monkeypatch.setattr(
+        _backbone, "load", lambda cfg: dataclasses.replace(load(cfg), _model=lambda: build(cfg))
+    )
+    train_head(own_copy)
+    warm = json.loads((own_copy.stage_dir("train_head") / "metrics.json").read_text())["frozen_check"]
+    assert builds == [] and warm["loaded"] is False and warm["tensors"] == 0 and warm["unchanged"]
+    cold = own_copy.model_copy(
+        update={"project": own_copy.project.model_copy(update={"cache_dir": tmp_path / "cold_cache"})}
+    )
+    assert train_head(cold).features_computed > 0
+    proof = json.loads((cold.stage_dir("train_head") / "metrics.json").read_text())["frozen_check"]
+    eager = json.loads((pipeline[0].stage_dir("train_head") / "metrics.json").read_text())["frozen_check"]
+    assert len(builds) == 2 and proof["loaded"] and proof["compared_with"].startswith("a fresh build")
+    assert (proof["tensors"], proof["sha256"]) == (eager["tensors"], eager["sha256"]) and proof["unchanged"]
+
+
 def test_evaluate_metrics_and_confusion(pipeline):
     cfg, r = pipeline
     out = cfg.stage_dir("evaluate")

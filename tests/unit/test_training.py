@@ -183,3 +183,78 @@ def test_load_model_on_a_garbage_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"\x80\x04garbage")
     with pytest.raises(HeadstartError, match="not a headstart model file"):
         load_model(path)
+
+
+def _lazy_backbone(builds: list):
+    """A backbone built on first use, like a built-in one; each build is seeded alike and recorded."""
+    from headstart.backbones import Backbone, freeze
+    from headstart.preprocess import InputSpec
+
+    def build() -> torch.nn.Module:
+        builds.append(1)
+        torch.manual_seed(0)
+        return freeze(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
+
+    return Backbone("lazy", build, InputSpec(8, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0), 4, "ab" * 32)
+
+
+def test_a_backbone_never_built_is_proven_frozen_without_building_it():
+    """A warm train_head reads cached features only: the proof says nothing was loaded, builds nothing."""
+    from headstart.training import proven_frozen_backbone
+
+    builds = []
+    backbone = _lazy_backbone(builds)
+    with proven_frozen_backbone(backbone, "train_head") as proof:
+        pass
+    assert builds == [] and not backbone.built
+    assert proof["loaded"] is False and proof["tensors"] == 0 and proof["unchanged"] is True
+    assert proof["weights_sha256"] == "ab" * 32 and proof["compared_with"].startswith("nothing: never built")
+
+
+def test_a_backbone_built_in_the_block_is_compared_with_a_fresh_build():
+    from headstart.training import digest, frozen_tensors, proven_frozen_backbone, tensor_hashes
+
+    builds = []
+    backbone = _lazy_backbone(builds)
+    with proven_frozen_backbone(backbone, "train_head") as proof:
+        backbone.model(torch.zeros(1, 3, 2, 2))  # cold: features computed with the torch network
+    assert len(builds) == 2 and proof["loaded"] is True and proof["unchanged"] is True
+    assert proof["tensors"] == 7 and proof["compared_with"].startswith("a fresh build")
+    assert proof["sha256"] == digest(tensor_hashes(frozen_tensors(backbone.model, [])))
+
+
+def test_a_tensor_changed_in_a_backbone_built_in_the_block_refuses_the_result():
+    from headstart.training import proven_frozen_backbone
+
+    backbone = _lazy_backbone([])
+    with pytest.raises(HeadstartError, match=r"train_head: 1 tensors .* changed .*1\.running_mean"):
+        with proven_frozen_backbone(backbone, "train_head"):
+            with torch.no_grad():
+                backbone.model[1].running_mean[0] += 1e-7
+
+
+def test_a_fine_tuned_backbone_built_in_the_block_cannot_be_proven_by_a_fresh_build():
+    """fresh() builds the pretrained weights: a backbone with other tensors applied has no reference."""
+    from headstart.training import proven_frozen_backbone
+
+    backbone = _lazy_backbone([])
+    with pytest.raises(HeadstartError, match="built here but cannot be rebuilt"):
+        with proven_frozen_backbone(backbone, "train_head"):
+            backbone.model.eval()  # built here, then fine-tuned tensors applied
+            backbone.weights_sha256 = "cd" * 32
+
+
+def test_a_backbone_built_before_the_block_is_hashed_before_and_after():
+    from headstart.training import proven_frozen, proven_frozen_backbone
+
+    builds = []
+    backbone = _lazy_backbone(builds)
+    with proven_frozen(backbone.model, [], "train_head") as plain:
+        pass
+    with proven_frozen_backbone(backbone, "train_head") as proof:
+        pass
+    assert len(builds) == 1 and proof.items() >= plain.items() and proof["loaded"] is True
+    with pytest.raises(HeadstartError, match="1 tensors that must stay frozen changed"):
+        with proven_frozen_backbone(backbone, "train_head"):
+            with torch.no_grad():
+                backbone.model[0].weight[0, 0] += 1e-7
