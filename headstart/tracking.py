@@ -798,8 +798,10 @@ class Registry:
         from headstart.runtime import Predictor
 
         with downloaded_model(f"models:/{self.name}/{version}", self.params) as onnx_file:
-            predictor = Predictor(onnx_file, providers="cpu", warmup=False)
-            return predictor.classes, predictor.predict(paths).argmax(1)
+            # 8 at a time, no arena: the same outputs as 32 at a time (onnxruntime's CPU rows do not
+            # depend on the batch) at a quarter of the activations (demo flow: ~0.3 GB of its peak)
+            predictor = Predictor(onnx_file, providers="cpu", warmup=False, arena=False)
+            return predictor.classes, predictor.predict(paths, batch_size=8).argmax(1)
 
     def trained_on(self, version: str) -> frozenset[str]:
         """The sha256s `version` trained or validated on, from the validate/manifest.parquet its run
