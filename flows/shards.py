@@ -5,7 +5,7 @@ imported only when a run is sharded; `local` never touches it. The task runner i
 through a flow of its own: the same code runs inside `headstart run` (the shards are task runs of that
 flow run) and under `dvc repro` (`headstart stage`, no flow: against the configured Prefect API, else a
 temporary server for this process). Importing this module makes `run` every Features' shard map
-(headstart.features.use_shard_map): the library itself never imports Prefect.
+(headstart.shards.use_shard_map): the library itself never imports Prefect.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from contextlib import contextmanager
 
 from headstart import HeadstartError
 from headstart.config import EngineParams
-from headstart.features import use_shard_map
-from headstart.shards import Job, extract_shard
+from headstart.shards import Job, extract_shard, use_shard_map
 
 
 def run(job: Job, shards: list[list[tuple]], p: EngineParams) -> list[dict]:

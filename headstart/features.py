@@ -248,17 +248,6 @@ class FeatureCache:
         write_bytes(self._path(sha), buf.getvalue())
 
 
-# How sharded extraction maps its shards over workers: Prefect's task runners, which the library never
-# imports (DESIGN), so flows.shards sets it when imported (the flow and `headstart stage` import it).
-_SHARD_MAP: Callable | None = None
-
-
-def use_shard_map(run: Callable) -> None:
-    """Set the default `run_shards` of every Features: run(job, shards, engine_params) -> results."""
-    global _SHARD_MAP
-    _SHARD_MAP = run
-
-
 @dataclass
 class Extracted:
     computed: int  # features that went through the backbone (the rest came from the cache)
@@ -282,7 +271,10 @@ class Features:
         self.backbone, self.runtime, self.opset = backbone, resolve_runtime(runtime), opset
         self.cache_dir, self.batch_size, self._engine = Path(cache_dir), batch_size, None
         self.runner = runner or EngineParams()  # local: this process; else sharded (headstart.shards)
-        self.run_shards = run_shards  # maps the shards over workers; default: the one flows.shards set
+        # maps the shards over workers: Prefect's task runners, which the library never imports (DESIGN);
+        # default headstart.shards.SHARD_MAP, which flows.shards sets when the flow or `headstart stage`
+        # imports it
+        self.run_shards = run_shards
         self.shared = 0  # features the domain probe put in the cache
         # runtimes differ in the last bits: each keeps its own features, so re-runs are exact
         key = feature_key(backbone, self.runtime, opset)
@@ -375,7 +367,7 @@ class Features:
                 f"engine.runner {self.runner.runner} runs onnxruntime in its workers, but the features "
                 f"runtime is {self.runtime}: set train_head.runtime=onnxruntime or engine.runner=local"
             )
-        run = self.run_shards or _SHARD_MAP
+        run = self.run_shards or shards.SHARD_MAP
         if run is None:
             raise HeadstartError(
                 f"engine.runner {self.runner.runner}: no shard map (import flows.shards, as `headstart run` "

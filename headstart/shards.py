@@ -19,6 +19,18 @@ from headstart.preprocess import InputSpec
 _ENGINES: dict[tuple[str, int], object] = {}
 
 
+# the default shard map of every Features: run(job, shards, engine_params) -> results. flows.shards
+# sets it when imported (use_shard_map); it lives here, not in headstart.features, so that setting it
+# imports neither torch nor the feature code (a flow run whose stages are all reused imports no torch)
+SHARD_MAP: Callable | None = None
+
+
+def use_shard_map(run: Callable) -> None:
+    """Set the default `run_shards` of every Features."""
+    global SHARD_MAP
+    SHARD_MAP = run
+
+
 @dataclass(frozen=True)
 class Job:
     """What a worker needs for any shard of one extraction: file paths and numbers, all picklable."""

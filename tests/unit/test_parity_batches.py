@@ -88,9 +88,7 @@ def _mixing_rows(path, out):
     return out
 
 
-def test_a_graph_that_mixes_rows_runs_every_image_at_every_batch_size(
-    model, images, onnx_path, tmp_path
-):
+def test_a_graph_that_mixes_rows_runs_every_image_at_every_batch_size(model, images, onnx_path, tmp_path):
     broken = _mixing_rows(onnx_path, tmp_path / "mixing.onnx")
     reference = torch_reference(model.module, images, model.spec)
     figures = parity(model.module, broken, images, SIZES, [i % 3 for i in range(len(images))], reference)

@@ -85,9 +85,9 @@ def test_a_sharded_runner_needs_onnxruntime(tmp_path, tiny):
 def test_the_shard_map_is_flows_and_without_it_a_sharded_run_says_so(tmp_path, tiny, monkeypatch):
     """The library never imports Prefect: flows.shards sets the map (the flow and `headstart stage`
     import it); a sharded run without one is one line, before any work."""
-    from headstart import features
+    from headstart import shards
 
-    monkeypatch.setattr(features, "_SHARD_MAP", None)
+    monkeypatch.setattr(shards, "SHARD_MAP", None)
     paths, shas = _images(tmp_path)
     sharded = Features(tiny, "onnxruntime", tmp_path / "cache", runner=EngineParams(runner="dask"))
     with pytest.raises(HeadstartError, match=r"engine.runner dask: no shard map \(import flows.shards"):
@@ -98,7 +98,7 @@ def test_the_shard_map_is_flows_and_without_it_a_sharded_run_says_so(tmp_path, t
     import flows.shards
 
     importlib.reload(flows.shards)  # importing it (again) sets the map
-    assert features._SHARD_MAP is flows.shards.run
+    assert shards.SHARD_MAP is flows.shards.run
 
 
 def test_an_undecodable_image_is_one_line_naming_it(tmp_path, tiny):
