@@ -258,3 +258,38 @@ def test_a_backbone_built_before_the_block_is_hashed_before_and_after():
         with proven_frozen_backbone(backbone, "train_head"):
             with torch.no_grad():
                 backbone.model[0].weight[0, 0] += 1e-7
+
+
+def test_head_adamw_is_torch_adamw_bit_for_bit_without_importing_the_compiler():
+    """fit_head's optimizer makes torch.optim.AdamW(foreach=True)'s update exactly, over steps with
+    weight decay, and (in a fresh process) never imports torch._dynamo, which torch.optim's first
+    step does."""
+    import copy
+    import subprocess
+    import sys
+
+    from headstart.training import HeadAdamW
+
+    torch.manual_seed(0)
+    ours = make_head(16, 3, 8, 0.0)
+    theirs, start = copy.deepcopy(ours), copy.deepcopy(ours)
+    a = HeadAdamW(ours.parameters(), lr=3e-3, weight_decay=1e-2)
+    b = torch.optim.AdamW(theirs.parameters(), lr=3e-3, weight_decay=1e-2, foreach=True)
+    x, y = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    for _ in range(7):
+        for model, opt in ((ours, a), (theirs, b)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(ours[0].weight, start[0].weight)  # the steps moved the weights
+    code = (
+        "import sys, torch\n"
+        "from headstart.training import HeadAdamW, make_head\n"
+        "h = make_head(4, 2, 0, 0.0); o = HeadAdamW(h.parameters(), lr=0.1, weight_decay=0.0)\n"
+        "h(torch.ones(2, 4)).sum().backward(); o.step()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
