@@ -246,17 +246,6 @@ def torch_reference(
     return Reference(spec, pixels, logits, ood)
 
 
-class AfterFeatures(nn.Module):
-    """What follows a classifier's pooled features: its head, and the feature gate's score."""
-
-    def __init__(self, head: nn.Module, gate: FeatureGate | None = None):
-        super().__init__()
-        self.head, self.gate = head, None if gate is None else OodScore(gate)
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.head(f) if self.gate is None else (self.head(f), self.gate(f))
-
-
 def _after_features(model: nn.Module) -> nn.Module:
     """The model's output from its pooled features: the head's logits (and a Scored model's score)."""
     if isinstance(model, Scored):
@@ -512,7 +501,8 @@ def export_variants(
         # neither the file (backbone graph + head) nor the reference (cached features + head) needs
         # the torch backbone: it is never built (a warm export is ~2.5 s and ~0.25 GB less)
         module, source = None, None
-        reference = torch_reference(None, paths, spec, features, AfterFeatures(model.head, gate).eval())
+        after = model.head if gate is None else Scored(nn.Identity(), model.head, gate).eval()
+        reference = torch_reference(None, paths, spec, features, after)
     else:
         module, source = scored(model.module, gate), model.module
         reference = torch_reference(module, paths, spec, features)
