@@ -17,7 +17,7 @@ from headstart.atomic import FAILED, sweep, write_json
 from headstart.config import load_params
 from headstart.ops.isolate import isolated
 from headstart.ops.lock import exclusive
-from headstart.ops.memory import release_memory
+from headstart.ops.memory import release_memory, return_freed_buffers
 from headstart.provenance import fingerprint_changes, run_fingerprint
 from headstart.stages import STAGES
 from tasks.register import open_run, record_failure
@@ -77,6 +77,7 @@ def training(
     is not run again (headstart.reuse; "reused" names them), and a model equal to the latest
     registered version is neither registered nor promoted again; `force` runs and registers all."""
     log = get_run_logger()
+    return_freed_buffers()  # headstart.ops.memory: a buffer freed inside a stage goes back at once
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
     state_file = cfg.project.cache_dir / "last_success.json"

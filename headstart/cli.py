@@ -441,8 +441,10 @@ def _stage(args) -> int:
     """One stage, as dvc repro runs it: under the project lock the flow takes, so a stage never
     overwrites artifacts a running flow (or another stage) is using."""
     from headstart.config import load_params
+    from headstart.ops.memory import return_freed_buffers
     from headstart.stages import get, require
 
+    return_freed_buffers()  # as the flow does
     cfg = load_params(args.params, _overrides(args))
     stage = get(args.name)
     if cfg.engine.runner != "local":

@@ -20,6 +20,7 @@ from torch import nn
 from headstart import HeadstartError, __version__
 from headstart.atomic import write_bytes
 from headstart.calibration import OOD_OUTPUT, FeatureGate
+from headstart.ops.memory import reused_buffers
 from headstart.preprocess import InputSpec, decode, normalise, to_uint8
 from headstart.quantize import quantize_int8
 from headstart.runtime import EXPORT_FILES, Predictor
@@ -328,7 +329,8 @@ def batch_outputs(predictor: Predictor, feed: np.ndarray, batch_sizes) -> dict[i
     Any difference, and that size runs on every image too (a graph that mixes rows, or a kernel that
     changes with the batch)."""
     n, base = len(feed), min(batch_sizes)
-    full = _run(predictor, feed, base, range(0, n, base))
+    with reused_buffers():  # one run per image at batch 1: the same buffers every time
+        full = _run(predictor, feed, base, range(0, n, base))
     out = {base: (full, "every image")}
     for bs in sorted(set(batch_sizes) - {base}):
         tail = [n - n % bs] if n % bs else []
@@ -514,7 +516,8 @@ def export_variants(
         else:
             fp16 = name == "fp16"
             head = model.head if graft is not None else None  # a graft is only ever of a TrainedModel
-            export_onnx(source, file, spec, meta, p.opset, p.input, fp16, gate, graft, head)
+            with reused_buffers():  # an onnx graph's initializers: copied, converted, serialised
+                export_onnx(source, file, spec, meta, p.opset, p.input, fp16, gate, graft, head)
         f = parity(module, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff)
         f |= made
         failures = judge(f, tol)
