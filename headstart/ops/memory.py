@@ -38,7 +38,9 @@ def _threshold(size: int) -> bool:
     that (what glibc's own raised threshold does: a loop's buffers are not given back and faulted in
     again on every pass)."""
     libc = _libc()
-    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, size) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 * size) == 1
+    if libc is None:
+        return False
+    return libc.mallopt(M_MMAP_THRESHOLD, size) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 * size) == 1
 
 
 def return_freed_buffers() -> bool:
