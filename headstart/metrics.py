@@ -4,6 +4,7 @@ the percentile bootstrap that puts a confidence interval on an accuracy (promoti
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -15,25 +16,53 @@ def percentile_bootstrap(
     samples: tuple[np.ndarray, ...], statistic: Callable, n: int, confidence: float, seed: int
 ) -> tuple[float, float]:
     """Percentile CI of `statistic(*samples, axis)` from resampling images (rows kept together across
-    `samples`), seeded and in batches of bounded memory. One image: no spread, the point itself."""
-    from scipy.stats import bootstrap
+    `samples`), seeded and in batches of bounded memory. One image: no spread, the point itself.
 
+    Follows scipy.stats.bootstrap's percentile method (BSD licence) step for step, for the call
+    `bootstrap(samples, statistic, paired=True, vectorized=True, n_resamples=n, batch=..., method=
+    "percentile", rng=default_rng(seed))`: the same draws, statistic calls and quantiles, so the same
+    numbers bit for bit, without loading scipy.stats (hundreds of modules, tens of MB) into the flow's
+    process, which keeps every module a stage imports until export, its memory peak."""
+    samples = tuple(np.asarray(s) for s in samples)
     size = len(samples[0])
     if size < 2:
         point = float(statistic(*samples, axis=-1)) if size else float("nan")
         return point, point
-    ci = bootstrap(
-        samples,
-        statistic,
-        paired=True,
-        vectorized=True,
-        n_resamples=n,
-        batch=max(1, _BOOTSTRAP_CELLS // size),
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    ).confidence_interval
-    return float(ci.low), float(ci.high)
+    if any(len(s) != size for s in samples):
+        raise ValueError("paired samples need the same number of rows")
+    if n < 1:
+        raise ValueError("the bootstrap needs at least one resample")
+    rng, batch = np.random.default_rng(seed), max(1, _BOOTSTRAP_CELLS // size)
+    theta = []
+    for k in range(0, n, batch):
+        # paired: scipy draws one (resamples, images) index matrix and indexes every sample with it
+        rows = rng.integers(0, size, (min(batch, n - k), size), dtype=np.int64)
+        theta.append(statistic(*(s[rows] for s in samples), axis=-1))
+    theta = np.concatenate(theta, axis=-1)
+    alpha = np.asarray((1 - confidence) / 2, dtype=theta.dtype)
+    low, high = _linear_quantiles(theta, np.stack((alpha, 1 - alpha)))
+    if np.isnan(low) or np.isnan(high):
+        warnings.warn(
+            "the bootstrap interval is NaN: the statistic gave NaN on a resample", RuntimeWarning, 2
+        )
+    return float(low), float(high)
+
+
+def _linear_quantiles(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """scipy.stats.quantile(x, p) of a 1-d x, method 'linear' (Hyndman & Fan 7), in its arithmetic
+    (it differs from np.quantile's in the last bits): NaN in x, or p outside [0, 1], gives NaN."""
+    y, size = np.sort(x), np.asarray([len(x)], dtype=x.dtype)
+    bad = (p > 1) | (p < 0) | np.isnan(p)
+    p = np.where(bad, 0.5, p)
+    jg = p * size + (1 - p)
+    jp1 = jg // 1
+    j = jp1 - 1
+    g = jg % 1
+    g[j < 0] = 0
+    j, jp1 = np.clip(j, 0.0, size - 1), np.clip(jp1, 0.0, size - 1)
+    out = (1 - g) * y[j.astype(np.int64)] + g * y[jp1.astype(np.int64)]
+    out[bad | np.isnan(y.max())] = np.nan
+    return out
 
 
 def accuracy_interval(
