@@ -8,7 +8,7 @@ ood_alpha of in-distribution images rejected). The gate's score is FeatureGate's
 penultimate features, computed inside the exported graph (output `ood_score`): the energy of the logits
 ranked other data sets as more familiar than the model's own images (docs/ood_scores.md). The energy
 E = -T logsumexp(z / T) remains the fallback when the feature gate cannot be fitted.
-numpy only at import: headstart.runtime applies the rule without torch, scipy or sklearn.
+numpy only: headstart.runtime applies the rule, and calibrate fits it, without torch, scipy or sklearn.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -211,13 +212,70 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """T minimising the held-out NLL, searched over log T within T_BOUNDS (1 with no images)."""
-    from scipy.optimize import minimize_scalar
-
     if not len(labels):
         return 1.0
     lo, hi = np.log(T_BOUNDS)
-    res = minimize_scalar(lambda t: nll(logits, labels, math.exp(t)), bounds=(lo, hi), method="bounded")
-    return float(math.exp(res.x))
+    return float(math.exp(minimize_bounded(lambda t: nll(logits, labels, math.exp(t)), lo, hi)))
+
+
+def minimize_bounded(
+    f: Callable[[float], float], lo: float, hi: float, xatol: float = 1e-5, maxiter: int = 500
+) -> float:
+    """x in [lo, hi] minimising f: Brent's bounded method, a line-for-line port of scipy's BSD-licensed
+    `_minimize_scalar_bounded` (scipy/optimize/_optimize.py, what minimize_scalar(method="bounded")
+    runs), so the same x comes out; scipy.optimize itself costs the flow's process ~26 MB it keeps to
+    the end. Stops after `maxiter` evaluations of f."""
+    sqrt_eps, golden_mean = math.sqrt(2.2e-16), 0.5 * (3.0 - math.sqrt(5.0))
+    a, b = lo, hi
+    fulc = a + golden_mean * (b - a)
+    nfc, xf = fulc, fulc
+    rat = e = 0.0
+    fx = f(xf)
+    num = 1
+    ffulc = fnfc = fx
+    xm = 0.5 * (a + b)
+    tol1 = sqrt_eps * np.abs(xf) + xatol / 3.0
+    tol2 = 2.0 * tol1
+    while np.abs(xf - xm) > (tol2 - 0.5 * (b - a)):
+        golden = True
+        if np.abs(e) > tol1:  # try a parabola through the three best points
+            golden = False
+            r = (xf - nfc) * (fx - ffulc)
+            q = (xf - fulc) * (fx - fnfc)
+            p = (xf - fulc) * q - (xf - nfc) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = np.abs(q)
+            r, e = e, rat
+            if np.abs(p) < np.abs(0.5 * q * r) and q * (a - xf) < p < q * (b - xf):
+                rat = (p + 0.0) / q
+                x = xf + rat
+                if (x - a) < tol2 or (b - x) < tol2:
+                    rat = tol1 * (np.sign(xm - xf) + ((xm - xf) == 0))
+            else:
+                golden = True
+        if golden:
+            e = a - xf if xf >= xm else b - xf
+            rat = golden_mean * e
+        x = xf + (np.sign(rat) + (rat == 0)) * np.maximum(np.abs(rat), tol1)
+        fu = f(x)
+        num += 1
+        if fu <= fx:
+            a, b = (xf, b) if x >= xf else (a, xf)
+            fulc, ffulc, nfc, fnfc, xf, fx = nfc, fnfc, xf, fx, x, fu
+        else:
+            a, b = (x, b) if x < xf else (a, x)
+            if fu <= fnfc or nfc == xf:
+                fulc, ffulc, nfc, fnfc = nfc, fnfc, x, fu
+            elif fu <= ffulc or fulc == xf or fulc == nfc:
+                fulc, ffulc = x, fu
+        xm = 0.5 * (a + b)
+        tol1 = sqrt_eps * np.abs(xf) + xatol / 3.0
+        tol2 = 2.0 * tol1
+        if num >= maxiter:
+            break
+    return xf
 
 
 def fit(
@@ -453,8 +511,6 @@ def fit_gate(x: np.ndarray, y: np.ndarray, n_classes: int, k: int = OOD_K) -> tu
     """The gate fitted on training features and labels (Ledoit-Wolf on the within-class residuals of
     the normalised features), or None and why it cannot be (tiny d, too few images, a class without
     images, degenerate features): the rule then falls back to the energy gate."""
-    from sklearn.covariance import LedoitWolf
-
     x, y = np.asarray(x, np.float64), np.asarray(y, np.int64)
     k = gate_dimension(len(x), x.shape[1] if x.ndim == 2 else 0, n_classes, k)
     counts = np.bincount(y, minlength=n_classes) if len(y) else np.zeros(n_classes, int)
@@ -466,12 +522,41 @@ def fit_gate(x: np.ndarray, y: np.ndarray, n_classes: int, k: int = OOD_K) -> tu
         )
     u = unit(x)
     means = np.stack([u[y == c].mean(0) for c in range(n_classes)])
-    values, vectors = np.linalg.eigh(LedoitWolf(assume_centered=True).fit(u - means[y]).covariance_)
+    values, vectors = np.linalg.eigh(ledoit_wolf(u - means[y])[0])
     top, basis = values[::-1][:k], vectors[:, ::-1][:, :k]
     sigma2 = float(values[: len(values) - k].mean())
     if not (sigma2 > 0 and (top > 0).all() and np.isfinite(top).all()):
         return None, "the training features' within-class covariance is degenerate (all features alike)"
     return FeatureGate(means, basis.copy(), top.copy(), sigma2), f"fitted on {len(x)} images, k = {k}"
+
+
+def ledoit_wolf(x: np.ndarray, block_size: int = 1000) -> tuple[np.ndarray, float]:
+    """The Ledoit-Wolf shrunk covariance of rows `x` taken as centred, and its shrinkage: scikit-learn's
+    estimator (LedoitWolf(assume_centered=True)), with its block-wise sums in its order, so the same
+    bits come out; sklearn.covariance costs the flow's process ~19 MB it keeps to the end."""
+    x = np.asarray(x, np.float64)
+    n, p = x.shape
+    if p == 1:  # one feature: the same whatever the shrinkage
+        return np.atleast_2d((x**2).mean()), 0.0
+    x2 = x**2
+    trace = np.sum(x2, axis=0) / n
+    mu = np.sum(trace) / p
+    full = p // block_size * block_size
+    blocks = [slice(i, i + block_size) for i in range(0, full, block_size)] + [slice(full, None)]
+    beta_ = delta_ = 0.0
+    for rows in blocks:
+        for cols in blocks:
+            beta_ += np.sum(np.dot(x2.T[rows], x2[:, cols]))
+            delta_ += np.sum(np.dot(x.T[rows], x[:, cols]) ** 2)
+    delta_ /= n**2
+    beta = 1.0 / (p * n) * (beta_ / n - delta_)
+    delta = (delta_ - 2.0 * mu * trace.sum() + p * mu**2) / p
+    beta = min(beta, delta)  # never shrink past the identity
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    cov = np.dot(x.T, x) / n
+    shrunk = (1.0 - shrinkage) * cov
+    shrunk.flat[:: p + 1] += shrinkage * (np.sum(np.trace(cov)) / p)
+    return shrunk, float(shrinkage)
 
 
 def gate_file_bytes(gate: FeatureGate | None, why: str) -> bytes:
