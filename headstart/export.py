@@ -146,6 +146,7 @@ def deployable(
     return model.eval(), torch.zeros(2, c, s, s)
 
 
+@reused_buffers()  # an onnx graph's initializers: copied, converted, serialised
 def export_onnx(
     model: nn.Module | None,
     path: str | Path,
@@ -516,8 +517,7 @@ def export_variants(
         else:
             fp16 = name == "fp16"
             head = model.head if graft is not None else None  # a graft is only ever of a TrainedModel
-            with reused_buffers():  # an onnx graph's initializers: copied, converted, serialised
-                export_onnx(source, file, spec, meta, p.opset, p.input, fp16, gate, graft, head)
+            export_onnx(source, file, spec, meta, p.opset, p.input, fp16, gate, graft, head)
         f = parity(module, file, paths, tuple(p.parity_batch_sizes), labels, reference, tol.max_abs_diff)
         f |= made
         failures = judge(f, tol)
