@@ -5,8 +5,8 @@
 Each stage runs as `headstart stage NAME` in its own process (what dvc repro does), so each figure
 includes that process's imports; then the whole Prefect flow (`headstart run`) cold and warm, and the
 fixed cost of the machinery: importing torch, Prefect, MLflow, GX, and `headstart --help`; and
-issue 18's table (`issue_18`): the warm export stage, the unchanged flow and the flow's peak RSS,
-each before, today and its goal.
+issue 18's table (`issue_18`): the warm export stage (the median of three runs), the unchanged
+flow and the flow's peak RSS, each before, today and its goal.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ def main() -> None:
         report["images"] = 2 * args.per_class
         report["stages_cold"] = {s: measured([headstart, "stage", s], cwd=tmp) for s in STAGES}
         report["stages_warm"] = {s: measured([headstart, "stage", s], cwd=tmp) for s in STAGES}
+        # issue 18's export figure is the median of three warm runs: one sample on 2 shared cores
+        # moved by a second from one benchmark to the next
+        report["export_warm_repeats"] = [measured([headstart, "stage", "export"], cwd=tmp) for _ in range(2)]
         # every stage runs (the stages above ran without the flow, so none has a reuse record yet)...
         report["flow_warm"] = measured([headstart, "run"], cwd=tmp)
         # ...then nothing changed: every stage but prepare, register and promote is reused
@@ -85,7 +88,9 @@ def goals(report: dict) -> dict:
     The flow's peak is the warm flow's (every stage runs), the larger of the two flows: the largest
     process's (GNU time, as before the issue) and the process tree's sum."""
     today = {
-        "export_stage_warm_s": report["stages_warm"]["export"]["s"],
+        "export_stage_warm_s": _median(
+            [report["stages_warm"]["export"]["s"]] + [r["s"] for r in report.get("export_warm_repeats", [])]
+        ),
         "flow_unchanged_s": report["flow_unchanged"]["s"],
         "flow_peak_rss_mb": max(report[k]["peak_rss_mb"] or 0 for k in ("flow_warm", "flow_unchanged")),
         "flow_peak_tree_rss_mb": max(
@@ -96,6 +101,12 @@ def goals(report: dict) -> dict:
         k: {"before": before, "today": today[k], "goal": goal, "met": today[k] <= goal}
         for k, (before, goal) in BEFORE_AND_GOAL.items()
     }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _flip(path: Path) -> bytes:

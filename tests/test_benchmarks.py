@@ -206,3 +206,27 @@ def test_scale_benchmark_compares_the_runners(tmp_path):
     assert set(result["runners"]) == {"local", "process", "dask"}
     assert all(row["images_per_s"] > 0 for row in result["runners"].values())
     assert result["runners"]["dask"]["fixed_s"] > 0 and "| process |" in table(result)
+
+
+def test_issue_18_table_reads_the_median_export_and_both_flows_peaks():
+    """benchmarks.pipeline.goals: the export figure is the median of the warm runs (one sample moved
+    by a second between benchmarks), the flow's peak the larger of the two flows', each against its
+    goal."""
+    from benchmarks.pipeline import goals
+
+    def run(s, rss=100, tree=120):
+        return {"s": s, "peak_rss_mb": rss, "peak_tree_rss_mb": tree}
+
+    report = {
+        "stages_warm": {"export": run(9.0)},
+        "export_warm_repeats": [run(7.5), run(7.9)],
+        "flow_warm": run(70.0, 1250, 1470),
+        "flow_unchanged": run(15.0, 340, 560),
+    }
+    table = goals(report)
+    assert table["export_stage_warm_s"]["today"] == 7.9 and table["export_stage_warm_s"]["met"]
+    assert table["flow_peak_rss_mb"]["today"] == 1250 and table["flow_peak_rss_mb"]["met"]
+    assert table["flow_peak_tree_rss_mb"]["today"] == 1470 and not table["flow_peak_tree_rss_mb"]["met"]
+    assert table["flow_unchanged_s"]["today"] == 15.0
+    del report["export_warm_repeats"]  # a report from before the repeats: its one warm run
+    assert goals(report)["export_stage_warm_s"]["today"] == 9.0
