@@ -346,37 +346,6 @@ def input_summary(manifest_rows, size: int, resize_to: int) -> dict:
     }
 
 
-def profile_png(profile: list[dict], thresholds: dict, title: str, mean=None, std=None) -> bytes:
-    """Left: per-layer BN divergence with the calibrated thresholds. Right: the input's per-channel
-    mean and std in the backbone's normalised units, where its pretraining data sits at 0 and 1."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ch) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [3, 1]})
-    ax.plot([p["divergence"] for p in profile], marker=".", label="these images")
-    for name, style in (("shifted_at", "--"), ("mismatch_at", ":")):
-        ax.axhline(thresholds[name], color="grey", linestyle=style, label=name)
-    ax.set(xlabel="BatchNorm layer (input side -> output side)", ylabel="log(1 + sym. KL)", title=title)
-    ax.legend(loc="upper left", fontsize=8)
-    if mean is not None and std is not None:
-        xs = np.arange(3)
-        ch.bar(xs - 0.2, mean, 0.4, label="mean")
-        ch.bar(xs + 0.2, std, 0.4, label="std")
-        ch.axhline(0, color="grey", linewidth=0.8)
-        ch.axhline(1, color="grey", linestyle="--", linewidth=0.8)
-        ch.set(xticks=xs, xticklabels=["R", "G", "B"], title="input vs pretraining (0, 1)")
-        ch.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def to_markdown(report: dict) -> str:
     """The domain check for a Prefect artifact and the MLflow run."""
     s, t = report["signals"], report["thresholds"]

@@ -3,7 +3,6 @@ the percentile bootstrap that puts a confidence interval on an accuracy (promoti
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Callable
 
@@ -144,34 +143,6 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
         },
         "confusion_matrix": cm.tolist(),
     }
-
-
-def confusion_png(cm: np.ndarray, classes: list[str], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = 2.5 + 0.5 * len(classes)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set(
-        xticks=range(len(classes)),
-        yticks=range(len(classes)),
-        xticklabels=classes,
-        yticklabels=classes,
-        xlabel="predicted",
-        ylabel="true",
-        title=title,
-    )
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 KIND_NAMES = {"head": "head-only", "finetuned": "fine-tuned", "scratch": "from-scratch"}

@@ -26,6 +26,7 @@ import pandas as pd
 
 from headstart.atomic import FAILED
 from headstart.config import ValidateParams
+from headstart.plots import drawn
 
 THUMB = 96  # px, the longer side of a thumbnail
 # how many images each section shows at most: 10,000 images make a page of the same bounded size
@@ -413,37 +414,9 @@ def _training(run: Run) -> str:
         except Missing:
             pass
     if any(curves.values()):
-        out.append(f'<img class="plot" src="{curves_png(curves)}" alt="training curves">')
+        png = base64.b64encode(drawn("training_curves", curves)).decode("ascii")
+        out.append(f'<img class="plot" src="data:image/png;base64,{png}" alt="training curves">')
     return "\n".join(out)
-
-
-def curves_png(curves: dict[str, list[dict]]) -> str:
-    """Loss and validation accuracy per epoch, as a data: URI; fine-tuning continues the head's epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss, acc) = plt.subplots(1, 2, figsize=(10, 3.2))
-    offset = 0
-    for name, rows in curves.items():
-        start = offset if name == "fine-tuned" else 0
-        xs = [start + i + 1 for i in range(len(rows))]
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
-            if rows and key in rows[0]:
-                loss.plot(xs, [r.get(key) for r in rows], style, label=f"{name} {key}")
-        if rows and "val_accuracy" in rows[0]:
-            acc.plot(xs, [r.get("val_accuracy") for r in rows], label=name)
-        offset = len(rows) if name == "head" else offset
-    loss.set(xlabel="epoch", title="loss")
-    acc.set(xlabel="epoch", title="validation accuracy")
-    for ax in (loss, acc):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _decision(stage: str, key: str) -> Callable[[Run], str]:

@@ -113,17 +113,14 @@ class Predictor:
         available = ort.get_available_providers()
         wanted = [p for p in provider_list(providers) if p in available and _loadable(p)]
         wanted = wanted or ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # a missing CUDA library on a CPU machine is not worth a warning
-        opts.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
-        opts.enable_cpu_mem_arena = arena  # off: memory goes back after each run (a one-off check)
+        self.threads, self._arena = threads, arena
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
+            self.session = self._open(wanted)
         except Exception as exc:
             if wanted == ["CPUExecutionProvider"]:
                 raise HeadstartError(f"{self.path}: onnxruntime cannot load it ({exc})") from None
             # a listed GPU provider that cannot start: fall back to the CPU; `providers` tells
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+            self.session = self._open(["CPUExecutionProvider"])
         self.contract = Contract.from_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
         self.contract.check_graph(self.session, self.path)
         self.classes, self.spec, self.input_kind = (
@@ -141,6 +138,26 @@ class Predictor:
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
         if warmup and self.on_gpu:
             self.logits(self._blank(1))
+
+    def _open(self, providers: list[str]):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # a missing CUDA library on a CPU machine is not worth a warning
+        opts.intra_op_num_threads = self.threads  # 0: onnxruntime's default (one per core)
+        opts.enable_cpu_mem_arena = self._arena  # off: memory goes back after each run (a one-off check)
+        return ort.InferenceSession(str(self.path), opts, providers=providers)
+
+    def use_threads(self, threads: int) -> None:
+        """Reopen the session with `threads` onnxruntime threads per run (same file, providers and
+        arena). The old session is let go first: never two copies of the weights at once."""
+        from headstart.ops.memory import trim_heap
+
+        if threads != self.threads:
+            providers, self.session = self.providers, None
+            trim_heap()  # what the old session freed goes back before the new one allocates
+            self.threads = threads
+            self.session = self._open(providers)
 
     @property
     def providers(self) -> list[str]:

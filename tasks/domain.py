@@ -13,11 +13,11 @@ from headstart.domain import (
     build_report,
     furthest,
     input_summary,
-    profile_png,
     reference,
     to_markdown,
 )
 from headstart.features import Features
+from headstart.plots import drawn
 from tasks import _backbone, _inputs
 
 
@@ -55,7 +55,8 @@ def domain(cfg: Params) -> DomainResult:
         if signals["profile"]:
             write_bytes(
                 out / "profile.png",
-                profile_png(
+                drawn(
+                    "domain_profile",
                     signals["profile"],
                     report["thresholds"],
                     f"{backbone.name}: {found}",

@@ -22,8 +22,9 @@ from headstart.calibration import (
     softmax,
 )
 from headstart.config import Params
-from headstart.metrics import classification_metrics, confusion_png, interval_fields, metrics_markdown
+from headstart.metrics import classification_metrics, interval_fields, metrics_markdown
 from headstart.models import far_out_abstention, load_model
+from headstart.plots import drawn
 from headstart.selection import gain_line, gain_on_test
 from tasks import _inputs
 
@@ -76,7 +77,9 @@ def evaluate(cfg: Params) -> EvaluateResult:
         write_json(out / "confusion.json", {"classes": model.classes, "matrix": m["confusion_matrix"]})
         write_bytes(
             out / "confusion.png",
-            confusion_png(np.array(m["confusion_matrix"]), model.classes, "test confusion matrix"),
+            drawn(
+                "confusion_matrix", np.array(m["confusion_matrix"]), model.classes, "test confusion matrix"
+            ),
         )
         predictions.to_csv(out / "predictions.csv", index=False)
     return EvaluateResult(

@@ -23,6 +23,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 SMALL = 128 * 1024  # glibc's initial threshold: a freed buffer of this size or more is unmapped
 LARGE = 32 * 1024 * 1024  # glibc's ceiling for the raised threshold (64-bit)
 _fixed = False  # return_freed_buffers has run in this process
+_depth = 0  # reused_buffers blocks open in this process (the outermost one lowers the threshold)
 
 
 def _libc():
@@ -55,14 +56,28 @@ def return_freed_buffers() -> bool:
 def reused_buffers() -> Iterator[None]:
     """Buffers of up to 32 MiB come from the heap inside the block, where a loop reuses them; on the
     way out the threshold is back at 128 KiB and what the block freed goes back (malloc_trim). Only
-    where return_freed_buffers fixed it: elsewhere glibc's own policy is left alone."""
-    lifted = _fixed and _threshold(LARGE)
+    where return_freed_buffers fixed it: elsewhere glibc's own policy is left alone. A block inside
+    another keeps the lift until the outermost one ends."""
+    global _depth
+    lifted = _fixed and (_depth > 0 or _threshold(LARGE))
+    _depth += lifted
     try:
         yield
     finally:
-        if lifted:
+        _depth -= lifted
+        if lifted and _depth == 0:
             _threshold(SMALL)
-            _libc().malloc_trim(0)
+            trim_heap()
+
+
+def trim_heap() -> bool:
+    """Give glibc's free pages back (malloc_trim), wherever they lie in its heaps. False where libc
+    has no malloc_trim (not glibc)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def release_memory() -> bool:
@@ -71,8 +86,4 @@ def release_memory() -> bool:
     stage would otherwise start that much higher (demo: up to 0.3 GB). False where libc has no
     malloc_trim (not glibc)."""
     gc.collect()
-    libc = _libc()
-    if libc is None:
-        return False
-    libc.malloc_trim(0)
-    return True
+    return trim_heap()

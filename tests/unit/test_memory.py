@@ -69,6 +69,16 @@ with memory.reused_buffers():
     del inside
 outside = np.ones(MB, np.uint8)
 print(int(lifted < MB), int(mapped() - m0 >= MB))
+del outside
+m0 = mapped()
+with memory.reused_buffers():
+    with memory.reused_buffers():
+        pass
+    inner = np.ones(MB, np.uint8)  # the outer block still runs: still from the heap
+    nested = mapped() - m0
+    del inner
+after = np.ones(MB, np.uint8)
+print(int(nested < MB), int(mapped() - m0 >= MB))
 """
 
 
@@ -97,9 +107,10 @@ def test_freed_buffers_go_back_at_once_with_the_fixed_threshold():
         import pytest
 
         pytest.skip("not glibc >= 2.33: the policy is a no-op there (return_freed_buffers is False)")
-    (own_mapped, own_kept), (own_lift, own_out) = _probe("glibc")
-    (fixed_mapped, fixed_kept), (lift, out) = _probe("fixed")
+    (own_mapped, own_kept), (own_lift, own_out), _ = _probe("glibc")
+    (fixed_mapped, fixed_kept), (lift, out), (nested, after) = _probe("fixed")
     assert own_mapped == 0 and own_kept >= 19  # glibc's raised threshold: heap, and it stays
     assert fixed_mapped == 1 and abs(fixed_kept) <= 2  # fixed: its own mapping, gone when freed
     assert lift == 1 and out == 1  # reused_buffers: 1 MB from the heap inside, mmapped after
     assert own_out == 0  # without the fixed threshold, reused_buffers left glibc's own policy alone
+    assert nested == 1 and after == 1  # an inner block's end keeps the outer block's lift

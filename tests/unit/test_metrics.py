@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from headstart.metrics import (
     accuracy_interval,
@@ -14,7 +11,6 @@ from headstart.metrics import (
     ci_text,
     classification_metrics,
     confusion,
-    confusion_png,
     counted,
     interval_fields,
     metrics_markdown,
@@ -69,16 +65,6 @@ def test_classification_metrics_perfect():
     y = np.array([0, 1, 1, 0])
     m = classification_metrics(y, y, ["x", "y"])
     assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0
-
-
-def test_confusion_png():
-    cm = np.array([[5, 1], [2, 7]])
-    data = confusion_png(cm, ["cat", "dog"], "test")
-    assert isinstance(data, bytes)
-    assert data.startswith(b"\x89PNG")
-    with Image.open(io.BytesIO(data)) as img:
-        assert img.format == "PNG"
-        assert img.width > 100 and img.height > 100
 
 
 def _shuffled(k: int, n: int, seed: int = 1) -> np.ndarray:

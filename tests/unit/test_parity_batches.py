@@ -146,3 +146,53 @@ def test_reference_from_features_keeps_the_gate_score(model, images):
     cached = torch_reference(module, images, model.spec, features)
     assert cached.ood is not None and np.ptp(cached.ood) > 0
     assert np.allclose(whole.ood, cached.ood, rtol=1e-5) and np.abs(whole.logits - cached.logits).max() < 1e-5
+
+
+def test_probe_plan_gives_a_lone_batch_the_idle_cores(monkeypatch):
+    """A probe of one batch runs on every worker's core; two batches or more, one thread each."""
+    from headstart import export
+
+    monkeypatch.setattr(export, "_workers", lambda: 2)
+    assert export.probe_plan(12, (1, 5, 8, 12, 16)) == {
+        5: ([0, 10], 1),
+        8: ([0, 8], 1),
+        12: ([0], 2),
+        16: ([0], 2),
+    }
+    monkeypatch.setattr(export, "_workers", lambda: 1)
+    assert export.probe_plan(12, (1, 12)) == {12: ([0], 1)}
+
+
+def test_a_lone_probe_on_two_threads_gives_the_figures_of_running_every_image(
+    model, images, onnx_path, tmp_path, monkeypatch
+):
+    """The batch-12 probe (one batch) runs on a 2-thread session, reopened from the 1-thread one; its
+    outputs equal batch 1's bit for bit, and a graph that mixes rows still runs every image, on one
+    thread per run again."""
+    from headstart import export
+
+    monkeypatch.setattr(export, "_workers", lambda: 2)
+    threads = []
+    outputs = Predictor.outputs
+
+    def counted(self, batch):
+        threads.append((len(batch), self.threads))
+        return outputs(self, batch)
+
+    monkeypatch.setattr(Predictor, "outputs", counted)
+    reference = torch_reference(model.module, images, model.spec)
+    labels = [i % 3 for i in range(len(images))]
+    sizes = (1, 12)
+    figures = parity(model.module, onnx_path, images, sizes, labels, reference)
+    checked = {bs: v.pop("checked") for bs, v in figures["batch_sizes"].items()}
+    assert checked == {"1": "every image", "12": "bitwise equal to batch 1 on 12 probe images"}
+    assert sorted(set(threads)) == [(1, 1), (12, 2)]
+    monkeypatch.setattr(Predictor, "outputs", outputs)
+    assert figures["batch_sizes"] == _every_image(onnx_path, reference, sizes)
+
+    broken = _mixing_rows(onnx_path, tmp_path / "mixing.onnx")
+    threads.clear()
+    monkeypatch.setattr(Predictor, "outputs", counted)
+    figures = parity(model.module, broken, images, sizes, labels, reference)
+    assert figures["batch_sizes"]["12"]["checked"] == "every image (batch 1 differs)"
+    assert threads[-1] == (12, 1)  # the full run at batch 12: one thread per run again
