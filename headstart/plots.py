@@ -26,6 +26,15 @@ def _pyplot():
     return plt
 
 
+def _png(plt, fig, dpi: int) -> bytes:
+    """The figure laid out, as PNG bytes; the figure is closed (pyplot keeps every open one)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def domain_profile(profile: list[dict], thresholds: dict, title: str, mean=None, std=None) -> bytes:
     """Left: per-layer BN divergence with the calibrated thresholds. Right: the input's per-channel
     mean and std in the backbone's normalised units, where its pretraining data sits at 0 and 1."""
@@ -44,11 +53,7 @@ def domain_profile(profile: list[dict], thresholds: dict, title: str, mean=None,
         ch.axhline(1, color="grey", linestyle="--", linewidth=0.8)
         ch.set(xticks=xs, xticklabels=["R", "G", "B"], title="input vs pretraining (0, 1)")
         ch.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig, 100)
 
 
 def confusion_matrix(cm: np.ndarray, classes: list[str], title: str) -> bytes:
@@ -69,15 +74,11 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], title: str) -> bytes:
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig, 100)
 
 
 def training_curves(curves: dict[str, list[dict]]) -> bytes:
-    """Loss and validation accuracy per epoch, (PNG); fine-tuning continues the head's epochs."""
+    """Loss and validation accuracy per epoch; fine-tuning continues the head's epochs."""
     plt = _pyplot()
     fig, (loss, acc) = plt.subplots(1, 2, figsize=(10, 3.2))
     offset = 0
@@ -94,8 +95,4 @@ def training_curves(curves: dict[str, list[dict]]) -> bytes:
     acc.set(xlabel="epoch", title="validation accuracy")
     for ax in (loss, acc):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig, 80)
