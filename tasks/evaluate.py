@@ -75,12 +75,8 @@ def evaluate(cfg: Params) -> EvaluateResult:
         write_json(out / "metrics.json", metrics)
         write_text(out / "summary.md", summary)
         write_json(out / "confusion.json", {"classes": model.classes, "matrix": m["confusion_matrix"]})
-        write_bytes(
-            out / "confusion.png",
-            drawn(
-                "confusion_matrix", np.array(m["confusion_matrix"]), model.classes, "test confusion matrix"
-            ),
-        )
+        cm, title = np.array(m["confusion_matrix"]), "test confusion matrix"
+        write_bytes(out / "confusion.png", drawn("confusion_matrix", cm, model.classes, title))
         predictions.to_csv(out / "predictions.csv", index=False)
     return EvaluateResult(
         m["accuracy"], m["macro_f1"], m["n"], model.kind, gain, kept, m["accuracy_ci"], m["ci_confidence"]
