@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -88,7 +89,7 @@ def goals(report: dict) -> dict:
     The flow's peak is the warm flow's (every stage runs), the larger of the two flows: the largest
     process's (GNU time, as before the issue) and the process tree's sum."""
     today = {
-        "export_stage_warm_s": _median(
+        "export_stage_warm_s": statistics.median(
             [report["stages_warm"]["export"]["s"]] + [r["s"] for r in report.get("export_warm_repeats", [])]
         ),
         "flow_unchanged_s": report["flow_unchanged"]["s"],
@@ -101,12 +102,6 @@ def goals(report: dict) -> dict:
         k: {"before": before, "today": today[k], "goal": goal, "met": today[k] <= goal}
         for k, (before, goal) in BEFORE_AND_GOAL.items()
     }
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _flip(path: Path) -> bytes:
