@@ -42,7 +42,7 @@ def run(case: str) -> dict:
         manifest["split"] = assign_splits(manifest, 0.15, 0.2, seed=0)
         start = time.perf_counter()
         # the rate is the point here: tiny random classes need not draw a val/test image by hash
-        lenient = ValidateParams(min_per_class=MinPerSplit(train=1, val=0, test=0))
+        lenient = ValidateParams(min_per_class=1, min_per_split=MinPerSplit(train=1, val=0, test=0))
         report = validate_manifest(manifest, lenient, docs_dir=Path(tmp) / "docs").report
         validate_s = time.perf_counter() - start
     return {

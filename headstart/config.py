@@ -105,8 +105,8 @@ class ValidateLevels(Section):
 
 
 class MinPerSplit(Section):
-    train: Int = Field(5, ge=0)
-    val: Int = Field(1, ge=0)
+    train: Int = Field(1, ge=0)
+    val: Int = Field(0, ge=0)  # the head is chosen by cross-validation over train+val on few images
     test: Int = Field(1, ge=0)
 
 
@@ -132,7 +132,18 @@ class ValidateParams(Section):
     max_size: Int = Field(8000, ge=1, le=65535)
     classes: list[str] | None = None
     min_classes: Int = Field(2, ge=2)
-    min_per_class: MinPerSplit = MinPerSplit()
+    min_per_class: Int = Field(5, ge=1, le=MAX_IMAGES)  # usable images per class, all splits together
+    min_per_split: MinPerSplit = MinPerSplit()
+
+    @field_validator("min_per_class", mode="before")
+    @classmethod
+    def _a_count(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # the per-split form this key once had
+            raise ValueError(
+                "a number of images per class (all splits together); per-split minimums are "
+                "validate.min_per_split, e.g. {train: 1, val: 0, test: 1}"
+            )
+        return v
     imbalance_warn_ratio: Float = Field(3.0, ge=1.0)
     imbalance_fail_ratio: Float = Field(20.0, ge=1.0)
     near_duplicate_distance: Int = Field(2, ge=0, le=64)

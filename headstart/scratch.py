@@ -451,14 +451,14 @@ def why_run(p: ScratchParams, n_train: int, verdict: str) -> str:
 
 def too_small(train_counts: Mapping[str, int], val_counts: Mapping[str, int], minimum) -> str | None:
     """Why the splits cannot train a model from the ground up (a class under the split minimums
-    `minimum`, validate.min_per_class, with at least 2 training and 1 validation image), or None."""
+    `minimum`, validate.min_per_split, with at least 2 training and 1 validation image), or None."""
     need_train, need_val = max(2, minimum.train), max(1, minimum.val)
     for c in sorted(train_counts.keys() | val_counts.keys()):
         t, v = train_counts.get(c, 0), val_counts.get(c, 0)
         if t < need_train or v < need_val:
             return (
                 f"too small for a from-scratch model: class {c!r} has {t} training and {v} validation "
-                f"images (it needs {need_train} and {need_val}: validate.min_per_class); transfer is kept"
+                f"images (it needs {need_train} and {need_val}: validate.min_per_split); transfer is kept"
             )
     return None
 

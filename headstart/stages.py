@@ -114,7 +114,7 @@ STAGES: tuple[Stage, ...] = (
         deps=(MANIFEST, "domain/report.json"),
         # model/ holds model.pt only when the gate opened: a folder out exists either way
         outs=("scratch/model", "scratch/decision.json", "scratch/history.json"),
-        params=("project.seed", "scratch", "domain.on_mismatch", "validate.min_per_class"),
+        params=("project.seed", "scratch", "domain.on_mismatch", "validate.min_per_split"),
         reads_data=True,
         reports_to=("mlflow", "register.model_name"),
         artifact="scratch-decision",

@@ -126,7 +126,8 @@ def quarantine_reasons(files: pd.DataFrame, p: ValidateParams) -> pd.DataFrame:
 def class_tables(
     clean: pd.DataFrame, p: ValidateParams, classes: list[str] | None = None
 ) -> dict[str, pd.DataFrame]:
-    """Images per (class, split) against the minimum, and each class's imbalance ratio. `classes`
+    """Images per class (split `all`: validate.min_per_class) and per (class, split) against
+    validate.min_per_split, and each class's imbalance ratio. `classes`
     (manifest.class_labels) adds the class folders left with no usable image, so they fail by name."""
     labels = sorted(set(clean["label"]) | set(classes or []))
     counts = (
@@ -136,9 +137,11 @@ def class_tables(
         .rename("n")
         .reset_index()
     )
-    counts["min_required"] = counts["split"].map(p.min_per_class.model_dump())
+    counts["min_required"] = counts["split"].map(p.min_per_split.model_dump())
     totals = clean.groupby("label").size().reindex(labels, fill_value=0).rename("n").rename_axis("label")
     totals = totals.reset_index()
+    every = totals.assign(split="all", min_required=p.min_per_class)  # the class as a whole
+    counts = pd.concat([every[counts.columns], counts], ignore_index=True)
     totals["ratio"] = totals["n"].max() / totals["n"] if len(totals) else []
     return {"counts": counts, "balance": totals}
 

@@ -41,7 +41,7 @@ def scratch(cfg: Params) -> ScratchStageResult:
     d["gate"] |= {"min_train_images": p.min_train_images, "on_mismatch": cfg.domain.on_mismatch}
     counts = [x["label"].value_counts().to_dict() for x in (rows, val_rows)]
     d["reason"] = gate(p, len(train.paths), verdict, cfg.domain.on_mismatch) or too_small(
-        *counts, cfg.validate.min_per_class
+        *counts, cfg.validate.min_per_split
     )
     result = None
     if d["reason"] is None:

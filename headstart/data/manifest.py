@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,18 +188,93 @@ def _holds_images(label: str, reason: str | None) -> bool:
     return bool(label) and not (reason or "").startswith(OTHER_EXTENSION)
 
 
-def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
-    """train/val/test from each image's content hash alone: u = sha256("seed:sha256") as a number in
-    [0, 1); test when u < test_fraction, val when u < test_fraction + val_fraction, else train.
-
-    An image's split depends on nothing else, so it never changes as images are added or removed
-    (same seed and fractions), and copies of one file always share a split. Classes are split in
-    expectation only: a small class may draw no val or test image, which validation reports
-    (validate.min_per_class) rather than moving images here, as that would move them again later.
+def assign_splits(
+    manifest: pd.DataFrame,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    kept: Mapping[str, str] | None = None,
+) -> pd.Series:
+    """train/val/test per image. An image in `kept` (the split ledger: sha256 -> split) keeps its
+    split; a new image draws one from its content hash: u = sha256("seed:sha256") in [0, 1) is test
+    below test_fraction, val below test_fraction + val_fraction, else train. Then every class is
+    served (serve_classes): one training image, a test image from 2 images on, a val image from 3, so
+    no class of a few images is refused for a split that drew none. Copies of one file share a split.
     """
+    kept = kept or {}
     u = manifest["sha256"].map(lambda s: _unit(f"{seed}:{s}")).to_numpy(dtype=float)
-    split = np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
-    return pd.Series(split, index=manifest.index, dtype=object)
+    drawn = np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+    split = pd.Series(
+        [kept.get(s, d) for s, d in zip(manifest["sha256"], drawn, strict=True)],
+        index=manifest.index,
+        dtype=object,
+    )
+    new = ~manifest["sha256"].isin(kept.keys()).to_numpy()
+    return serve_classes(split, manifest["label"].to_numpy(), manifest["sha256"].to_numpy(), u, new)
+
+
+# what a class of n images must hold: a training image, from 2 images a test image, from 3 a val image
+SERVED = (("train", 1), ("test", 2), ("val", 3))
+
+
+def serve_classes(split: pd.Series, labels, shas, u: np.ndarray, new: np.ndarray) -> pd.Series:
+    """Give each class the splits SERVED asks for by a deterministic rule: the image taken is from
+    the split with the most images of that class (never its last), a new image (not in the ledger)
+    before a kept one, lowest hash first. Images only ever arrive by this rule, so a class that grows
+    takes what it lacks from its new images and no kept image moves."""
+    split = split.copy()
+    order = np.lexsort((u, ~new))  # new first, then by hash: the same choice on every machine
+    for label in sorted(set(labels)):
+        mine = order[labels[order] == label]
+        mine = mine[~pd.Series(shas[mine]).duplicated().to_numpy()]  # one vote per content
+        for need, from_n in SERVED:
+            have = split.iloc[mine].value_counts()
+            if len(mine) < from_n or have.get(need, 0):
+                continue
+            donors = [s for s, k in have.items() if k > 1 and s != need]
+            if not donors:
+                continue
+            donor = max(donors, key=lambda s: (have[s], s == "train"))
+            take = next(i for i in mine if split.iloc[i] == donor)
+            split[shas == shas[take]] = need  # every copy of it moves together
+    return split
+
+
+LEDGER = ".headstart-splits.csv"  # in the data folder: hidden, so never scanned as an image
+
+
+def ledger_scheme(seed: int, val_fraction: float, test_fraction: float) -> str:
+    """What the hash draws depend on: a ledger made under another scheme is started anew."""
+    return f"seed={seed} val_fraction={val_fraction:g} test_fraction={test_fraction:g}"
+
+
+def read_ledger(root: str | Path, scheme: str) -> tuple[dict[str, str], str]:
+    """The split ledger in the data folder ({} when absent), and what became of it in words."""
+    path = Path(root) / LEDGER
+    if not path.is_file():
+        return {}, f"no split ledger yet: {path} records the splits drawn now"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        header, rows = lines[0], [line.split(",") for line in lines[2:] if line]
+        ledger = {sha: split for sha, split in rows}
+        ok = header.startswith("# ") and all(s in SPLITS and len(h) == 64 for h, s in ledger.items())
+    except (OSError, UnicodeDecodeError, IndexError, ValueError):
+        ok, header = False, ""
+    if not ok:
+        return {}, f"split ledger {path} is damaged: the splits are drawn anew and it is rewritten"
+    made = header.removeprefix("# headstart split ledger: ")
+    if made != scheme:
+        return {}, f"split ledger {path} was drawn with {made}, not {scheme}: the splits are drawn anew"
+    return ledger, f"split ledger {path}: {len(ledger)} images keep their splits"
+
+
+def ledger_text(ledger: Mapping[str, str], scheme: str) -> str:
+    """The ledger as text: one `sha256,split` line per image ever split, sorted, so it diffs well."""
+    rows = "".join(f"{sha},{ledger[sha]}\n" for sha in sorted(ledger))
+    return f"# headstart split ledger: {scheme}\nsha256,split\n{rows}"
+
+
+SPLITS = ("train", "val", "test")
 
 
 def _unit(text: str) -> float:

@@ -104,10 +104,10 @@ def test_override_of_unknown_section_raises(override):
 
 
 def test_nested_override():
-    params = load_params(None, ["validate.levels.enough_classes=warn", "validate.min_per_class.train=2"])
+    params = load_params(None, ["validate.levels.enough_classes=warn", "validate.min_per_split.train=2"])
     assert params.validate.levels.enough_classes == "warn"
-    assert params.validate.min_per_class.train == 2
-    assert params.validate.min_per_class.val == 1  # siblings keep their defaults
+    assert params.validate.min_per_split.train == 2
+    assert params.validate.min_per_split.test == 1  # siblings keep their defaults
     assert params.validate.levels.min_per_class_per_split == "fail"
 
 
@@ -178,8 +178,8 @@ def test_flatten_gives_section_dot_key():
     assert flat["project.seed"] == "0"
     assert flat["register.model_name"] == "headstart-demo"
     assert flat["validate.levels.enough_classes"] == "warn"
-    assert flat["validate.min_per_class.train"] == "5"
-    assert "validate.levels" not in flat and "validate.min_per_class" not in flat
+    assert flat["validate.min_per_split.train"] == "1" and flat["validate.min_per_class"] == "5"
+    assert "validate.levels" not in flat and "validate.min_per_split" not in flat
     assert all(isinstance(v, str) for v in flat.values())
     sections = {k.split(".")[0] for k in flat}
     assert sections == set(Params.model_fields)
@@ -191,3 +191,8 @@ def test_flatten_gives_section_dot_key():
         )
 
     assert len(flat) == n_leaves(Params())
+
+
+def test_the_old_per_split_form_of_min_per_class_names_its_new_place():
+    with pytest.raises(HeadstartError, match="validate.min_per_split"):
+        load_params(None, ["validate.min_per_class={train: 5, val: 1, test: 1}"])

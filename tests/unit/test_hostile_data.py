@@ -25,7 +25,7 @@ from tests.conftest import make_folder
 from tests.unit import imagebytes as ib
 
 EXTS = PrepareParams().extensions
-RELAXED = ValidateParams(min_per_class={"train": 1, "val": 0, "test": 0})
+RELAXED = ValidateParams(min_per_class=1, min_per_split={"train": 1, "val": 0, "test": 0})
 
 
 def _prepare(root: Path, tmp_path: Path) -> pd.DataFrame:

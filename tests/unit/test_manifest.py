@@ -236,18 +236,27 @@ def test_assign_splits_deterministic_and_complete(big_folder, tmp_path):
     assert not a.equals(c)
 
 
+def _by_path(m: pd.DataFrame, split: pd.Series) -> dict[str, str]:
+    return dict(zip(m["path"], split, strict=True))
+
+
+def _ledger(m: pd.DataFrame, split: pd.Series) -> dict[str, str]:
+    return dict(zip(m["sha256"], split, strict=True))
+
+
 def test_adding_images_never_moves_existing_ones(big_folder, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(big_folder, root)
     before_m = _images(root, tmp_path)
-    before = dict(zip(before_m["path"], assign_splits(before_m, 0.15, 0.2, seed=0), strict=True))
+    first = assign_splits(before_m, 0.15, 0.2, seed=0)
+    before = _by_path(before_m, first)
 
     for c, name in enumerate(("cat", "dog")):
         for i in range(10):
             make_image(root / name / f"new_{i:03d}.png", COLOURS[c], seed=50_000 + 100 * c + i)
     after_m = _images(root, tmp_path)
     assert len(after_m) == len(before_m) + 20
-    after = dict(zip(after_m["path"], assign_splits(after_m, 0.15, 0.2, seed=0), strict=True))
+    after = _by_path(after_m, assign_splits(after_m, 0.15, 0.2, seed=0, kept=_ledger(before_m, first)))
     moved = {p: (s, after[p]) for p, s in before.items() if after[p] != s}
     assert moved == {}
 
@@ -263,43 +272,103 @@ def test_duplicate_content_gets_same_split(big_folder, tmp_path):
         assert split[f"cat/copy_{i:03d}.png"] == split[f"cat/cat_{i:03d}.png"]
 
 
+def _served(m: pd.DataFrame, split: pd.Series) -> None:
+    """Every class holds what serve_classes promises for its number of distinct images."""
+    for label, group in m.groupby("label"):
+        have = set(split[group.index])
+        n = group["sha256"].nunique()
+        assert "train" in have, label
+        assert n < 2 or "test" in have, (label, n, have)
+        assert n < 3 or "val" in have, (label, n, have)
+
+
 def test_splits_stay_put_as_the_data_grows_in_several_steps(tmp_path):
-    """The rule: an image's split is a function of its own bytes (and seed and fractions) alone, so
-    growing a small class in steps, until it draws val and test images by hash, moves no image."""
+    """With the ledger (what earlier runs assigned), growing classes in steps from 1 and 3 images
+    moves no image, and at every step every class is served a test and a val image."""
     root = make_folder(tmp_path / "data", per_class=3)
+    make_image(root / "owl" / "owl_000.png", COLOURS[2], seed=9)
     history: dict[str, str] = {}
-    for step in range(4):
+    ledger: dict[str, str] = {}
+    for step in range(5):
         m = _images(root, tmp_path)
-        split = dict(zip(m["path"], assign_splits(m, 0.15, 0.2, seed=0), strict=True))
-        assert {p: split[p] for p in history} == history, step
-        history = split
-        for c, name in enumerate(("cat", "dog")):
-            for i in range(4 * 3**step):  # 4, 12, 36 new images per class
+        split = assign_splits(m, 0.15, 0.2, seed=0, kept=ledger)
+        by_path = _by_path(m, split)
+        assert {p: by_path[p] for p in history} == history, step
+        _served(m, split)
+        history, ledger = by_path, ledger | _ledger(m, split)
+        for c, name in enumerate(("cat", "dog", "owl")):
+            for i in range((1, 4, 12, 36, 0)[step]):  # 1, 4, 12, 36 new images per class
                 make_image(
                     root / name / f"s{step}_{i:03d}.png",
                     COLOURS[c],
                     seed=70_000 + 10_000 * step + 1000 * c + i,
                 )
-    # by the last step every split of every class is drawn, and the split shares follow the fractions
-    assert len(history) == 2 * (3 + 4 + 12 + 36)
-    for label in ("cat", "dog"):
+    # new images draw by hash: the split shares follow the fractions as the classes grow
+    assert len(history) == 3 + 3 + 1 + 3 * (1 + 4 + 12 + 36)
+    for label in ("cat", "dog", "owl"):
         got = pd.Series([s for p, s in history.items() if p.startswith(f"{label}/")])
-        assert set(got) == {"train", "val", "test"}
         assert 0.5 < (got == "train").mean() < 0.8
 
 
-def test_a_small_class_is_not_padded_with_moved_images():
-    # with seed 2 every cat image hashes into train: it stays there (validation reports the missing
-    # val/test images); the old lending step moved one that a larger class would later move back
-    rows = [("cat/a1", "cat", "A"), ("cat/a2", "cat", "A"), ("cat/b", "cat", "B"), ("cat/c", "cat", "C")]
-    rows += [(f"dog/{i}", "dog", f"D{i}") for i in range(40)]
+def test_a_small_class_is_served_by_a_rule_of_its_own():
+    # with seed 2 every cat image hashes into train: the rule gives it a test and a val image, the
+    # same ones whatever the other classes hold, and copies of one file move together
+    rows = [("cat/a1", "cat", "A" * 64), ("cat/a2", "cat", "A" * 64), ("cat/b", "cat", "B" * 64)]
+    rows += [("cat/c", "cat", "C" * 64)] + [(f"dog/{i}", "dog", f"{i:064d}") for i in range(40)]
     m = pd.DataFrame(rows, columns=["path", "label", "sha256"])
+    drawn = assign_splits(m.assign(label=[f"x{i}" for i in range(len(m))]), 0.15, 0.2, seed=2)
+    assert list(drawn[:4]) == ["train"] * 4  # what the hash alone draws (each its own class)
     split = assign_splits(m, 0.15, 0.2, seed=2)
-    assert list(split[:4]) == ["train"] * 4
+    assert sorted(split[:4]) == ["test", "test", "train", "val"] and split[0] == split[1]
     alone = assign_splits(m[m["label"] == "cat"], 0.15, 0.2, seed=2)
-    assert alone.equals(split[:4])  # the other rows never matter
+    assert alone.equals(split[:4])  # the other classes never matter
     for seed in range(20):
         assert assign_splits(m, 0.15, 0.2, seed=seed)[0] == assign_splits(m, 0.15, 0.2, seed=seed)[1]
+
+
+@pytest.mark.parametrize("classes,per_class", [(10, 12), (10, 20), (2, 5), (3, 3)])
+def test_few_images_of_many_classes_are_never_refused_for_split_counts(classes, per_class):
+    """10 classes of 12 or 20 images and classes of 5 (or 3: min_per_class lowered), over 20 seeds:
+    validation's per-class and per-split counts always pass (by hash alone 10 x 12 fails half the seeds)."""
+    from headstart.config import ValidateParams
+    from headstart.validation import class_tables
+
+    rows = [
+        (f"c{c}/{i}", f"c{c}", hashlib.sha256(f"{c}-{i}".encode()).hexdigest())
+        for c in range(classes)
+        for i in range(per_class)
+    ]
+    m = pd.DataFrame(rows, columns=["path", "label", "sha256"])
+    p = ValidateParams(min_per_class=min(5, per_class))
+    refused_by_hash = 0
+    for seed in range(20):
+        counts = class_tables(m.assign(split=assign_splits(m, 0.15, 0.2, seed)), p)["counts"]
+        short = counts[counts["n"] < counts["min_required"]]
+        assert short.empty, (seed, short.to_dict("records"))
+        drawn = assign_splits(m.assign(label=m["path"]), 0.15, 0.2, seed)  # no class served
+        lone = class_tables(m.assign(split=drawn.to_numpy()), p)["counts"]
+        refused_by_hash += bool((lone["n"] < lone["min_required"]).any())
+    if classes == 10 and per_class == 12:
+        assert refused_by_hash >= 5  # the hash alone left a class without a test image (10 of 20 seeds)
+
+
+def test_the_ledger_round_trips_and_is_started_anew_when_the_scheme_changes(tmp_path):
+    from headstart.data.manifest import LEDGER, ledger_scheme, ledger_text, read_ledger
+
+    scheme = ledger_scheme(0, 0.15, 0.2)
+    ledger = {hashlib.sha256(str(i).encode()).hexdigest(): s for i, s in enumerate(("train", "val", "test"))}
+    assert read_ledger(tmp_path, scheme)[0] == {}
+    (tmp_path / LEDGER).write_text(ledger_text(ledger, scheme))
+    got, note = read_ledger(tmp_path, scheme)
+    assert got == ledger and "3 images keep their splits" in note
+    got, note = read_ledger(tmp_path, ledger_scheme(1, 0.15, 0.2))
+    assert got == {} and "seed=0" in note and "drawn anew" in note
+    for damaged in ("", "sha256,split\nabc,train\n", ledger_text(ledger, scheme).replace("val", "holdout")):
+        (tmp_path / LEDGER).write_text(damaged)
+        got, note = read_ledger(tmp_path, scheme)
+        assert got == {} and "damaged" in note and LEDGER in note
+    (tmp_path / LEDGER).write_bytes(b"\xff\xfe binary")
+    assert "damaged" in read_ledger(tmp_path, scheme)[1]
 
 
 # --- data_hash --------------------------------------------------------------------------------------

@@ -23,17 +23,18 @@ EXTS = PrepareParams().extensions
 RELAXED = {"train": 1, "val": 0, "test": 0}  # for tests that are not about counts per split
 
 
-def _prepare(root: Path, tmp_path: Path, seed: int = 0) -> pd.DataFrame:
-    """What tasks/prepare.py does: scan, then split the readable rows (split '' for the rest)."""
+def _prepare(root: Path, tmp_path: Path, seed: int = 0, kept: dict | None = None) -> pd.DataFrame:
+    """What tasks/prepare.py does: scan, then split the readable rows (split '' for the rest), the
+    images in `kept` (the split ledger) keeping theirs."""
     m = scan(root, EXTS, tmp_path / "cache")
     ok = m["readable"]
     m["split"] = ""
-    m.loc[ok, "split"] = assign_splits(m[ok], 0.15, 0.2, seed)
+    m.loc[ok, "split"] = assign_splits(m[ok], 0.15, 0.2, seed, kept)
     return m
 
 
 def _params(**kwargs) -> ValidateParams:
-    return ValidateParams(**{"min_per_class": RELAXED, **kwargs})
+    return ValidateParams(**{"min_per_class": 1, "min_per_split": RELAXED, **kwargs})
 
 
 def _check(report: dict, name: str) -> dict:
@@ -268,7 +269,14 @@ def test_one_class_only(tmp_path):
     assert _check(v.report, "enough_classes")["observed"] == 1
     assert "enough_classes" in failure_message(v.report, tmp_path / "report.json")
     # a nested override turns it into a warning
-    p = load_params(None, ["validate.levels.enough_classes=warn", f"validate.min_per_class={RELAXED}"])
+    p = load_params(
+        None,
+        [
+            "validate.levels.enough_classes=warn",
+            "validate.min_per_class=1",
+            f"validate.min_per_split={RELAXED}",
+        ],
+    )
     v = validate_manifest(m, p.validate, docs_dir=None)
     assert v.report["success"] and "enough_classes" in v.report["warnings"]
 
@@ -291,22 +299,20 @@ def test_nothing_usable_at_all(tmp_path):
     json.dumps(v.report)
 
 
-def test_too_few_images_per_split(tmp_path):
-    root = make_folder(tmp_path / "data", per_class=3)
-    v = validate_manifest(_prepare(root, tmp_path), ValidateParams(), docs_dir=None)
+def test_too_few_images_per_class_and_per_split(tmp_path):
+    """The class as a whole against validate.min_per_class, each split against min_per_split: the
+    splits are prepare's, so a hand-made manifest that leaves a split empty still fails by name."""
+    root = make_folder(tmp_path / "data", per_class=4)
+    m = _prepare(root, tmp_path)
+    m.loc[m["label"] == "dog", "split"] = "train"  # as no rule of prepare's would leave it
+    v = validate_manifest(m, ValidateParams(), docs_dir=None)
     assert not v.report["success"] and v.report["failed"] == ["min_per_class_per_split"]
     check = _check(v.report, "min_per_class_per_split")
-    # 3 images split by hash alone: cat draws 0 train, 1 val, 2 test; dog 3 train and no val or test
-    assert check["count"] == 4
-    assert sorted(e.split(":")[0] for e in check["examples"]) == [
-        "cat/train",
-        "dog/test",
-        "dog/train",
-        "dog/val",
-    ]
-    assert "dog/val: 0 images (min 1)" in check["examples"]
+    assert check["count"] == 3  # cat/all, dog/all (4 < 5), dog/test
+    assert sorted(e.split(":")[0] for e in check["examples"]) == ["cat/all", "dog/all", "dog/test"]
+    assert "dog/all: 4 images (min 5)" in check["examples"]
     message = failure_message(v.report, tmp_path / "report.json")
-    assert "min_per_class_per_split: 4 unexpected" in message and "cat/train" in message
+    assert "min_per_class_per_split: 3 unexpected" in message and "dog/test: 0 images (min 1)" in message
 
 
 def test_imbalance(tmp_path):
@@ -416,8 +422,9 @@ def test_quarantining_a_class_s_only_val_image_moves_no_other_image(tmp_path):
     assert len(vals) == 1
     only = vals["path"].iloc[0]
     shutil.copy(root / only, root / "dog" / "copy_of_cat.png")  # now a label conflict: quarantined
-    params = ValidateParams(min_per_class={"train": 1, "val": 1, "test": 1})
-    v = validate_manifest(_prepare(root, tmp_path), params, docs_dir=None)
+    params = ValidateParams(min_per_class=1, min_per_split={"train": 1, "val": 1, "test": 1})
+    ledger = dict(zip(before["sha256"], before["split"], strict=True))
+    v = validate_manifest(_prepare(root, tmp_path, kept=ledger), params, docs_dir=None)
     assert "min_per_class_per_split" in v.report["failed"]
     assert "cat/val: 0 images (min 1)" in _check(v.report, "min_per_class_per_split")["examples"]
     kept = dict(zip(before["path"], before["split"], strict=True))
