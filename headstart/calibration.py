@@ -1,6 +1,8 @@
 """Calibrated abstention: fitted on held-out logits, shipped in the ONNX metadata, applied by every runtime.
 
-Three parts, each from held-out images: a temperature T (minimises the NLL of the logits), a
+Three parts, each from held-out images: a temperature T (minimises the NLL of the logits, with the
+rule of succession's 1/(n+2) left to the other classes, so separable data cannot sharpen it without
+bound), a
 split-conformal threshold on 1 - p_true (prediction sets that hold the true class with probability
 >= 1 - alpha, on average over calibration draws; the argmax is always in the set), and an
 out-of-distribution gate at the finite-sample (1 - ood_alpha) quantile of the held-out scores (at most
@@ -188,11 +190,17 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float | None:
     return float(np.sort(np.asarray(scores, np.float64))[k - 1])
 
 
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, off_true: float = 0.0) -> float:
+    """Mean cross-entropy of softmax(logits / T) against targets that put `off_true` of their mass on
+    the other classes (evenly) and the rest on the label; off_true 0: the plain NLL."""
     z = np.asarray(logits, np.float64) / temperature
+    if not len(z):
+        return float("nan")
     m = z.max(1)
     lse = m + np.log(np.exp(z - m[:, None]).sum(1))
-    return float(np.mean(lse - z[np.arange(len(z)), labels])) if len(z) else float("nan")
+    true = z[np.arange(len(z)), labels]
+    others = (z.sum(1) - true) / max(z.shape[1] - 1, 1)
+    return float(np.mean(lse - (1 - off_true) * true - off_true * others))
 
 
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -211,11 +219,15 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """T minimising the held-out NLL, searched over log T within T_BOUNDS (1 with no images)."""
+    """T minimising the held-out NLL against targets that leave 1/(n+2) to the other classes, searched
+    over log T within T_BOUNDS (1 with no images). With n held-out images all right, the chance that
+    the next is wrong is about 1/(n+2) (Laplace's rule of succession), not 0: without it, a perfectly
+    separated held-out set drives T to its lower bound and any wrong answer then reads 0.99+."""
     if not len(labels):
         return 1.0
     lo, hi = np.log(T_BOUNDS)
-    return float(math.exp(minimize_bounded(lambda t: nll(logits, labels, math.exp(t)), lo, hi)))
+    off = 1.0 / (len(labels) + 2)
+    return float(math.exp(minimize_bounded(lambda t: nll(logits, labels, math.exp(t), off), lo, hi)))
 
 
 def minimize_bounded(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -44,6 +45,27 @@ def test_temperature_recovers_a_known_overconfidence():
     for t in (0.5, 2.5):  # the model's logits are the calibrated ones times t: T = t undoes it
         assert fit_temperature(z * t, y) == pytest.approx(t, rel=0.1)
     assert fit_temperature(z, y) == pytest.approx(1.0, rel=0.1)
+
+
+def test_a_perfectly_separated_held_out_set_cannot_make_a_wrong_answer_read_certain():
+    """Held-out logits all right by a margin (a separable training set's out-of-fold logits): the
+    plain NLL sharpens without bound (T at its lower bound); the rule of succession's 1/(n+2) keeps
+    T finite, so a test image the model gets wrong by a small margin does not read 0.99+."""
+    from headstart.calibration import T_BOUNDS, minimize_bounded, nll
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(2, size=60)
+    z = rng.normal(0, 0.3, (60, 2)) + np.where(np.eye(2)[y] > 0, rng.uniform(1.0, 4.0, (60, 1)), 0.0)
+    assert (z.argmax(1) == y).all()
+    lo, hi = np.log(T_BOUNDS)
+    plain = math.exp(minimize_bounded(lambda t: nll(z, y, math.exp(t)), lo, hi))
+    assert plain < 0.06  # what the plain NLL does on separable data: the bound, 0.05
+    rule, report = fit(z, y, 0.1, "separable")
+    assert 0.2 < rule.temperature < 1.5 and not report["temperature_at_bound"]
+    wrong = np.array([[1.0, 0.0]])  # a test image of class 1 read as class 0 by a margin of 1
+    assert softmax(wrong / rule.temperature).max() < 0.95
+    assert softmax(wrong / plain).max() > 0.99999
+    assert np.mean(softmax(z / rule.temperature).max(1)) > 0.9  # still confident where it is right
 
 
 def test_conformal_sets_cover_one_minus_alpha_on_average_over_calibration_draws():
