@@ -50,6 +50,7 @@ bench: venv  ## benchmarks (not tests): print JSON reports
 	$(BIN)/python -m benchmarks.features
 	$(BIN)/python -m benchmarks.scale --markdown
 	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.first_run --markdown
 	$(BIN)/python -m benchmarks.runtime
 	$(BIN)/python -m benchmarks.serving
 	$(BIN)/python -m benchmarks.finetune

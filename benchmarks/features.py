@@ -155,33 +155,35 @@ def naive_fit(engine, backbone, paths, y, p: TrainHeadParams, epochs: int):
     return head.eval()
 
 
-def measured(cmd: list[str], cwd: Path | None = None) -> dict:
+def measured(cmd: list[str], cwd: Path | None = None, env: dict | None = None, output: bool = False) -> dict:
     """Wall seconds and peak RSS of a command in its own process (GNU time: Linux carries a parent's
     ru_maxrss into an exec'd child, so measuring from this big process would read our own peak), and
     `peak_tree_rss_mb`: the largest sum of RSS over the command and every process under it at one
     moment (sampled every 20 ms; the flow's Prefect server, and any stage run in a child process, are
-    there at the same time as the flow, which GNU time's per-process maximum does not add up)."""
+    there at the same time as the flow, which GNU time's per-process maximum does not add up);
+    `output`: with the command's stdout and stderr and when it started (`started`, epoch seconds)."""
     import threading
 
     timer = ["/usr/bin/time", "-f", "peak_kb=%M"] if Path("/usr/bin/time").exists() else []
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     proc = subprocess.Popen(
-        [*timer, *cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*timer, *cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     tree = {"peak": 0}
     sampler = threading.Thread(target=_sample_tree, args=(proc, tree, bool(timer)), daemon=True)
     sampler.start()
-    _, stderr = proc.communicate()
+    stdout, stderr = proc.communicate()
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {stderr[-2000:]}")
     peaks = [line for line in stderr.splitlines() if line.startswith("peak_kb=")]
     peak = round(int(peaks[-1][8:]) / 1024) if peaks else None  # None: GNU time not installed
-    return {
+    out = {
         "s": round(time.perf_counter() - start, 2),
         "peak_rss_mb": peak,
         "peak_tree_rss_mb": tree["peak"] or None,
     }
+    return out | ({"stdout": stdout, "stderr": stderr, "started": started} if output else {})
 
 
 def _sample_tree(proc: subprocess.Popen, tree: dict, timed: bool) -> None:

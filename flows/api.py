@@ -3,22 +3,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
 @contextmanager
-def prefect_api() -> Iterator[None]:
+def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[None]:
     """The configured Prefect API, else a temporary server that dies with this process (Prefect's
-    own ephemeral server outlives a killed run)."""
+    own ephemeral server outlives a killed run). `meanwhile` runs while that server starts (its
+    6-10 s on 2 cores overlap the caller's own imports and checks)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
+        if meanwhile is not None:
+            meanwhile()
         yield
         return
     from headstart.ops.ephemeral import server
 
-    with server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
+    with server(meanwhile=meanwhile) as url, temporary_settings(updates={PREFECT_API_URL: url}):
         try:
             yield
         finally:

@@ -361,6 +361,7 @@ def selective(
         "abstention_by_reason": rate,
         "kept": int(kept.sum()),
         "accuracy": float(hit.mean()) if n else None,
+        "majority_rate": float(np.bincount(y).max() / n) if n else None,  # always the largest class
         "selective_accuracy": float(hit[kept].mean()) if kept.any() else None,
     }
 

@@ -190,10 +190,14 @@ def _run(args) -> int:
     overrides = _overrides(args)
     cfg = load_params(args.params, overrides)
     preflight(cfg.prepare.data_dir, cfg.prepare.extensions)
-    check_store(cfg)  # an unusable tracking store is found now, not at register after all the work
-    from flows.training import training
 
-    with _prefect_api():
+    def meanwhile() -> None:  # while the temporary Prefect server starts
+        check_store(cfg)  # an unusable tracking store is found now, not at register after all the work
+        import flows.training  # noqa: F401
+
+    with _prefect_api(meanwhile):
+        from flows.training import training
+
         state = training(
             params_file=args.params,
             overrides=overrides,
@@ -213,10 +217,10 @@ def _run(args) -> int:
     return 0
 
 
-def _prefect_api():
+def _prefect_api(meanwhile=None):
     from flows.api import prefect_api
 
-    return prefect_api()
+    return prefect_api(meanwhile)
 
 
 def _validate(args) -> int:
@@ -352,13 +356,35 @@ headstart: done.
 {_backbone_line(r)}  domain      {r["domain"]["verdict"]} (score {r["domain"]["score"]})
   features    {_features(th, speed, "train_head" in r.get("reused", {}))}{head}
   finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}{scratch}
-  test        accuracy {acc}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{abst}
+  test        accuracy {acc}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{_estimate_line(ev)}{abst}
   parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
   onnx        {ex["onnx_path"]}
   mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})
   model       {reg["model_uri"]}{_registered_line(reg)}{_promotion_line(r)}{_reused_line(r)}
   browse      mlflow ui --backend-store-uri {reg["tracking_uri"]}{_report_line(r)}""")
+
+
+def _estimate_line(ev: dict) -> str:
+    """Which accuracy the gates and promotion use, and the signal test (absent from older results)."""
+    if not ev.get("signal"):
+        return ""
+    from headstart.metrics import ci_text
+
+    def figure(e: dict) -> str:
+        ci = ci_text(e["accuracy_ci"], ev.get("ci_confidence", 0.95))
+        return f"{e['accuracy']:.4f}{ci} on {e['n']} images"
+
+    held, other = ev["estimates"].get("held_out"), ""
+    if ev["estimate"] == "held_out":
+        other = f" ({held['source']})"
+    elif held:
+        other = f"; held-out {figure(held)}"
+    return (
+        f"\n  estimate    the gates use the {ev['estimate'].replace('_', '-')} accuracy "
+        f"{figure(ev['estimates'][ev['estimate']])}{other}"
+        f"\n  signal      {ev['signal']}"
+    )
 
 
 def _report_line(r: dict) -> str:

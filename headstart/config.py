@@ -134,6 +134,11 @@ class ValidateParams(Section):
     min_classes: Int = Field(2, ge=2)
     min_per_class: Int = Field(5, ge=1, le=MAX_IMAGES)  # usable images per class, all splits together
     min_per_split: MinPerSplit = MinPerSplit()
+    imbalance_warn_ratio: Float = Field(3.0, ge=1.0)
+    imbalance_fail_ratio: Float = Field(20.0, ge=1.0)
+    near_duplicate_distance: Int = Field(2, ge=0, le=64)
+    max_examples: Int = Field(5, ge=1, le=1000)
+    levels: ValidateLevels = ValidateLevels()
 
     @field_validator("min_per_class", mode="before")
     @classmethod
@@ -144,11 +149,6 @@ class ValidateParams(Section):
                 "validate.min_per_split, e.g. {train: 1, val: 0, test: 1}"
             )
         return v
-    imbalance_warn_ratio: Float = Field(3.0, ge=1.0)
-    imbalance_fail_ratio: Float = Field(20.0, ge=1.0)
-    near_duplicate_distance: Int = Field(2, ge=0, le=64)
-    max_examples: Int = Field(5, ge=1, le=1000)
-    levels: ValidateLevels = ValidateLevels()
 
 
 class Candidate(Section):
@@ -264,6 +264,8 @@ class SelectParams(Section):
 
 class EvaluateParams(Section):
     batch_size: Int = Field(32, gt=0, le=MAX_BATCH)
+    min_test_images: Int = Field(100, ge=1, le=MAX_IMAGES)  # fewer: calibrate's held-out estimate decides
+    signal_confidence: Float = Field(0.95, ge=0.0, lt=1.0)  # "learned something" (0: off)
 
 
 class Tolerance(Section):
@@ -315,7 +317,7 @@ class RegisterParams(Section):
 
 class PromoteParams(Section):
     enabled: bool = True
-    min_test_accuracy: Float = Field(0.0, ge=0.0, le=1.0)
+    min_accuracy: Float = Field(0.0, ge=0.0, le=1.0)  # on the estimate evaluate chose
     allowed_verdicts: list[Literal["in_domain", "shifted", "mismatch"]] = ["in_domain", "shifted"]
     margin: Float = Field(0.02, ge=0.0)
     confidence: Float = Field(0.95, gt=0.5, lt=1.0)

@@ -161,7 +161,47 @@ def backbone_onnx(
     (truncated, overwritten, a flipped weight byte that the ONNX checker would pass) is exported again.
     Only an export builds the torch module."""
     key = engine_key(backbone, opset, probe is not None)
-    path = Path(cache_dir) / "engines" / f"{key}.onnx"
+    path = engines_dir(cache_dir) / f"{key}.onnx"
+    if path.exists() and intact(path):
+        return path
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):  # another project may be exporting the same graph now
+        _export_engine(path, key, backbone, opset, probe)
+    return path
+
+
+def engines_dir(cache_dir: str | Path) -> Path:
+    """Where exported engines live: the user's shared cache (HEADSTART_CACHE, else $XDG_CACHE_HOME/
+    headstart or ~/.cache/headstart), so a new project on this machine exports no backbone again
+    (keys as for any cache: weights, code, versions); HEADSTART_CACHE=project keeps them in the
+    project's cache_dir."""
+    shared = os.environ.get("HEADSTART_CACHE", "")
+    if shared == "project":
+        return Path(cache_dir) / "engines"
+    if not shared:
+        shared = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "headstart"
+    return Path(shared).expanduser() / "engines"
+
+
+def in_project(path: Path, cache_dir: str | Path) -> Path:
+    """The engine at `path` in the project's cache_dir/engines (a hard link, else a copy), digest first."""
+    local = Path(cache_dir) / "engines" / path.name
+    if local != path and not (local.exists() and intact(local)):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(digest_path(local), digest_path(path).read_bytes())
+        try:
+            tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            os.link(path, tmp)
+            os.replace(tmp, local)
+        except OSError:  # another file system
+            write_bytes(local, path.read_bytes())
+    return local
+
+
+def _export_engine(path: Path, key: str, backbone: Backbone, opset: int, probe: Probe | None) -> None:
     if path.exists() and not intact(path):
         log.warning("cached engine %s is damaged (its sha256 does not match); exporting it again", path)
         path.unlink(missing_ok=True)
@@ -182,9 +222,8 @@ def backbone_onnx(
         proto = to_onnx(module, backbone.spec.size, opset, output=names)
         onnx.helper.set_model_props(proto, props)
         data = proto.SerializeToString()
-        write_bytes(path, data)
         write_bytes(digest_path(path), hashlib.sha256(data).hexdigest().encode())
-    return path
+        write_bytes(path, data)  # last: a reader that finds the graph finds its digest
 
 
 def digest_path(path: Path) -> Path:
@@ -373,7 +412,8 @@ class Features:
                 f"engine.runner {self.runner.runner}: no shard map (import flows.shards, as `headstart run` "
                 "and `headstart stage` do); set engine.runner=local to extract in this process"
             )
-        onnx = backbone_onnx(self.backbone, self.cache_dir, self.opset)  # once, into the shared cache
+        # the workers (perhaps other machines) see project.cache_dir, not this user's cache
+        onnx = in_project(backbone_onnx(self.backbone, self.cache_dir, self.opset), self.cache_dir)
         job = shards.Job(
             str(onnx.resolve()),
             str(self.cache_dir.resolve()),

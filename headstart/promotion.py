@@ -12,6 +12,7 @@ unnoticed. McNemar's exact test on the discordant pairs is reported beside it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import pandas as pd
 
 from headstart import HeadstartError
 from headstart.config import PromoteParams
-from headstart.metrics import classification_metrics, percentile_bootstrap
+from headstart.metrics import ci_text, classification_metrics, counted, interval_fields, percentile_bootstrap
 
 TRAINED_SPLITS = ("train", "val")  # what a version has seen: the rest of its manifest is fair evidence
 
@@ -55,7 +56,8 @@ def evidence(rows, data_dir, versions: list[str], trained_on, top1, p: PromotePa
 
 def gates(tags: Mapping[str, str], metrics: Mapping[str, float], p: PromoteParams) -> dict[str, dict]:
     """Each gate from what the version's own MLflow run recorded (its tags and metrics)."""
-    accuracy = metrics.get("test_accuracy")
+    accuracy = metrics.get("estimate_accuracy", metrics.get("test_accuracy"))
+    which = tags.get("evaluate.estimate", "test")
     return {
         "validation": {
             "passed": tags.get("validate.success") == "true",
@@ -66,10 +68,14 @@ def gates(tags: Mapping[str, str], metrics: Mapping[str, float], p: PromoteParam
             "passed": tags.get("export.parity_passed") == "true",
             "detail": f"export.parity_passed={tags.get('export.parity_passed', 'not recorded')}",
         },
-        "test_metric": {
-            "passed": accuracy is not None and accuracy >= p.min_test_accuracy,
-            "detail": f"test accuracy {accuracy if accuracy is None else round(accuracy, 4)} "
-            f"(floor {p.min_test_accuracy})",
+        "signal": {
+            "passed": tags.get("evaluate.signal") == "true",
+            "detail": tags.get("evaluate.signal_line", "no signal test recorded (registered before it)"),
+        },
+        "accuracy": {
+            "passed": accuracy is not None and accuracy >= p.min_accuracy,
+            "detail": f"{ESTIMATE_NAMES.get(which, which)} accuracy "
+            f"{accuracy if accuracy is None else round(accuracy, 4)} (floor {p.min_accuracy})",
         },
     }
 
@@ -90,6 +96,81 @@ def _domain_gate(tags: Mapping[str, str], p: PromoteParams) -> dict:
             "detail": f"{detail}; a from-scratch model was trained and selection chose {kind}",
         }
     return {"passed": False, "detail": detail}
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exactly (log-space sum): scipy.stats.binomtest's one-sided
+    `greater` p-value, without loading scipy.stats into the flow's process."""
+    if k <= 0 or p >= 1.0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    i = np.arange(k, n + 1)
+    lg = np.array([math.lgamma(v + 1) for v in range(n + 1)])
+    log_pmf = lg[n] - lg[i] - lg[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
+    return float(min(1.0, np.exp(log_pmf).sum()))
+
+
+ESTIMATE_NAMES = {"test": "test split", "held_out": "held-out (calibrate's)"}
+
+
+def choose_estimate(test: dict, held_out: dict | None, min_test_images: int) -> str:
+    """Which accuracy the gates and promotion use: the test split's from `min_test_images` images, or
+    when it holds at least as many as the held-out set; else calibrate's held-out one (out-of-fold over
+    train+val on few images), the larger sample of images the model was not fitted on."""
+    if not held_out or not held_out.get("n") or held_out.get("accuracy") is None:
+        return "test"
+    return "test" if test["n"] >= min(min_test_images, held_out["n"]) else "held_out"
+
+
+def learned_something(estimate: dict, confidence: float) -> dict:
+    """Does the accuracy beat always answering the largest class? A one-sided exact binomial test of
+    its correct count against the majority-class rate of the same images, at `confidence` (0: off)."""
+    n, rate = estimate["n"], estimate["majority_rate"]
+    k = round(estimate["accuracy"] * n)
+    p = binomial_tail(k, n, rate)
+    passed = confidence == 0.0 or p < 1.0 - confidence
+    beats = "beats" if passed else "does not beat"
+    line = (
+        f"{estimate['name']} accuracy {estimate['accuracy']:.4f} ({k} of {n} images) {beats} always "
+        f"answering the largest class ({rate:.4f}) with {confidence:.0%} confidence "
+        f"(one-sided binomial p = {p:.3g})"
+    )
+    return {"passed": passed, "p_value": p, "majority_rate": rate, "confidence": confidence, "line": line}
+
+
+def honest_estimate(
+    test: dict, calibrated: dict, min_test_images: int, confidence: float, bootstrap: tuple
+) -> tuple[dict, dict]:
+    """Both accuracies, each with its n, CI and majority-class rate: the test split's and calibrate's
+    held-out one (out-of-fold over train+val on few images); which one the gates use; and the
+    "learned something" test of that one. `bootstrap`: (n_bootstrap, confidence, seed), promotion's."""
+    h = calibrated.get("held_out") or {}
+    held = None
+    if h.get("n") and h.get("majority_rate") is not None:
+        held = {k: h[k] for k in ("n", "accuracy", "majority_rate")} | {"source": calibrated["source"]}
+        held |= interval_fields("accuracy", counted(round(h["accuracy"] * h["n"]), h["n"]), *bootstrap)
+    both = {"test": {k: test[k] for k in ("n", "accuracy", "accuracy_ci", "majority_rate")}, "held_out": held}
+    which = choose_estimate(both["test"], held, min_test_images)
+    chosen = both[which] | {"name": ESTIMATE_NAMES[which]}
+    out = {"estimate": which, "estimates": both}
+    out |= {"estimate_accuracy": chosen["accuracy"], "estimate_accuracy_ci": chosen["accuracy_ci"]}
+    return out, learned_something(chosen, confidence)
+
+
+def estimate_markdown(e: dict, signal: dict) -> str:
+    """The estimates side by side, which one the gates use, and the signal verdict."""
+    rows = [
+        f"| {ESTIMATE_NAMES[k]} | {v['accuracy']:.4f}{ci_text(v['accuracy_ci'], 0.95)} | {v['n']} | "
+        f"{v['majority_rate']:.4f} | {'**yes**' if k == e['estimate'] else ''} |"
+        for k, v in e["estimates"].items()
+        if v
+    ]
+    head = (
+        "| estimate | accuracy | images | largest class | gates and promotion use it |\n|---|---|---|---|---|"
+    )
+    verdict = "Learned something" if signal["passed"] else "NO SIGNAL"
+    return f"## Accuracy estimates\n\n{head}\n" + "\n".join(rows) + f"\n\n{verdict}: {signal['line']}.\n"
 
 
 def seen(manifest: pd.DataFrame) -> frozenset[str]:

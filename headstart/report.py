@@ -446,6 +446,7 @@ def _test(run: Run) -> str:
             + f", macro-F1 {_fmt(m.get('macro_f1'))} on {m.get('n')} test images ({m.get('model_kind')})."
         ),
         table([{"class": c, **v} for c, v in m.get("per_class", {}).items()]),
+        *_estimates(m),
     ]
     gain = m.get("transfer_gain") or {}
     if gain:
@@ -471,6 +472,26 @@ def _test(run: Run) -> str:
     head = f"<h3>Misclassified ({len(wrong)} of {len(p)}), most confident first</h3>"
     out.append(head + (gallery(figs, len(wrong)) if len(wrong) else para("none")))
     return "\n".join(out)
+
+
+def _estimates(m: dict) -> list[str]:
+    """Both accuracies with their n and CI, which one the gates use, and the signal verdict."""
+    if not m.get("signal"):
+        return []
+    rows = [
+        {
+            "estimate": name.replace("_", "-"),
+            "accuracy": e["accuracy"],
+            "CI": e["accuracy_ci"],
+            "images": e["n"],
+            "largest class": e["majority_rate"],
+            "the gates use it": "yes" if name == m["estimate"] else "",
+        }
+        for name, e in m["estimates"].items()
+        if e
+    ]
+    verdict = "Learned something" if m["signal"]["passed"] else "No signal"
+    return [table(rows), para(f"{verdict}: {m['signal']['line']}.", "" if m["signal"]["passed"] else "error")]
 
 
 def _abstention(run: Run) -> str:

@@ -399,7 +399,8 @@ def pipeline_record(
             if isinstance(v, int | float) and not isinstance(v, bool)
         },
         "test_accuracy": test["accuracy"],
-        **ci_metrics(test, "test_"),  # test_accuracy_ci_low / _high
+        **ci_metrics({"accuracy_ci": test.get("accuracy_ci")}, "test_"),  # test_accuracy_ci_low / _high
+        **_estimate_metrics(test),
         "test_macro_f1": test["macro_f1"],
         **{k: test["per_class"][c]["recall"] for k, c in zip(recall_keys, classes, strict=True)},
         "export.max_abs_logit_diff": parity["max_abs_logit_diff"],
@@ -418,6 +419,9 @@ def pipeline_record(
         # the head's settings as the search chose them (every trial: train_head/search.json)
         **{f"train_head.chosen.{k}": str(v) for k, v in train.get("settings", {}).items()},
     }
+    if signal := test.get("signal"):  # the "learned something" test and the estimate it judged
+        tags |= {"evaluate.estimate": test["estimate"], "evaluate.signal": str(signal["passed"]).lower()}
+        tags["evaluate.signal_line"] = signal["line"]
     if sel := reports.get("select"):
         tags |= {"select.chosen": sel["chosen"], "select.kind": sel["kind"], "select.reason": sel["reason"]}
         for c in sel["candidates"]:  # what selection weighed, each with its CI
@@ -437,6 +441,19 @@ def pipeline_record(
         }
     gain_metrics, gain_tags = transfer_gain_record(test.get("transfer_gain"))
     return {**metrics, **gain_metrics}, {**tags, **gain_tags}
+
+
+def _estimate_metrics(test: dict) -> dict[str, float]:
+    """The accuracy the gates use (`estimate_accuracy`, with its CI) and each estimate evaluate made
+    (`held_out_accuracy`: calibrate's out-of-fold or validation-split one), with its n."""
+    if "estimate_accuracy" not in test:
+        return {}
+    out = {"estimate_accuracy": test["estimate_accuracy"]}
+    out |= ci_metrics({"estimate_accuracy_ci": test["estimate_accuracy_ci"]})
+    if held := test["estimates"].get("held_out"):
+        out |= {"held_out_accuracy": held["accuracy"], "held_out_n": held["n"]}
+        out |= ci_metrics({"held_out_accuracy_ci": held["accuracy_ci"]})
+    return out
 
 
 def transfer_gain_record(gain: dict | None) -> tuple[dict[str, float], dict[str, str]]:

@@ -1,7 +1,9 @@
 """evaluate: test-set metrics of the selected model, a confusion matrix (PNG and DVC plot data), and,
 when a from-scratch model trained beside the transfer one, the transfer gain: both on the same test
 images, the accuracy difference with a paired bootstrap CI and McNemar's test, each one's training
-time and size."""
+time and size. Beside the test accuracy, calibrate's held-out one (out-of-fold on few images), and
+the gate: the accuracy the gates use must beat the majority-class rate with confidence, or the run
+ends here with `no signal` (headstart.promotion.learned_something)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from headstart import HeadstartError
+from headstart import GateFailed, HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.calibration import (
     apply,
@@ -25,6 +27,7 @@ from headstart.config import Params
 from headstart.metrics import classification_metrics, interval_fields, metrics_markdown
 from headstart.models import far_out_abstention, load_model
 from headstart.plots import drawn
+from headstart.promotion import estimate_markdown, honest_estimate
 from headstart.selection import gain_line, gain_on_test
 from tasks import _inputs
 
@@ -39,6 +42,13 @@ class EvaluateResult:
     abstention: dict | None = None  # the shipped rule on the test split (calibration.selective)
     accuracy_ci: list[float] | None = None  # percentile bootstrap over the test images
     ci_confidence: float = 0.95
+    estimate: str = "test"  # which accuracy the gates and promotion use: test or held_out
+    estimates: dict | None = None  # each with its n, CI and majority-class rate
+    signal: str = ""  # the "learned something" test in words
+
+
+class NoSignal(GateFailed):
+    """The model's accuracy does not beat always answering the largest class with confidence."""
 
 
 def evaluate(cfg: Params) -> EvaluateResult:
@@ -57,6 +67,10 @@ def evaluate(cfg: Params) -> EvaluateResult:
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
     m |= interval_fields("accuracy", y_pred == y_true, *b)
+    m["majority_rate"] = float(np.bincount(y_true).max() / len(y_true))
+    calibrated = _inputs.read_json(cfg, "calibrate", "abstention.json")["report"]
+    e = cfg.evaluate
+    estimates, signal = honest_estimate(m, calibrated, e.min_test_images, e.signal_confidence, b)
     gain = _transfer_gain(cfg, rows, paths, probs)
     predictions = pd.DataFrame(
         {
@@ -68,9 +82,10 @@ def evaluate(cfg: Params) -> EvaluateResult:
         }
     )
     metrics = {k: v for k, v in m.items() if k != "confusion_matrix"}
-    metrics.update(model_kind=model.kind, transfer_gain=gain, abstention=kept)
+    metrics.update(model_kind=model.kind, transfer_gain=gain, abstention=kept, signal=signal, **estimates)
     summary = metrics_markdown(m, model.classes, model.kind) + f"\nTransfer gain: {gain_line(gain)}\n"
     summary += f"\nAbstention (test split): {selective_line(kept)}\n"
+    summary += f"\n{estimate_markdown(estimates, signal)}"
     with directory(cfg.stage_dir("evaluate")) as out:
         write_json(out / "metrics.json", metrics)
         write_text(out / "summary.md", summary)
@@ -78,8 +93,20 @@ def evaluate(cfg: Params) -> EvaluateResult:
         cm, title = np.array(m["confusion_matrix"]), "test confusion matrix"
         write_bytes(out / "confusion.png", drawn("confusion_matrix", cm, model.classes, title))
         predictions.to_csv(out / "predictions.csv", index=False)
+        if not signal["passed"]:  # the gate: nothing that learned nothing is exported or registered
+            raise NoSignal(f"no signal: {signal['line']}; the model is not exported or registered")
     return EvaluateResult(
-        m["accuracy"], m["macro_f1"], m["n"], model.kind, gain, kept, m["accuracy_ci"], m["ci_confidence"]
+        m["accuracy"],
+        m["macro_f1"],
+        m["n"],
+        model.kind,
+        gain,
+        kept,
+        m["accuracy_ci"],
+        m["ci_confidence"],
+        estimates["estimate"],
+        estimates["estimates"],
+        signal["line"],
     )
 
 

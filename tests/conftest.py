@@ -118,8 +118,13 @@ def _packaged_weights_need_the_marker(request, monkeypatch):
 def pytest_configure(config):
     """torch on one intra-op thread in the tests and the processes they start (the same arithmetic on
     both sides of a comparison): the tensors are tiny, and where cores are shared a second thread
-    waiting for a busy core made fit_head 3-20x slower (2 cores). An explicit OMP_NUM_THREADS wins."""
+    waiting for a busy core made fit_head 3-20x slower (2 cores). An explicit OMP_NUM_THREADS wins.
+    Exported engines stay in each test's own project cache (HEADSTART_CACHE=project), never in the
+    developer's shared one: tests that damage a cached graph on purpose cannot reach another test;
+    the shared cache's own tests point HEADSTART_CACHE at a folder of theirs."""
     import os
+
+    os.environ["HEADSTART_CACHE"] = "project"
 
     if "OMP_NUM_THREADS" not in os.environ:
         import torch

@@ -230,3 +230,35 @@ def test_issue_18_table_reads_the_median_export_and_both_flows_peaks():
     assert table["flow_unchanged_s"]["today"] == 15.0
     del report["export_warm_repeats"]  # a report from before the repeats: its one warm run
     assert goals(report)["export_stage_warm_s"]["today"] == 9.0
+
+
+def test_first_run_reads_each_stage_and_the_startup_from_the_flows_log():
+    from datetime import datetime
+
+    from benchmarks.first_run import markdown, summary
+
+    started = datetime(2026, 12, 4, 15, 3, 20).timestamp()
+    log = "\n".join(
+        [
+            "15:03:34.595 | INFO    | Flow run 'swift' - Beginning flow run 'swift'",
+            "15:03:35.314 | INFO    | Task run 'prepare-efc' - Finished in state Completed()",
+            "15:03:35.600 | INFO    | Flow run 'imperial-swift' - prepare: PrepareResult(n_files=80)",
+            "15:03:43.627 | INFO    | Flow run 'imperial-swift' - validate runs: no record",
+            "15:03:44.100 | INFO    | Flow run 'imperial-swift' - validate: ValidateResult(success=True)",
+            "15:03:44.200 | INFO    | Flow run 'imperial-swift' - skipped: not a stage",
+            "  promotion   v1 -> champion: the first model that passes every gate",
+        ]
+    )
+    run = {
+        "stdout": log,
+        "stderr": "",
+        "started": started,
+        "s": 31.5,
+        "peak_rss_mb": 900,
+        "peak_tree_rss_mb": 1100,
+    }
+    s = summary(run)
+    assert s["stages_s"] == {"startup": 14.6, "prepare": 1.0, "validate": 8.5}
+    assert s["promotion"].startswith("v1 -> champion") and s["s"] == 31.5
+    table = markdown({"cold": s, "new_project": s, "unchanged": s})
+    assert "| **total s** | **31.5** |" in table and "| validate s | 8.5 | 8.5 | 8.5 |" in table

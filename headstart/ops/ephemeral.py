@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from headstart.ops.health import wait_healthy
@@ -23,8 +23,9 @@ PR_SET_PDEATHSIG = 1
 
 
 @contextmanager
-def server(wait_s: float = 120.0) -> Iterator[str]:
-    """Start the server, yield its API URL once it answers, stop it at the end."""
+def server(wait_s: float = 120.0, meanwhile: Callable[[], object] | None = None) -> Iterator[str]:
+    """Start the server, run `meanwhile` while it boots, yield its API URL once it answers, stop it
+    at the end (also when `meanwhile` raises)."""
     port = _free_port()
     env = {
         **os.environ,
@@ -37,6 +38,8 @@ def server(wait_s: float = 120.0) -> Iterator[str]:
     cmd = [sys.executable, "-m", "headstart.ops.ephemeral", str(os.getpid()), str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
+        if meanwhile is not None:
+            meanwhile()
         url = f"http://127.0.0.1:{port}/api"
         wait_healthy(f"{url}/health", lambda: proc.poll() is None, wait_s, "the temporary Prefect server")
         yield url

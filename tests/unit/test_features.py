@@ -346,3 +346,32 @@ def test_lite0_features_agree_between_runtimes_on_real_photos(tmp_path):
         OrtEngine(backbone_onnx(lite0, tmp_path)), lite0.spec, paths, shas, FeatureCache(tmp_path, "o")
     )
     assert np.abs(by_torch - by_ort).max() <= 1e-4 * np.abs(by_torch).max()
+
+
+def test_engines_are_shared_by_the_projects_of_a_user(tmp_path, tiny, monkeypatch):
+    """HEADSTART_CACHE (else ~/.cache/headstart): a second project exports nothing; a damaged shared
+    graph is exported again; `project` keeps them in the project's cache; the sharded runner's
+    workers get a copy in the project's cache_dir (they may not see this user's cache)."""
+    import headstart.export as export
+    from headstart.features import engines_dir, in_project, intact
+
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "user"))
+    first = backbone_onnx(tiny, tmp_path / "project_a")
+    assert first.parent == tmp_path / "user" / "engines" and intact(first)
+    assert not (tmp_path / "project_a" / "engines").exists()
+    calls = []
+    real = export.to_onnx
+    monkeypatch.setattr(export, "to_onnx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert backbone_onnx(tiny, tmp_path / "project_b") == first and calls == []
+    first.write_bytes(first.read_bytes()[:1000])
+    assert backbone_onnx(tiny, tmp_path / "project_b") == first and calls == [1] and intact(first)
+    local = in_project(first, tmp_path / "project_b")
+    assert (
+        local == tmp_path / "project_b" / "engines" / first.name and local.read_bytes() == first.read_bytes()
+    )
+    assert intact(local) and in_project(local, tmp_path / "project_b") == local
+    monkeypatch.setenv("HEADSTART_CACHE", "project")
+    assert engines_dir(tmp_path / "p") == tmp_path / "p" / "engines"
+    monkeypatch.delenv("HEADSTART_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert engines_dir(tmp_path / "p") == tmp_path / "xdg" / "headstart" / "engines"

@@ -257,19 +257,96 @@ def test_models_with_other_classes_are_not_compared():
 
 
 def test_gates_from_tags_and_metrics():
-    p = PromoteParams(min_test_accuracy=0.5, allowed_verdicts=["in_domain"])
+    p = PromoteParams(min_accuracy=0.5, allowed_verdicts=["in_domain"])
     tags = {"validate.success": "true", "domain.verdict": "shifted", "export.parity_passed": "true"}
-    g = gates(tags, {"test_accuracy": 0.6}, p)
+    tags |= {"evaluate.signal": "true", "evaluate.estimate": "held_out"}
+    g = gates(tags, {"test_accuracy": 0.4, "estimate_accuracy": 0.6}, p)
     assert {n: x["passed"] for n, x in g.items()} == {
         "validation": True,
         "domain": False,
         "export_parity": True,
-        "test_metric": True,
+        "signal": True,
+        "accuracy": True,  # the floor applies to the estimate evaluate chose, not the test figure
     }
+    assert "held-out" in g["accuracy"]["detail"] and "0.6" in g["accuracy"]["detail"]
+    assert not gates(tags, {"test_accuracy": 0.6, "estimate_accuracy": 0.4}, p)["accuracy"]["passed"]
+    assert gates({}, {"test_accuracy": 0.6}, p)["accuracy"]["passed"]  # a version from before estimates
+    none = gates({}, {}, p)
+    assert not none["accuracy"]["passed"] and "not recorded" in none["validation"]["detail"]
+    assert not none["signal"]["passed"] and "no signal test recorded" in none["signal"]["detail"]
+    assert not gates({**tags, "evaluate.signal": "false"}, {"estimate_accuracy": 0.9}, p)["signal"]["passed"]
+
+
+@pytest.mark.parametrize(
+    "k,n,p",
+    [
+        (0, 10, 0.5),
+        (8, 13, 0.5),
+        (38, 67, 0.52),
+        (67, 67, 0.5),
+        (3, 120, 0.1),
+        (700, 1200, 0.55),
+        (5, 5, 0.0),
+        (1, 5, 1.0),
+        (11, 10, 0.5),
+    ],
+)
+def test_the_binomial_tail_is_scipys_one_sided_binomtest(k, n, p):
+    from scipy.stats import binomtest
+
+    from headstart.promotion import binomial_tail
+
+    want = binomtest(k, n, p, alternative="greater").pvalue if k <= n else 0.0
+    assert binomial_tail(k, n, p) == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def test_the_estimate_is_the_test_split_from_enough_images_else_the_larger_held_out_one():
+    from headstart.promotion import choose_estimate
+
+    held = {"n": 67, "accuracy": 0.8}
+    assert choose_estimate({"n": 13}, held, 100) == "held_out"
+    assert choose_estimate({"n": 100}, {"n": 600, "accuracy": 0.8}, 100) == "test"
+    assert choose_estimate({"n": 20}, {"n": 15, "accuracy": 0.8}, 100) == "test"  # the larger sample
+    assert choose_estimate({"n": 13}, None, 100) == choose_estimate({"n": 13}, {"n": 0}, 100) == "test"
+
+
+def test_learned_something_is_a_one_sided_test_against_the_largest_class():
+    from headstart.promotion import learned_something
+
+    random = {"name": "held-out", "accuracy": 38 / 67, "n": 67, "majority_rate": 34 / 67}
+    s = learned_something(random, 0.95)
     assert (
-        not gates({}, {}, p)["test_metric"]["passed"]
-        and "not recorded" in gates({}, {}, p)["validation"]["detail"]
+        not s["passed"]
+        and 0.1 < s["p_value"] < 0.5
+        and "does not beat" in s["line"]
+        and "38 of 67" in s["line"]
     )
+    assert learned_something(random, 0.0)["passed"]  # 0: the gate is off
+    good = random | {"accuracy": 50 / 67}
+    assert learned_something(good, 0.95)["passed"] and "beats" in learned_something(good, 0.95)["line"]
+    # 90% right where 90% is the largest class: nothing learned
+    skewed = {"name": "test", "accuracy": 0.9, "n": 100, "majority_rate": 0.9}
+    assert not learned_something(skewed, 0.95)["passed"]
+
+
+def test_honest_estimate_reports_both_and_judges_the_chosen_one():
+    from headstart.promotion import estimate_markdown, honest_estimate
+
+    test = {"n": 13, "accuracy": 8 / 13, "accuracy_ci": [0.38, 0.85], "majority_rate": 7 / 13}
+    calibrated = {
+        "source": "out-of-fold logits",
+        "held_out": {"n": 67, "accuracy": 38 / 67, "majority_rate": 0.5},
+    }
+    e, signal = honest_estimate(test, calibrated, 100, 0.95, (500, 0.95, 0))
+    assert e["estimate"] == "held_out" and e["estimate_accuracy"] == pytest.approx(38 / 67)
+    low, high = e["estimate_accuracy_ci"]
+    assert low < 38 / 67 < high and high - low < 0.3  # 67 images: a narrower CI than 13 give
+    assert e["estimates"]["test"]["n"] == 13 and e["estimates"]["held_out"]["source"] == "out-of-fold logits"
+    assert not signal["passed"]
+    text = estimate_markdown(e, signal)
+    assert "NO SIGNAL" in text and "| held-out (calibrate's) |" in text and "**yes**" in text
+    e2, s2 = honest_estimate(test, {"source": "x", "held_out": {}}, 100, 0.95, (500, 0.95, 0))
+    assert e2["estimate"] == "test" and e2["estimates"]["held_out"] is None and not s2["passed"]
 
 
 def test_the_domain_gate_judges_transfer_models_only():
