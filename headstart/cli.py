@@ -185,15 +185,17 @@ def _overrides(args) -> list[str]:
 def _run(args) -> int:
     from headstart.config import load_params
     from headstart.data.manifest import preflight
-    from headstart.tracking import check_store
+    from headstart.tracking import check_store, connect
 
     overrides = _overrides(args)
     cfg = load_params(args.params, overrides)
     preflight(cfg.prepare.data_dir, cfg.prepare.extensions)
 
-    def meanwhile() -> None:  # while the temporary Prefect server starts
+    def meanwhile() -> None:  # while the temporary Prefect server starts (~4 s the run would wait)
         check_store(cfg)  # an unusable tracking store is found now, not at register after all the work
         import flows.training  # noqa: F401
+
+        connect(cfg)  # MLflow's import and its store's first schema check (~3 s on sqlite), once
 
     with _prefect_api(meanwhile):
         from flows.training import training

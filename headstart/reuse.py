@@ -8,6 +8,7 @@ the same returns that result without running the stage."""
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
@@ -44,7 +45,14 @@ def module_file(name: str) -> Path | None:
 
 def imports(path: Path) -> set[Path]:
     """The project files `path` imports anywhere (lazy imports inside functions too), with the
-    packages' __init__ files that importing them runs."""
+    packages' __init__ files that importing them runs. Parsed once per version of the file (every
+    stage's closure shares most of its modules: parsing them for each stage took the flow ~2.6 s)."""
+    st = path.stat()
+    return set(_imports(path, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=1024)
+def _imports(path: Path, _mtime_ns: int, _size: int) -> frozenset[Path]:
     found: set[Path] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
@@ -57,7 +65,7 @@ def imports(path: Path) -> set[Path]:
             for i in range(1, len(parts) + 1):
                 if (f := module_file(".".join(parts[:i]))) is not None:
                     found.add(f)
-    return found
+    return frozenset(found)
 
 
 def closure(stage: Stage) -> set[Path]:

@@ -145,6 +145,12 @@ def _call(uri: str, what: str, fn, *args, missing_ok: bool = False, exists_ok: b
         raise classify(exc, what, uri) from exc
 
 
+def connect(params: Params) -> None:
+    """Open the tracking store once: the first client in a process pays MLflow's import and, on a
+    database, its schema check; the later ones (every stage that logs) do not."""
+    _client(tracking_uri(params))
+
+
 def _client(uri: str):
     import mlflow
 
