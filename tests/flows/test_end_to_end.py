@@ -116,7 +116,7 @@ def test_failed_validation_marks_an_mlflow_run_failed_with_the_report(flow_run):
 
     from headstart.validation import ValidationFailed
 
-    root, art, state = _failing_run(flow_run, "invalid", "validate.min_per_class.train=1000")
+    root, art, state = _failing_run(flow_run, "invalid", "validate.min_per_class=1000")
     assert isinstance(state.result(raise_on_failure=False), ValidationFailed)
     assert not (art / "train_head").exists()  # stopped before training
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
