@@ -173,16 +173,21 @@ def backbone_onnx(
 
 
 def engines_dir(cache_dir: str | Path) -> Path:
-    """Where exported engines live: the user's shared cache (HEADSTART_CACHE, else $XDG_CACHE_HOME/
-    headstart or ~/.cache/headstart), so a new project on this machine exports no backbone again
-    (keys as for any cache: weights, code, versions); HEADSTART_CACHE=project keeps them in the
-    project's cache_dir."""
+    """Where exported engines live: the user's shared cache, so a new project on this machine exports
+    no backbone again (keys as for any cache: weights, code, versions)."""
+    return user_cache(cache_dir) / "engines"
+
+
+def user_cache(cache_dir: str | Path) -> Path:
+    """The cache a user's projects share, for what depends on no project's data (exported backbone
+    graphs, the features of the images evaluate makes): HEADSTART_CACHE, else $XDG_CACHE_HOME/
+    headstart or ~/.cache/headstart; HEADSTART_CACHE=project keeps it in the project's cache_dir."""
     shared = os.environ.get("HEADSTART_CACHE", "")
     if shared == "project":
-        return Path(cache_dir) / "engines"
+        return Path(cache_dir)
     if not shared:
         shared = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "headstart"
-    return Path(shared).expanduser() / "engines"
+    return Path(shared).expanduser()
 
 
 def in_project(path: Path, cache_dir: str | Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import provenance
-from headstart.features import FeatureCache, feature_key
+from headstart.features import FeatureCache, feature_key, user_cache
 from headstart.scratch import MODEL_FORMAT as SCRATCH_FORMAT
 from headstart.scratch import ScratchModel, load_scratch
 from headstart.training import TrainedModel, read_model_file, transfer_model
@@ -47,9 +47,11 @@ def far_out_abstention(model: TrainedModel | ScratchModel, rule, cache_dir: str 
 def made_features(model: TrainedModel, pixels: np.ndarray, cache_dir: str | Path) -> np.ndarray:
     """Pooled features of images made in memory (uint8 HWC at the input size), as pixel_logits
     computes them, in the feature cache of the torch runtime under the sha256 of each image's bytes
-    and this module's code: the same images every run, so a warm run never builds the backbone. One
-    missing entry recomputes them all in one pass, so the values are always those of a whole batch."""
-    cache = FeatureCache(cache_dir, feature_key(model.backbone, "torch"), model.backbone.num_features)
+    and this module's code: the same images every run and every project (the user's cache), so a
+    warm run, or a new project on this machine, never builds the backbone. One missing entry
+    recomputes them all in one pass, so the values are always those of a whole batch."""
+    where = user_cache(cache_dir)
+    cache = FeatureCache(where, feature_key(model.backbone, "torch"), model.backbone.num_features)
     tag = provenance.derive_key("made", PIXEL_CHUNK, provenance.code_hash("headstart.models"))[:12]
     keys = [f"{hashlib.sha256(p.tobytes()).hexdigest()}.made-{tag}" for p in pixels]
     found = [cache.get(k) for k in keys]
