@@ -66,7 +66,10 @@ def prepare(cfg: Params) -> PrepareResult:
     )
     with directory(cfg.stage_dir("prepare")) as out:
         manifest.to_parquet(out / "manifest.parquet", index=False)
-        write_json(out / "report.json", {"data_dir": str(p.data_dir), **result.__dict__})
+        # the ledger's note stays out: it differs between a first and a later run of the same data,
+        # and the stages that read this report would rerun for it
+        record = {k: v for k, v in result.__dict__.items() if k != "ledger"}
+        write_json(out / "report.json", {"data_dir": str(p.data_dir), **record})
     return result
 
 
