@@ -16,6 +16,7 @@ from headstart import GateFailed, HeadstartError, TransientError, reuse
 from headstart.atomic import FAILED, sweep, write_json
 from headstart.config import load_params
 from headstart.ops.isolate import isolated
+from headstart.ops.isolate import prewarm as prewarm_child
 from headstart.ops.lock import exclusive
 from headstart.ops.memory import release_memory, return_freed_buffers
 from headstart.provenance import fingerprint_changes, run_fingerprint
@@ -78,6 +79,7 @@ def training(
     registered version is neither registered nor promoted again; `force` runs and registers all."""
     log = get_run_logger()
     return_freed_buffers()  # headstart.ops.memory: a buffer freed inside a stage goes back at once
+    prewarm()  # a no-op when `headstart run` started them already
     cfg = load_params(params_file, overrides)
     tags = {"prefect.flow_run_id": str(flow_run.id)}
     state_file = cfg.project.cache_dir / "last_success.json"
@@ -142,6 +144,14 @@ def training(
         )
     out = {k: v.__dict__ for k, v in results.items()}
     return {**out, "artifacts_dir": str(cfg.project.artifacts_dir), "changed": changed, "reused": reused}
+
+
+def prewarm() -> None:
+    """Start the isolated stages' children now (headstart.ops.isolate.prewarm): their imports run
+    beside whatever this process does until the stage comes (the CLI: the Prefect server's start)."""
+    for stage in STAGES:
+        if stage.isolated:
+            prewarm_child(stage.target, *stage.warm)
 
 
 def _run_or_reuse(cfg, stage, results: dict, tags: dict[str, str], force: bool):

@@ -193,8 +193,9 @@ def _run(args) -> int:
 
     def meanwhile() -> None:  # while the temporary Prefect server starts (~4 s the run would wait)
         check_store(cfg)  # an unusable tracking store is found now, not at register after all the work
-        import flows.training  # noqa: F401
+        from flows.training import prewarm
 
+        prewarm()  # the isolated stages' children import their libraries beside all this
         connect(cfg)  # MLflow's import and its store's first schema check (~3 s on sqlite), once
 
     with _prefect_api(meanwhile):

@@ -30,6 +30,9 @@ class Stage:
     # imports leaves with that process instead of staying in the flow's for the rest of the run. The
     # child gets cfg and nothing else of the flow's memory (no injected shard map, no patches)
     isolated: bool = False
+    # modules the flow's spare child for an isolated stage imports ahead of it (headstart.ops.isolate
+    # .prewarm), while the run starts: the heavy library's import is then off the run's critical path
+    warm: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -60,6 +63,7 @@ STAGES: tuple[Stage, ...] = (
         files=("headstart/static/datadocs",),  # the Data Docs' vendored CSS/JS/font (offline pages)
         artifact="data-validation",
         isolated=True,  # Great Expectations: ~120 MB (demo) that no later stage needs
+        warm=("great_expectations", "tasks.validate"),  # ~3 s of imports
     ),
     Stage(
         "backbone",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
 import pickle
 import signal
 import subprocess
@@ -39,15 +40,46 @@ def isolated(target: str, label: str) -> Callable:
     return run
 
 
-def call(target: str, label: str, *args, **kwargs):
-    """target(*args, **kwargs) in a fresh Python process; `label` names it in the error a dead child
-    gives. The child is killed when the caller stops waiting (a timeout, Ctrl-C)."""
+# target -> a child that imported its modules, and the environment and folder it started in
+_spares: dict[str, tuple[Connection, subprocess.Popen, dict, str]] = {}
+
+
+def prewarm(target: str, *modules: str) -> None:
+    """Start the child of a later call(target) now: it imports `modules` (a stage's heavy library,
+    e.g. Great Expectations' ~3 s) while the caller does other work, then waits for its job. One
+    spare per target; a spare never used exits when this process closes its end."""
+    if target not in _spares:
+        _spares[target] = (*_spawn(modules), dict(os.environ), os.getcwd())
+
+
+def _spare(target: str) -> tuple[Connection, subprocess.Popen] | None:
+    """The spare for `target` if it is alive and started where this call would start one (the same
+    environment and folder: a child inherits both), else None (a stale one is stopped)."""
+    conn, child, env, cwd = _spares.pop(target, (None, None, None, None))
+    if child is None:
+        return None
+    if child.poll() is None and env == dict(os.environ) and cwd == os.getcwd():
+        return conn, child
+    conn.close()
+    _reap(child, 5)
+    return None
+
+
+def _spawn(modules: tuple[str, ...] = ()) -> tuple[Connection, subprocess.Popen]:
     ours, theirs = Pipe()
-    code = f"from headstart.ops.isolate import serve; serve({theirs.fileno()})"
+    code = f"from headstart.ops.isolate import serve; serve({theirs.fileno()}, {list(modules)!r})"
     child = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),)
     )
     theirs.close()
+    return ours, child
+
+
+def call(target: str, label: str, *args, **kwargs):
+    """target(*args, **kwargs) in a fresh Python process (the spare prewarm started, if any);
+    `label` names it in the error a dead child gives. The child is killed when the caller stops
+    waiting (a timeout, Ctrl-C)."""
+    ours, child = _spare(target) or _spawn()
     answered = False
     try:
         ours.send(sys.path)  # first, so the job's arguments unpickle where the caller's did
@@ -108,10 +140,19 @@ def _reap(child: subprocess.Popen, grace_s: float) -> None:
         child.wait()
 
 
-def serve(fd: int) -> None:
-    """The child's side: read sys.path and the job from `fd`, run it, answer, exit."""
+def serve(fd: int, modules: list[str] | tuple[str, ...] = ()) -> None:
+    """The child's side: import `modules` (a prewarmed spare's), read sys.path and the job from `fd`,
+    run it, answer, exit; a spare whose caller went away (end of file) just exits."""
     conn = Connection(fd)
-    sys.path[:] = conn.recv()
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # the job's own import will say what is wrong, where it can be reported
+            break
+    try:
+        sys.path[:] = conn.recv()
+    except (EOFError, OSError):
+        return
     streams = sys.stdout, sys.stderr
     lock = threading.Lock()
     out, err = _Forward(conn, "stdout", lock), _Forward(conn, "stderr", lock)

@@ -90,3 +90,24 @@ def test_a_caller_that_stops_waiting_kills_the_child(tmp_path):
         signal.signal(signal.SIGALRM, previous)
     with pytest.raises(ProcessLookupError):
         os.kill(int(pidfile.read_text()), 0)  # killed and reaped
+
+
+def test_a_prewarmed_child_runs_the_call_and_a_stale_or_unused_one_is_let_go(monkeypatch):
+    """prewarm starts the child ahead (its imports beside the caller's work); the call then runs in
+    it. A spare started under another environment is stopped and a fresh child runs the call; a
+    spare whose caller closes its end exits on its own."""
+    import headstart.ops.isolate as iso
+
+    target = f"{HERE}:report_pid"
+    iso.prewarm(target, "json")
+    spare = iso._spares[target][1]
+    assert call(target, "stage warm", "cfg")["pid"] == spare.pid and target not in iso._spares
+    iso.prewarm(target)
+    stale = iso._spares[target][1]
+    monkeypatch.setenv("HEADSTART_TEST_SOMETHING_ELSE", "1")
+    assert call(target, "stage warm", "cfg")["pid"] != stale.pid
+    assert stale.poll() is not None  # stopped, not left waiting
+    iso.prewarm(target, "no_such_module_anywhere")  # a failed import is the job's to report
+    conn, unused, _, _ = iso._spares.pop(target)
+    conn.close()
+    assert unused.wait(timeout=30) == 0
