@@ -79,11 +79,11 @@ def call(target: str, label: str, *args, **kwargs):
     """target(*args, **kwargs) in a fresh Python process (the spare prewarm started, if any);
     `label` names it in the error a dead child gives. The child is killed when the caller stops
     waiting (a timeout, Ctrl-C)."""
-    ours, child = _spare(target) or _spawn()
+    ours, child = _handed(_spare(target), target, args, kwargs) or _handed(
+        _spawn(), target, args, kwargs, label
+    )
     answered = False
     try:
-        ours.send(sys.path)  # first, so the job's arguments unpickle where the caller's did
-        ours.send((target, args, kwargs))
         kind, value = _relay(ours, child, label)
         answered = True
     finally:
@@ -93,6 +93,25 @@ def call(target: str, label: str, *args, **kwargs):
         exc, text = value
         raise exc from (ChildTraceback(text) if text else None)
     return value
+
+
+def _handed(pair, target: str, args, kwargs, label: str | None = None):
+    """`pair` (its connection, the child) once the child has the job; None when there was no pair or
+    a spare died before it took the job (a fresh child then runs it); a fresh child that dies before
+    taking it (`label` given) is the one-line error of a dead child."""
+    if pair is None:
+        return None
+    conn, child = pair
+    try:
+        conn.send(sys.path)  # first, so the job's arguments unpickle where the caller's did
+        conn.send((target, args, kwargs))
+        return conn, child
+    except OSError:  # the child is gone: a broken pipe, a reset connection
+        conn.close()
+        if label is not None:
+            raise _died(label, child) from None
+        _reap(child, 5)
+        return None
 
 
 class ChildTraceback(Exception):
@@ -107,7 +126,7 @@ def _relay(conn: Connection, child: subprocess.Popen, label: str) -> tuple[str, 
                 raise _died(label, child)
         try:
             kind, value = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # closed, or reset by a child killed with data unread
             raise _died(label, child) from None
         if kind == "stdout":
             print(value)  # the caller's print: under Prefect's log_prints, a log line of the task

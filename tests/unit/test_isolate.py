@@ -111,3 +111,14 @@ def test_a_prewarmed_child_runs_the_call_and_a_stale_or_unused_one_is_let_go(mon
     conn, unused, _, _ = iso._spares.pop(target)
     conn.close()
     assert unused.wait(timeout=30) == 0
+
+
+def test_a_spare_that_died_waiting_hands_the_job_to_a_fresh_child():
+    import headstart.ops.isolate as iso
+
+    target = f"{HERE}:report_pid"
+    iso.prewarm(target)
+    spare = iso._spares[target][1]
+    os.kill(spare.pid, signal.SIGKILL)
+    spare.wait(timeout=30)
+    assert call(target, "stage warm", "cfg")["pid"] not in (spare.pid, os.getpid())
