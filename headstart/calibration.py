@@ -83,7 +83,12 @@ def read_rule(path: Path) -> AbstentionRule:
         raise HeadstartError(
             f"{path}: unreadable ({type(exc).__name__}); run the calibrate stage again"
         ) from None
-    return AbstentionRule.from_json(json.dumps(d.get("rule") if isinstance(d, dict) else None), path)
+    return rule_in(d, path)
+
+
+def rule_in(d, source: str | Path) -> AbstentionRule:
+    """The rule in abstention.json's content `d` (already read), checked as read_rule checks it."""
+    return AbstentionRule.from_json(json.dumps(d.get("rule") if isinstance(d, dict) else None), source)
 
 
 def _valid(r: AbstentionRule) -> bool:

@@ -121,7 +121,8 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro-F1 and per-class precision/recall/F1/support, with the confusion matrix."""
+    """Accuracy, the majority-class rate, macro-F1 and per-class precision/recall/F1/support, with the
+    confusion matrix."""
     cm = confusion(y_true, y_pred, len(classes))
     tp = np.diag(cm).astype(float)
     precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
@@ -130,6 +131,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     return {
         "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "majority_rate": float(cm.sum(1).max() / max(cm.sum(), 1)),  # always answering the largest class
         "macro_f1": float(f1.mean()),
         "n": int(cm.sum()),
         "per_class": {

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from headstart import HeadstartError
+from headstart import GateFailed, HeadstartError
 from headstart.config import PromoteParams
 from headstart.metrics import ci_text, classification_metrics, counted, interval_fields, percentile_bootstrap
 
@@ -109,6 +109,10 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     lg = np.array([math.lgamma(v + 1) for v in range(n + 1)])
     log_pmf = lg[n] - lg[i] - lg[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
     return float(min(1.0, np.exp(log_pmf).sum()))
+
+
+class NoSignal(GateFailed):
+    """The model's accuracy does not beat always answering the largest class with confidence."""
 
 
 ESTIMATE_NAMES = {"test": "test split", "held_out": "held-out (calibrate's)"}

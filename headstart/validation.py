@@ -18,10 +18,9 @@ import pandas as pd
 from headstart import GateFailed
 from headstart.config import ValidateParams
 from headstart.data.inspection import hamming
-from headstart.data.manifest import OUTSIDE, class_labels
+from headstart.data.manifest import OUTSIDE, SPLITS, class_labels
 from headstart.datadocs import make_offline
 
-SPLITS = ("train", "val", "test")
 DUPLICATE_FLAGS = {
     "no_duplicates_across_splits": "dup_across_splits",
     "no_near_duplicates_across_splits": "near_dup_across_splits",

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from headstart import GateFailed, HeadstartError
+from headstart import HeadstartError
 from headstart.atomic import directory, write_bytes, write_json, write_text
 from headstart.calibration import (
     apply,
     kept_interval,
     read_gate,
-    read_rule,
+    rule_in,
     selective,
     selective_line,
     softmax,
@@ -27,7 +27,7 @@ from headstart.config import Params
 from headstart.metrics import classification_metrics, interval_fields, metrics_markdown
 from headstart.models import far_out_abstention, load_model
 from headstart.plots import drawn
-from headstart.promotion import estimate_markdown, honest_estimate
+from headstart.promotion import NoSignal, estimate_markdown, honest_estimate
 from headstart.selection import gain_line, gain_on_test
 from tasks import _inputs
 
@@ -47,10 +47,6 @@ class EvaluateResult:
     signal: str = ""  # the "learned something" test in words
 
 
-class NoSignal(GateFailed):
-    """The model's accuracy does not beat always answering the largest class with confidence."""
-
-
 def evaluate(cfg: Params) -> EvaluateResult:
     model = load_model(_inputs.stage_file(cfg, "select", "model.pt"))
     rows, paths = _inputs.split_paths(cfg, _inputs.manifest(cfg), "test")
@@ -58,7 +54,8 @@ def evaluate(cfg: Params) -> EvaluateResult:
         raise HeadstartError("the test split is empty; add images or raise prepare.test_fraction")
     logits = _probabilities(cfg, model, rows, paths, "logits")
     probs, y_true = softmax(logits), rows["label"].map(model.classes.index).to_numpy()
-    rule = read_rule(_inputs.stage_file(cfg, "calibrate", "abstention.json"))
+    calibrated = _inputs.read_json(cfg, "calibrate", "abstention.json")  # the rule and its held-out report
+    rule = rule_in(calibrated, cfg.stage_dir("calibrate") / "abstention.json")
     gate = read_gate(_inputs.stage_file(cfg, "calibrate", "ood_gate.npz")) if rule.ood else None
     score = None if gate is None else gate.score(_probabilities(cfg, model, rows, paths, "features"))
     b = cfg.promote.n_bootstrap, cfg.promote.confidence, cfg.project.seed  # every CI: promotion's bootstrap
@@ -67,10 +64,8 @@ def evaluate(cfg: Params) -> EvaluateResult:
     y_pred = probs.argmax(1)
     m = classification_metrics(y_true, y_pred, model.classes)
     m |= interval_fields("accuracy", y_pred == y_true, *b)
-    m["majority_rate"] = float(np.bincount(y_true).max() / len(y_true))
-    calibrated = _inputs.read_json(cfg, "calibrate", "abstention.json")["report"]
     e = cfg.evaluate
-    estimates, signal = honest_estimate(m, calibrated, e.min_test_images, e.signal_confidence, b)
+    estimates, signal = honest_estimate(m, calibrated["report"], e.min_test_images, e.signal_confidence, b)
     gain = _transfer_gain(cfg, rows, paths, probs)
     predictions = pd.DataFrame(
         {

@@ -17,6 +17,7 @@ from headstart import HeadstartError
 from headstart.data.inspection import FIELDS, InspectionCache, inspect_files
 
 PATH_COLUMNS = ["path", "label", "sha256", "bytes"]
+SPLITS = ("train", "val", "test")
 # reasons that other modules recognise by their start
 OUTSIDE = "resolves outside the data folder"
 OTHER_EXTENSION = "extension "
@@ -272,9 +273,6 @@ def ledger_text(ledger: Mapping[str, str], scheme: str) -> str:
     """The ledger as text: one `sha256,split` line per image ever split, sorted, so it diffs well."""
     rows = "".join(f"{sha},{ledger[sha]}\n" for sha in sorted(ledger))
     return f"# headstart split ledger: {scheme}\nsha256,split\n{rows}"
-
-
-SPLITS = ("train", "val", "test")
 
 
 def _unit(text: str) -> float:
