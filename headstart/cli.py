@@ -360,7 +360,7 @@ headstart: done.
   features    {_features(th, speed, "train_head" in r.get("reused", {}))}{head}
   finetune    {"kept" if r["finetune"]["finetuned"] else "not used"}: {r["finetune"]["reason"]}{scratch}
   test        accuracy {acc}, macro-F1 {ev["macro_f1"]:.4f} on {ev["n_test"]} images{_estimate_line(ev)}{abst}
-  parity      onnx = torch: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
+  parity      onnx = reference: top-1 agreement {ex["top1_agreement"]:.4f}, max |logit diff| {diff:.2e}
   metrics     {art / "evaluate" / "metrics.json"}  (plot: {art / "evaluate" / "confusion.png"})
   onnx        {ex["onnx_path"]}
   mlflow run  {reg["run_id"]} in {reg["tracking_uri"]} (experiment {reg["experiment_id"]})

@@ -43,6 +43,8 @@ OPSET = 18  # the engine's own export (a cache detail), not export.opset of the 
 ORT_CHUNK, PROBE_CHUNK = 8, 2  # images per onnxruntime run of the extractor and of the domain probe
 ENGINE_KEY, WEIGHTS_KEY = "headstart.engine_key", "headstart.backbone_weights_sha256"  # engine metadata
 LAYERS_KEY = "headstart.probe_layers"  # the probe graph's metadata: its BN layers (headstart.domain)
+CHECK_KEY = "headstart.torch_rel_diff"  # engine metadata: check_engine's figure at export
+CHECK_IMAGES, ENGINE_TOLERANCE = 4, 1e-3  # the export's check against torch: inputs, relative limit
 log = logging.getLogger(__name__)
 
 
@@ -225,10 +227,34 @@ def _export_engine(path: Path, key: str, backbone: Backbone, opset: int, probe: 
             names = ["features", "logits", *(f"{r['layer']}.{m}" for r in layers for m in ("mean", "meansq"))]
             props[LAYERS_KEY] = encode_layers(layers)
         proto = to_onnx(module, backbone.spec.size, opset, output=names)
+        props[CHECK_KEY] = f"{check_engine(module, proto.SerializeToString(), backbone.spec.size, path):.3e}"
         onnx.helper.set_model_props(proto, props)
         data = proto.SerializeToString()
         write_bytes(digest_path(path), hashlib.sha256(data).hexdigest().encode())
         write_bytes(path, data)  # last: a reader that finds the graph finds its digest
+
+
+@torch.inference_mode()
+def check_engine(module: nn.Module, graph: bytes, size: int, path: Path) -> float:
+    """The exported graph computes the torch module's features: both run on CHECK_IMAGES seeded
+    random inputs (a graph's arithmetic does not depend on what the pixels show); the largest
+    difference, relative to the features' largest magnitude, must be under ENGINE_TOLERANCE. Checked
+    once, when the graph is exported: every later user of it (features, the domain probe, export's
+    graft and its parity reference) runs this graph, never torch again. Returns the relative difference."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((CHECK_IMAGES, 3, size, size), dtype=np.float32)
+    ours = module.eval()(torch.from_numpy(x))
+    ours = (ours[0] if isinstance(ours, tuple) else ours).float().numpy()
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
+    diff = float(np.abs(ours - theirs).max() / max(float(np.abs(ours).max()), 1e-6))
+    if not np.isfinite(diff) or diff > ENGINE_TOLERANCE:
+        raise HeadstartError(
+            f"the backbone's ONNX export {path.name} does not compute what torch does (largest "
+            f"difference {diff:.2e} of the features' scale, limit {ENGINE_TOLERANCE:g}); it is not cached"
+        )
+    return diff
 
 
 def digest_path(path: Path) -> Path:

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from headstart import HeadstartError, provenance
 from headstart.backbones import load_backbone
@@ -375,3 +376,19 @@ def test_engines_are_shared_by_the_projects_of_a_user(tmp_path, tiny, monkeypatc
     monkeypatch.delenv("HEADSTART_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert engines_dir(tmp_path / "p") == tmp_path / "xdg" / "headstart" / "engines"
+
+
+def test_an_engine_that_differs_from_torch_is_never_cached(tmp_path):
+    """The backbone's export is held to torch on seeded inputs before it is cached: the figure of a
+    faithful export is tiny; a graph that computes something else (here: weights 1% off) is refused
+    in one line that names the file."""
+    from headstart.export import to_onnx
+    from headstart.features import check_engine
+
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    graph = to_onnx(module, 32, 18, output="features").SerializeToString()
+    assert 0 <= check_engine(module, graph, 32, tmp_path / "engine.onnx") < 1e-5
+    with torch.no_grad():
+        module[0].weight.mul_(1.01)
+    with pytest.raises(HeadstartError, match=r"engine\.onnx does not compute what torch does"):
+        check_engine(module, graph, 32, tmp_path / "engine.onnx")

@@ -13,7 +13,16 @@ from onnx import helper, numpy_helper
 
 from headstart.calibration import FeatureGate
 from headstart.config import ExportParams, Tolerances
-from headstart.export import agreement, export_onnx, export_variants, judge, parity, scored, torch_reference
+from headstart.export import (
+    agreement,
+    export_onnx,
+    export_variants,
+    judge,
+    parity,
+    scored,
+    to_markdown,
+    torch_reference,
+)
 from headstart.features import FeatureCache, feature_key
 from headstart.runtime import Predictor
 from headstart.training import Classifier, TrainedModel
@@ -102,24 +111,38 @@ def test_a_graph_that_mixes_rows_runs_every_image_at_every_batch_size(model, ima
     assert judge(figures, Tolerances().fp32)  # and the gate refuses it, as before
 
 
-def test_reference_from_cached_torch_features(model, images, onnx_path, tmp_path, monkeypatch):
-    """torch's pass over the frozen backbone is read from the feature cache (runtime torch): the same
-    reference as the whole model in torch, and a second export runs no backbone in torch at all."""
+def test_reference_from_cached_torch_features(model, images, tmp_path):
+    """torch's pass over the frozen backbone read from the feature cache (runtime torch) gives the same
+    reference as the whole model in torch: what a full export (a model not grafted) compares with."""
     shas = [f"sha{i}" for i in range(len(images))]
     features = model.features(images, shas, "torch", tmp_path, 32)
     whole, cached = (torch_reference(model.module, images, model.spec, f) for f in (None, features))
     assert np.abs(whole.logits - cached.logits).max() < 1e-5 and np.ptp(whole.logits) > 0.1
     assert np.array_equal(whole.floats, cached.floats)
 
+
+def test_grafted_export_compares_with_the_graphs_own_features(model, images, tmp_path, monkeypatch):
+    """A grafted file is the cached backbone graph + the head: its reference is that graph's features
+    (the onnxruntime feature cache, what the head trained on) + the torch head, so export never runs
+    the backbone in torch; the graph was held to torch once, when it was exported, and the parity
+    figures say so. The reference still agrees with the whole model in torch."""
+    shas = [f"sha{i}" for i in range(len(images))]
     p = ExportParams(fp16=False, parity_batch_sizes=[1, 4])
     meta = {"headstart.classes": json.dumps(CLASSES)}
     args = (model, tmp_path / "out", meta, images, [i % 3 for i in range(len(images))], p)
     first = export_variants(*args, cache_dir=tmp_path / "cache", shas=shas)
-    stored = FeatureCache(tmp_path / "cache", feature_key(model.backbone, "torch"))
+    stored = FeatureCache(tmp_path / "cache", feature_key(model.backbone, "onnxruntime"))
     assert all(s in stored for s in shas)
+    assert "grafted" in first["fp32"]["build"]
+    assert first["fp32"]["reference"].startswith("the cached backbone graph's features")
+    assert "matched torch within" in first["fp32"]["reference"]
+    assert "compared with the cached backbone graph" in to_markdown(first)
+    whole = torch_reference(model.module, images, model.spec)
+    ours = torch_reference(None, images, model.spec, np.stack([stored.get(s) for s in shas]), model.head)
+    assert np.abs(whole.logits - ours.logits).max() < 1e-4 and np.ptp(whole.logits) > 0.1
 
     def no_torch(*_):
-        raise AssertionError("the backbone ran in torch again")
+        raise AssertionError("the backbone ran in torch")
 
     monkeypatch.setattr("headstart.features.TorchEngine.__call__", no_torch)
     monkeypatch.setattr(Classifier, "forward", no_torch)
