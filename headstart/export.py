@@ -254,8 +254,10 @@ def engine_check(path: Path) -> str:
 
     meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
     diff = meta.get(CHECK_KEY)
-    return "the graph's check against torch not recorded" if diff is None else (
-        f"the graph matched torch within {float(diff):.1e} of the features' scale when exported"
+    return (
+        "the graph's check against torch not recorded"
+        if diff is None
+        else (f"the graph matched torch within {float(diff):.1e} of the features' scale when exported")
     )
 
 
@@ -479,7 +481,9 @@ def to_markdown(figures: dict[str, dict]) -> str:
         if "calibration_images" in f
     ]
     verdicts += [f"- {f['file']}: {f['build']}" for f in figures.values() if "build" in f]
-    verdicts += [f"- {f['file']}: compared with {f['reference']}" for f in figures.values() if "reference" in f]
+    verdicts += [
+        f"- {f['file']}: compared with {f['reference']}" for f in figures.values() if "reference" in f
+    ]
     verdicts += [
         f"- {f['file']}, batch {bs}: {v['checked']}"
         for f in figures.values()
@@ -524,7 +528,9 @@ def export_variants(
 
     spec = model.spec  # any model of headstart.models: .module takes the spec's normalised input
     graft, build = graft_source(model, cache_dir, p.opset, gate)
-    cached = shas is not None and cache_dir is not None and getattr(model, "kind", None) in ("head", "finetuned")
+    cached = (
+        shas is not None and cache_dir is not None and getattr(model, "kind", None) in ("head", "finetuned")
+    )
     if graft is not None and cached:
         # the file is the cached backbone graph + the head: the reference is that graph's features
         # of the parity images (the feature cache's, what the head trained on when runtime is
