@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from headstart.config import MAX_EPOCHS, SearchParams, TrainHeadParams
-from headstart.training import fit_head, stratified_folds
+from headstart.training import fit_head, fit_heads, stratified_folds
 
 # The space searched: wide enough for a linear probe and a wide MLP, narrow enough for ~20 trials.
 HIDDEN = (0, 128, 256, 512)  # 0: a linear head
@@ -77,19 +77,23 @@ def cross_validate(
     """A head per fold with settings `p`, early-stopped on the held-out fold: the held-out accuracy
     and loss at each fold's best epoch, their mean and spread, and the median best epoch (the refit's
     length). `views` (n, K, F) augment the fold's training rows; `after_fold(k, mean so far)` may
-    stop early (Optuna's pruning)."""
+    stop early (Optuna's pruning: the folds not yet started are not run)."""
     accs, losses, epochs = [], [], []
-    for k in range(folds.k):
-        held = folds.which == k
-        fold_views = None if views is None else views[~held]
-        _, history, best = fit_head(
-            x[~held], y[~held], x[held], y[held], num_classes, p, seed + k, views=fold_views, progress=False
-        )
+
+    def done(k: int, result: tuple) -> None:
+        _, history, best = result
         accs.append(history[best - 1]["val_accuracy"])
         losses.append(history[best - 1]["val_loss"])
         epochs.append(best)
         if after_fold is not None:
             after_fold(k, float(np.mean(accs)))
+
+    fits = []
+    for k in range(folds.k):
+        held = folds.which == k
+        fits.append(dict(x_train=x[~held], y_train=y[~held], x_val=x[held], y_val=y[held], seed=seed + k))
+        fits[-1]["views"] = None if views is None else views[~held]
+    fit_heads(fits, num_classes, p, on_done=done)  # the folds side by side, one per core
     return {
         "accuracy": float(np.mean(accs)),
         "accuracy_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import math
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,10 +217,61 @@ def fit_head(
     """Train the head on cached features; early stopping on validation loss; returns the best head.
     `views` (n, K, F): features of K augmented views per training image; each epoch shows every
     image once, as its original or one of its views, drawn by the seeded generator. `on_epoch` gets
-    each epoch's history row as it is computed (live curves); `progress` False hides the bar (searches)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    head = make_head(x_train.shape[1], num_classes, p.hidden, p.dropout)
+    each epoch's history row as it is computed (live curves); `progress` False hides the bar (searches).
+    Every random number comes from generators seeded by `seed` (torch's global one is left alone), so
+    heads can train side by side in threads (fit_heads) and each is the same as trained alone."""
+    return _fit_head(x_train, y_train, x_val, y_val, num_classes, p, seed, views, on_epoch, progress)
+
+
+@one_thread()
+@reused_buffers()
+def fit_heads(
+    fits: list[dict],
+    num_classes: int,
+    p: TrainHeadParams,
+    on_done: Callable[[int, tuple], None] | None = None,
+) -> list[tuple]:
+    """fit_head for each of `fits` (its keyword arguments x_train, y_train, x_val, y_val, seed and
+    optionally views), side by side on one thread per core (a head trains on one torch thread: the
+    cores a single fit leaves idle), each head the same, bit for bit, as fit_head gives alone.
+    `on_done(i, result)` sees the results in order; what it raises stops the fits not yet started."""
+    workers = max(1, min(len(fits), _cores()))
+    with ThreadPoolExecutor(workers, thread_name_prefix="fit_head") as pool:
+        futures = [pool.submit(_fit_head, **f, num_classes=num_classes, p=p, progress=False) for f in fits]
+        results = []
+        try:
+            for i, future in enumerate(futures):
+                results.append(future.result())
+                if on_done is not None:
+                    on_done(i, results[-1])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _fit_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    p: TrainHeadParams,
+    seed: int,
+    views: np.ndarray | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> tuple[nn.Sequential, list[dict], int]:
+    rng = torch.Generator().manual_seed(seed)  # the weights' initialisation, then dropout's masks
+    gen = torch.Generator().manual_seed(seed)  # the epochs' order and views
+    with torch.device("meta"):  # built without weights (nothing drawn from torch's global generator)
+        head = make_head(x_train.shape[1], num_classes, p.hidden, p.dropout)
+    head = init_head(head.to_empty(device="cpu"), rng)
     opt = HeadAdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     weights = class_weights(y_train, num_classes) if p.class_balance == "weighted" else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
@@ -243,7 +297,7 @@ def fit_head(
         for i in range(0, len(yt), p.batch_size):
             idx = order[i : i + p.batch_size]
             opt.zero_grad()
-            loss = loss_fn(head(x_epoch[idx]), yt[idx])
+            loss = loss_fn(train_forward(head, x_epoch[idx], rng), yt[idx])
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
@@ -263,6 +317,30 @@ def fit_head(
         raise HeadstartError("train_head diverged: the validation loss was never finite; lower train_head.lr")
     head.load_state_dict(best_state)
     return head.eval(), history, best_epoch
+
+
+def init_head(head: nn.Sequential, rng: torch.Generator) -> nn.Sequential:
+    """The head's Linear layers initialised as torch initialises them (nn.Linear.reset_parameters),
+    drawing from `rng`: the same weights as torch.manual_seed(s) then make_head, for rng seeded s."""
+    with torch.no_grad():
+        for layer in head:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=rng)
+                bound = 1 / math.sqrt(layer.weight.shape[1]) if layer.weight.shape[1] > 0 else 0
+                nn.init.uniform_(layer.bias, -bound, bound, generator=rng)
+    return head
+
+
+def train_forward(head: nn.Sequential, x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """The head in training mode, its dropout masks drawn from `rng`: torch's own dropout on the CPU
+    (a Bernoulli(1 - p) mask scaled by 1 / (1 - p); nothing drawn at p = 0) without its global generator."""
+    for layer in head:
+        if isinstance(layer, nn.Dropout):
+            if layer.p > 0:
+                x = x * torch.empty_like(x).bernoulli_(1 - layer.p, generator=rng).div_(1 - layer.p)
+        else:
+            x = layer(x)
+    return x
 
 
 @torch.no_grad()
@@ -433,13 +511,13 @@ def out_of_fold_logits(
     which = stratified_folds(y, folds, seed)
     out = np.zeros((len(y), num_classes), np.float32)
     empty = np.zeros((0, x.shape[1]), np.float32)
-    for k in range(folds):
-        held = which == k
-        if not held.any():
-            continue
-        head, _, _ = fit_head(x[~held], y[~held], empty, y[:0], num_classes, fixed, seed + k)
+    held = {k: which == k for k in range(folds) if (which == k).any()}  # fold k's head: seed + k
+    fits = [
+        dict(x_train=x[~h], y_train=y[~h], x_val=empty, y_val=y[:0], seed=seed + k) for k, h in held.items()
+    ]
+    for h, (head, _, _) in zip(held.values(), fit_heads(fits, num_classes, fixed), strict=True):
         with torch.no_grad():
-            out[held] = head(torch.from_numpy(x[held])).numpy()
+            out[h] = head(torch.from_numpy(x[h])).numpy()
     return out
 
 

@@ -12,6 +12,7 @@ from headstart.config import TrainHeadParams
 from headstart.training import (
     Classifier,
     fit_head,
+    fit_heads,
     load_model,
     make_head,
     save_model,
@@ -293,3 +294,62 @@ def test_head_adamw_is_torch_adamw_bit_for_bit_without_importing_the_compiler():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _settings(**kw) -> TrainHeadParams:
+    return TrainHeadParams().model_copy(update={"max_epochs": 40, "batch_size": 16, "lr": 3e-3, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw", [{"hidden": 0, "dropout": 0.0}, {"hidden": 16, "dropout": 0.3, "class_balance": "sampler"}]
+)
+def test_heads_side_by_side_are_the_heads_trained_alone(kw):
+    """fit_heads trains folds in threads, one per core: each head, its history and best epoch are
+    bit for bit what fit_head gives alone (every random number from the fit's own generators), in
+    the fits' order, whatever ran first; and neither touches torch's global generator."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((60, 12)).astype(np.float32), rng.integers(0, 3, 60)
+    views = rng.standard_normal((45, 2, 12)).astype(np.float32)
+    p = _settings(**kw)
+    fits = [
+        dict(
+            x_train=x[: 45 - k],
+            y_train=y[: 45 - k],
+            x_val=x[45:],
+            y_val=y[45:],
+            seed=k,
+            views=views[: 45 - k],
+        )
+        for k in range(4)
+    ]
+    state = torch.get_rng_state()
+    together = fit_heads(fits, 3, p)
+    assert torch.equal(torch.get_rng_state(), state)
+    for f, (head, history, best) in zip(fits, together, strict=True):
+        alone_head, alone_history, alone_best = fit_head(**f, num_classes=3, p=p, progress=False)
+        assert history == alone_history and best == alone_best and len(history) > 1
+        for name, tensor in alone_head.state_dict().items():
+            assert torch.equal(head.state_dict()[name], tensor), name
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(together[0][0][-1].weight, together[1][0][-1].weight)  # seeds differ
+
+
+def test_a_stop_from_on_done_runs_no_further_fit(monkeypatch):
+    """What on_done raises (Optuna's pruning) reaches the caller, and the fits not yet started never run."""
+    import headstart.training as training
+
+    ran = []
+    monkeypatch.setattr(training, "_cores", lambda: 1)
+    real = training._fit_head
+    monkeypatch.setattr(training, "_fit_head", lambda **kw: ran.append(kw["seed"]) or real(**kw))
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((30, 6)).astype(np.float32), rng.integers(0, 2, 30)
+    fits = [dict(x_train=x[:20], y_train=y[:20], x_val=x[20:], y_val=y[20:], seed=k) for k in range(5)]
+
+    def stop(i, _):
+        if i == 1:
+            raise KeyboardInterrupt("pruned")
+
+    with pytest.raises(KeyboardInterrupt, match="pruned"):
+        fit_heads(fits, 2, _settings(max_epochs=5), on_done=stop)
+    assert ran[:2] == [0, 1] and len(ran) <= 3  # one worker: at most the fit queued behind it
