@@ -171,14 +171,15 @@ def test_reference_from_features_keeps_the_gate_score(model, images):
     assert np.allclose(whole.ood, cached.ood, rtol=1e-5) and np.abs(whole.logits - cached.logits).max() < 1e-5
 
 
-def test_probe_plan_gives_a_lone_batch_the_idle_cores(monkeypatch):
-    """A probe of one batch runs on every worker's core; two batches or more, one thread each."""
+def test_probe_plan_runs_one_batch_at_a_time_on_every_core(monkeypatch):
+    """A probe's batches (the first and the last, partial one) run one after another, each on every
+    worker's thread: one large batch's activations in memory at a time."""
     from headstart import export
 
     monkeypatch.setattr(export, "_workers", lambda: 2)
     assert export.probe_plan(12, (1, 5, 8, 12, 16)) == {
-        5: ([0, 10], 1),
-        8: ([0, 8], 1),
+        5: ([0, 10], 2),
+        8: ([0, 8], 2),
         12: ([0], 2),
         16: ([0], 2),
     }
