@@ -619,7 +619,7 @@ def _log_serving_model(run_id: str, model_id: str, onnx_path: Path, variants, se
         code = Path(tmp) / "headstart_model.py"
         code.write_text(pyfunc.MODEL_CODE, encoding="utf-8")
         files = {k: _named(v, Path(tmp) / Path(EXPORT_FILES[k]).name) for k, v in files.items()}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_requirement_scan():
             # the signature is given; an input example would make MLflow run the model at log time
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             return Model.log(
@@ -634,6 +634,22 @@ def _log_serving_model(run_id: str, model_id: str, onnx_path: Path, variants, se
                 pip_requirements=list(requirements),
                 model_config=config,
             )
+
+
+def _no_requirement_scan():
+    """MLflow checks a logged model's pip requirements against this environment, mapping every
+    installed distribution's files to its modules first (~1-2 s per process, to print a warning).
+    headstart's requirements are pinned from this environment (provenance.serving_requirements), so
+    the check cannot fail: skipped while the model is logged. Where MLflow has no such check, nothing."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from mlflow.utils import environment
+
+    name = "warn_dependency_requirement_mismatches"
+    if not hasattr(environment, name):
+        return nullcontext()
+    return mock.patch.object(environment, name, lambda requirements: None)
 
 
 def _named(path: Path, name: Path) -> Path:

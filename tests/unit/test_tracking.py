@@ -409,3 +409,25 @@ def test_an_experiment_and_model_another_run_created_meanwhile_are_used(cfg, tmp
     ids = _register(cfg, tmp_path)
     assert not first and ids["model_version"] == "1"
     assert ids["experiment_id"] == real_experiment(other, cfg.mlflow.experiment).experiment_id
+
+
+def test_a_version_carries_its_pinned_requirements_without_scanning_the_environment(
+    cfg, tmp_path, monkeypatch
+):
+    """The version's requirements are pinned from this environment, so MLflow's check of them against
+    it (which first maps every installed distribution's files: seconds) is skipped; the pins are
+    still what the version records."""
+    import mlflow
+    from mlflow.utils import requirements_utils
+
+    from headstart.provenance import serving_requirements
+    from headstart.tracking import downloaded_model
+
+    scans = []  # MLflow catches what its check raises: the calls are counted instead
+    monkeypatch.setattr(requirements_utils, "_init_packages_to_modules_map", lambda: scans.append(1))
+    ids = log_pipeline_run(cfg, {}, {}, _onnx(tmp_path / "m.onnx"), {}, serving_requirements())
+    assert scans == []
+    with downloaded_model(ids["model_uri"], cfg) as path:
+        written = (path.parents[1] / "requirements.txt").read_text().split()
+    assert set(serving_requirements()) <= set(written)
+    assert any(line.startswith(f"mlflow=={mlflow.__version__}") for line in written)
