@@ -162,6 +162,7 @@ def _run_or_reuse(cfg, stage, results: dict, tags: dict[str, str], force: bool):
     log = get_run_logger()
     if stage.name in reuse.ALWAYS_RUN:
         kwargs = {"tags": tags, "force": force} if stage.name == "register" else {}
+        _ahead_of(stage)
         return _stage(_function(stage), cfg)(cfg, **kwargs), None
     parts = reuse.inputs(cfg, stage, results["prepare"].data_hash)
     record, why = (None, ["--force"]) if force else reuse.previous(cfg, stage, parts)
@@ -169,10 +170,19 @@ def _run_or_reuse(cfg, stage, results: dict, tags: dict[str, str], force: bool):
         log.info("%s: skipped: %s", stage.name, reuse.since(record))
         return reuse.result(record), record["flow_run_id"]
     log.info("%s runs: %s", stage.name, "; ".join(why))
+    _ahead_of(stage)
     result = _stage(_function(stage), cfg)(cfg)
     if not reuse.remember(cfg, stage, parts, result, str(flow_run.id)):
         log.warning("%s: its result is not plain data, so a later run cannot reuse it", stage.name)
     return result, None
+
+
+def _ahead_of(stage) -> None:
+    """What a stage about to run needs started beside it: the child its figure is drawn in."""
+    if stage.draws:
+        from headstart import plots
+
+        plots.prewarm()
 
 
 def _function(stage):

@@ -75,11 +75,11 @@ def _spawn(modules: tuple[str, ...] = ()) -> tuple[Connection, subprocess.Popen]
     return ours, child
 
 
-def call(target: str, label: str, *args, **kwargs):
-    """target(*args, **kwargs) in a fresh Python process (the spare prewarm started, if any);
-    `label` names it in the error a dead child gives. The child is killed when the caller stops
-    waiting (a timeout, Ctrl-C)."""
-    ours, child = _handed(_spare(target), target, args, kwargs) or _handed(
+def call(target: str, label: str, *args, spare: str | None = None, **kwargs):
+    """target(*args, **kwargs) in a fresh Python process (the spare prewarm started for `spare`,
+    default `target`, if any); `label` names it in the error a dead child gives. The child is killed
+    when the caller stops waiting (a timeout, Ctrl-C)."""
+    ours, child = _handed(_spare(spare or target), target, args, kwargs) or _handed(
         _spawn(), target, args, kwargs, label
     )
     answered = False

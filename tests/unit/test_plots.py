@@ -3,6 +3,7 @@ caller's (the flow's) process."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import subprocess
 import sys
@@ -55,3 +56,35 @@ def test_pyplot_stays_out_of_the_callers_process():
         cwd=Path(__file__).parents[2],
     )
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_a_prewarmed_child_draws_any_figure_and_the_next_one_starts_afresh(monkeypatch):
+    """plots.prewarm starts one child that imports pyplot ahead; the next figure, whichever it is,
+    is drawn in it (no second child started), the same PNG as drawn in a fresh child; the figure
+    after that, with no prewarm, starts its own."""
+    from headstart import plots
+    from headstart.ops import isolate
+
+    spawned = []
+    real = isolate._spawn
+    monkeypatch.setattr(isolate, "_spawn", lambda *m: spawned.append(m) or real(*m))
+    cm = np.array([[3, 0], [1, 4]])
+    plots.prewarm()
+    assert spawned == [(("matplotlib.pyplot", "headstart.plots"),)]
+    png = drawn("confusion_matrix", cm, ["a", "b"], "t")
+    assert len(spawned) == 1 and plots.SPARE not in isolate._spares
+    assert png == drawn("confusion_matrix", cm, ["a", "b"], "t") and len(spawned) == 2
+
+
+def test_the_stages_that_draw_are_the_ones_the_flow_starts_a_plotting_child_for():
+    """A stage marked `draws` is one whose code draws through headstart.plots, and every such stage
+    is marked: the flow starts their plotting child as they start."""
+    import inspect
+
+    from headstart.stages import STAGES
+
+    for stage in STAGES:
+        source = inspect.getsource(importlib.import_module(stage.target.partition(":")[0]))
+        if stage.name == "report":
+            source += inspect.getsource(importlib.import_module("headstart.report"))
+        assert stage.draws == ("drawn(" in source), stage.name
